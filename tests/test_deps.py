@@ -44,6 +44,8 @@ SANS_IO = [
     "node/disco.py",
     "node/paths.py",
     "node/render/*.py",
+    "node/wg/config.py",
+    "node/wg/uapi.py",
 ]
 IO_MODULES = {"socket", "asyncio", "sqlite3", "aiosqlite", "subprocess", "time", "selectors", "threading"}
 
