@@ -1,0 +1,288 @@
+"""Sans-IO DERP connection: the handshake and frame events for either end (h11-style push/pull).
+
+The wire format is in ``derp.frames``. This module adds the handshake state machine::
+
+    server: SEND ServerKey -> AWAIT_CLIENT_INFO -> (ClientAuthenticated event; app decides) -> accept(): ServerInfo
+            -> OPEN
+    client: AWAIT_SERVER_KEY -> (ServerKey: ClientInfo queued) -> AWAIT_SERVER_INFO -> (Connected event) -> OPEN
+
+Usage: ``receive_data(bytes)``, then drain ``next_event()`` until it returns ``NEED_DATA``; send what
+``data_to_send()`` returns (the ServerKey and ClientInfo the machine produces itself); build frames with ``send(...)``.
+Time is passed in: ``next_timer()`` is the handshake deadline (10 s), ``handle_timer(now)`` expires it.
+
+Errors: a bad peer raises ``RemoteProtocolError`` (the connection is then in ``State.ERROR`` and must be closed);
+misuse raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.utils import random as nacl_random
+
+from derp import frames
+from derp.frames import FrameType, LocalFrameError, RemoteFrameError
+
+RemoteProtocolError = RemoteFrameError
+LocalProtocolError = LocalFrameError
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(Enum):
+    AWAIT_SERVER_KEY = "await-server-key"
+    AWAIT_CLIENT_INFO = "await-client-info"
+    AWAIT_ACCEPT = "await-accept"
+    AWAIT_SERVER_INFO = "await-server-info"
+    OPEN = "open"
+    ERROR = "error"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfoJSON:
+    """What a client says about itself, once its box has opened."""
+
+    version: int = frames.PROTOCOL_VERSION
+    mesh_key: str = ""
+    can_ack_pings: bool = True
+    is_prober: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"version": self.version, "CanAckPings": self.can_ack_pings}
+        if self.mesh_key:
+            d["meshKey"] = self.mesh_key
+        if self.is_prober:
+            d["IsProber"] = True
+        d.update(self.extra)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ClientInfoJSON:
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RemoteProtocolError(f"ClientInfo is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise RemoteProtocolError("ClientInfo JSON is not an object")
+        version = d.get("version", 0)
+        mesh_key = d.get("meshKey", "")
+        if not isinstance(version, int) or not isinstance(mesh_key, str):
+            raise RemoteProtocolError("ClientInfo has a bad version or meshKey")
+        known = {"version", "meshKey", "CanAckPings", "IsProber"}
+        return cls(
+            version=version,
+            mesh_key=mesh_key,
+            can_ack_pings=bool(d.get("CanAckPings", False)),
+            is_prober=bool(d.get("IsProber", False)),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthenticated:
+    """Server side: the client proved it holds ``key``. Call ``accept()`` or close."""
+
+    key: bytes
+    info: ClientInfoJSON
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Client side: the server accepted us."""
+
+    server_key: bytes
+    info: dict[str, Any]
+
+
+Event = ClientAuthenticated | Connected | frames.Frame
+
+
+class DerpConnection:
+    """One end of one DERP connection. ``private_key`` is the 32-byte Curve25519 key of this end."""
+
+    def __init__(
+        self,
+        role: Role,
+        private_key: bytes,
+        *,
+        now: float = 0.0,
+        client_info: ClientInfoJSON | None = None,
+        handshake_timeout: float = frames.HANDSHAKE_TIMEOUT,
+        max_frame: int = frames.MAX_FRAME_LEN,
+    ) -> None:
+        if len(private_key) != frames.KEY_LEN:
+            raise LocalProtocolError(f"private key must be {frames.KEY_LEN} bytes")
+        self.role = role
+        self._priv = PrivateKey(private_key)
+        self.public_key = bytes(self._priv.public_key)
+        self.peer_key: bytes | None = None
+        self.client_info = client_info or ClientInfoJSON()
+        self._box: Box | None = None
+        self._buf = frames.FrameBuffer(max_frame=max(max_frame, frames.MAX_INFO_LEN))
+        self._out = bytearray()
+        self._deadline: float | None = now + handshake_timeout
+        self._max_frame = max_frame
+        if role is Role.SERVER:
+            self.state = State.AWAIT_CLIENT_INFO
+            self._out += frames.encode_server_key(self.public_key)
+        else:
+            self.state = State.AWAIT_SERVER_KEY
+
+    # Inputs
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        try:
+            self._buf.feed(data)
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def next_event(self) -> Event | _NeedData:
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        if self.state is State.AWAIT_ACCEPT:
+            # Frames after ClientInfo wait until the app has decided on admission.
+            return NEED_DATA
+        try:
+            got = self._buf.next_frame()
+            if got is None:
+                return NEED_DATA
+            return self._handle(*got)
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def next_timer(self) -> float | None:
+        return self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        if self._deadline is not None and now >= self._deadline:
+            self.state = State.ERROR
+            self._deadline = None
+            raise RemoteProtocolError("handshake did not finish within the deadline")
+
+    # Outputs
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def accept(self, server_info: dict[str, Any] | None = None, nonce: bytes | None = None) -> bytes:
+        """Server side, after ClientAuthenticated and admission: the ServerInfo frame to send."""
+        if self.role is not Role.SERVER or self.state is not State.AWAIT_ACCEPT or self._box is None:
+            raise LocalProtocolError(f"accept() needs a server awaiting accept, state is {self.state.value}")
+        body = json.dumps(server_info or {"version": frames.PROTOCOL_VERSION}).encode()
+        nonce = nonce if nonce is not None else nacl_random(frames.NONCE_LEN)
+        sealed = self._box.encrypt(body, nonce).ciphertext
+        self.state = State.OPEN
+        self._deadline = None
+        return frames.encode_server_info(nonce, sealed)
+
+    def take_buffered(self) -> bytes:
+        """Bytes received past the handshake, for a caller that parses the open stream itself."""
+        return self._buf.take()
+
+    def send(self, frame: frames.Frame) -> bytes:
+        """Encode a frame for the open connection."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send {type(frame).__name__} in state {self.state.value}")
+        match frame:
+            case frames.SendPacket(dst, packet):
+                return frames.encode_send_packet(dst, packet)
+            case frames.RecvPacket(src, packet):
+                return frames.encode_recv_packet(src, packet)
+            case frames.ForwardPacket(src, dst, packet):
+                return frames.encode_forward_packet(src, dst, packet)
+            case frames.KeepAlive():
+                return frames.encode_keep_alive()
+            case frames.NotePreferred(preferred):
+                return frames.encode_note_preferred(preferred)
+            case frames.PeerGone(key, reason):
+                return frames.encode_peer_gone(key, reason)
+            case frames.PeerPresent(key, ip, port, flags):
+                return frames.encode_peer_present(key, ip, port, flags)
+            case frames.WatchConns():
+                return frames.encode_watch_conns()
+            case frames.ClosePeer(key):
+                return frames.encode_close_peer(key)
+            case frames.Ping(data):
+                return frames.encode_ping(data)
+            case frames.Pong(data):
+                return frames.encode_pong(data)
+            case frames.Health(problem):
+                return frames.encode_health(problem)
+            case frames.Restarting(a, b):
+                return frames.encode_restarting(a, b)
+        raise LocalProtocolError(f"{type(frame).__name__} is not sent on an open connection")
+
+    # Internals
+
+    def _handle(self, ftype: int, payload: bytes) -> Event | _NeedData:
+        if self.state is State.OPEN:
+            if len(payload) > self._max_frame:
+                raise RemoteProtocolError(f"frame of {len(payload)} bytes is over {self._max_frame}")
+            if ftype in (FrameType.SERVER_KEY, FrameType.CLIENT_INFO, FrameType.SERVER_INFO):
+                raise RemoteProtocolError(f"handshake frame 0x{ftype:02x} on an open connection")
+            return frames.decode(ftype, payload)
+        if self.state is State.AWAIT_CLIENT_INFO:
+            if ftype != FrameType.CLIENT_INFO:
+                raise RemoteProtocolError(f"expected ClientInfo, got frame type 0x{ftype:02x}")
+            ci = frames.decode(ftype, payload)
+            assert isinstance(ci, frames.ClientInfo)
+            box = Box(self._priv, PublicKey(ci.key))
+            try:
+                raw = box.decrypt(ci.box, ci.nonce)
+            except CryptoError:
+                raise RemoteProtocolError("ClientInfo box does not open: the client does not hold its key") from None
+            info = ClientInfoJSON.from_json(raw)
+            self.peer_key, self._box = ci.key, box
+            self.state = State.AWAIT_ACCEPT
+            return ClientAuthenticated(ci.key, info)
+        if self.state is State.AWAIT_SERVER_KEY:
+            if ftype != FrameType.SERVER_KEY:
+                raise RemoteProtocolError(f"expected ServerKey, got frame type 0x{ftype:02x}")
+            sk = frames.decode(ftype, payload)
+            assert isinstance(sk, frames.ServerKey)
+            self.peer_key = sk.key
+            self._box = Box(self._priv, PublicKey(sk.key))
+            nonce = nacl_random(frames.NONCE_LEN)
+            sealed = self._box.encrypt(self.client_info.to_json(), nonce).ciphertext
+            self._out += frames.encode_client_info(self.public_key, nonce, sealed)
+            self.state = State.AWAIT_SERVER_INFO
+            return sk
+        if self.state is State.AWAIT_SERVER_INFO:
+            if ftype != FrameType.SERVER_INFO:
+                raise RemoteProtocolError(f"expected ServerInfo, got frame type 0x{ftype:02x}")
+            si = frames.decode(ftype, payload)
+            assert isinstance(si, frames.ServerInfo) and self._box is not None and self.peer_key is not None
+            try:
+                raw = self._box.decrypt(si.box, si.nonce)
+                info = json.loads(raw)
+            except (CryptoError, ValueError, UnicodeDecodeError):
+                raise RemoteProtocolError("ServerInfo box does not open or is not JSON") from None
+            if not isinstance(info, dict):
+                raise RemoteProtocolError("ServerInfo JSON is not an object")
+            self.state = State.OPEN
+            self._deadline = None
+            return Connected(self.peer_key, info)
+        raise LocalProtocolError(f"no frames expected in state {self.state.value}")
