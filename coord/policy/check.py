@@ -1,0 +1,265 @@
+"""`policy check`: validate a policy and run its `tests` against its acls and grants.
+
+A file checked on its own has no tailnet behind it, so a test's `src` and `dst` stand for devices we
+describe from what the file and an optional tailnet state say (see match.Subject):
+
+- a user (`alice@example.com`) is a member of the tailnet with an untagged device; its groups come from
+  `groups`; its roles (autogroup:admin, ...) and addresses only from the tailnet state;
+- `group:x` is every member of the group (accept: all of them reach; deny: none of them does); an empty
+  group stands for a member of that group only;
+- `tag:x` is a device with exactly that tag; `autogroup:member` a member in no group and with no role;
+  `autogroup:tagged` a device with a tag named nowhere else;
+- an IP or host is the tailnet device with that address when the state lists it; an address outside the
+  tailnet ranges is no device at all; a tailnet address nobody described has an unknown owner;
+- `svc:x` is the service, reached only by rules naming it (or `*`... never: see match_sel).
+
+Whatever a verdict needs that nobody provided makes the assertion SKIPPED with the reason; it is never
+guessed. Tailnet state (the `--tailnet` file, or built from the live tailnet with `tailnet_state`) is:
+
+    {"users": {"alice@example.com": {"roles": ["admin"]}, "bob@other.org": {"shared": true}},
+     "nodes": [{"user": "alice@example.com", "tags": [], "addresses": ["100.64.0.1"],
+                "routes": [], "exit_node": false, "posture": {"node:os": "linux"}}]}
+
+Given state is taken as complete: users not listed have no role, addresses not listed are no device.
+Result shape (exactly): {"ok", "tests", "assertions", "passed", "failed": [{"test", "src", "dst",
+"expected"}], "skipped": [{"test", "src", "dst", "reason"}], "errors": [str]}; `test` is the 0-based index
+into `tests`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from .compile import PolicyNode
+from .hujson import PolicyError
+from .match import Subject, Verdict, all_of, any_of, rule_allows
+from .model import INTERNET, TAILNET_RANGES, IPNet, Policy, Test
+from .parse import ip_net, parse, parse_proto, split_alias_ports
+
+ANY_TAG = "tag:<a tag named nowhere>"
+
+
+class TailnetError(ValueError):
+    pass
+
+
+def tailnet_state(nodes: Iterable[PolicyNode], roles: Mapping[str, Iterable[str]] | None = None) -> dict[str, Any]:
+    """The live tailnet in the shape `check` takes, for `policy set`/`check` on a running server."""
+    users: dict[str, Any] = {}
+    for u, rs in (roles or {}).items():
+        rs = sorted(rs)
+        users[u] = {"roles": [r for r in rs if r != "shared"], "shared": "shared" in rs}
+    return {
+        "users": users,
+        "nodes": [
+            {
+                "user": n.user,
+                "tags": sorted(n.tags),
+                "addresses": list(n.addresses),
+                "routes": list(n.approved_routes),
+                "exit_node": n.exit_node,
+                "posture": dict(n.posture),
+            }
+            for n in nodes
+        ],
+    }
+
+
+class _Tailnet:
+    def __init__(self, state: Mapping[str, Any] | None) -> None:
+        self.known = state is not None
+        self.roles: dict[str, frozenset[str]] = {}
+        self.shared: set[str] = set()
+        self.nodes: list[dict[str, Any]] = []
+        if state is None:
+            return
+        if not isinstance(state, Mapping):
+            raise TailnetError("tailnet state must be an object with 'users' and 'nodes'")
+        unknown = set(state) - {"users", "nodes", "comment"}
+        if unknown:
+            raise TailnetError(f"tailnet state: unknown keys {sorted(unknown)}")
+        for u, info in dict(state.get("users", {})).items():
+            if not isinstance(info, Mapping):
+                raise TailnetError(f"tailnet users[{u!r}]: expected an object")
+            self.roles[u] = frozenset(info.get("roles", []))
+            if info.get("shared"):
+                self.shared.add(u)
+        for i, n in enumerate(state.get("nodes", [])):
+            if not isinstance(n, Mapping):
+                raise TailnetError(f"tailnet nodes[{i}]: expected an object")
+            try:
+                nets = tuple(ipaddress.ip_network(a.split("/")[0]) for a in n.get("addresses", []))
+                routes = tuple(ipaddress.ip_network(r, strict=False) for r in n.get("routes", []))
+            except (ValueError, AttributeError) as e:
+                raise TailnetError(f"tailnet nodes[{i}]: {e}") from None
+            self.nodes.append({**n, "_nets": nets, "_routes": routes, "tags": frozenset(n.get("tags", []))})
+
+    def node_subject(self, policy: Policy, n: Mapping[str, Any], label: str) -> Subject:
+        user = None if n["tags"] else n.get("user")
+        return Subject(
+            label=label,
+            user=user,
+            tags=n["tags"],
+            groups=_groups(policy, user) if user else frozenset(),
+            roles=self.roles.get(user, frozenset()) if user else frozenset(),
+            member=bool(user) and user not in self.shared,
+            nets=n["_nets"],
+            routes=n["_routes"],
+            exit_node=bool(n.get("exit_node")),
+            posture=dict(n.get("posture", {})),
+        )
+
+    def by_address(self, net: IPNet) -> Mapping[str, Any] | None:
+        for n in self.nodes:
+            if any(a.version == net.version and a.subnet_of(net) and net.num_addresses == 1 for a in n["_nets"]):  # type: ignore[arg-type]
+                return n
+        return None
+
+
+def _groups(policy: Policy, user: str) -> frozenset[str]:
+    return frozenset(g for g, members in policy.groups.items() if user in members)
+
+
+def _in_tailnet(net: IPNet) -> bool:
+    return any(net.version == r.version and net.subnet_of(r) for r in TAILNET_RANGES)  # type: ignore[arg-type]
+
+
+def subjects(policy: Policy, text: str, tn: _Tailnet, *, src: Subject | None = None) -> list[Subject]:
+    """The stand-ins for a test's src (src=None) or for a destination alias (src given)."""
+    t = text.strip()
+    net = ip_net(t) or (policy.hosts.get(t))
+    if net is not None:
+        node = tn.by_address(net) if net.num_addresses == 1 else None
+        if node is not None:
+            return [tn.node_subject(policy, node, t)]
+        if tn.known or not _in_tailnet(net):
+            return [Subject(label=t, user=None, member=False, nets=(net,))]
+        return [Subject(label=t, tags=None, groups=None, roles=None, member=None, nets=(net,))]
+    if t.startswith("svc:"):
+        return [Subject(label=t, svc=t)]
+    if t.startswith("tag:"):
+        nets = tuple(a for n in tn.nodes if t in n["tags"] for a in n["_nets"])
+        return [Subject(label=t, tags=frozenset({t}), member=False, nets=nets or None)]
+    if "@" in t:
+        return [_user(policy, t, tn)]
+    if t.startswith("group:"):
+        members = policy.groups.get(t, ())
+        if members:
+            return [_user(policy, u, tn) for u in members]
+        return [Subject(label=t, user=None, groups=frozenset({t}), roles=frozenset())]
+    if t.startswith("autogroup:"):
+        ag = t.split(":", 1)[1]
+        if ag in ("member", "members"):
+            return [Subject(label=t, user=None)]
+        if ag == "tagged":
+            return [Subject(label=t, tags=frozenset({ANY_TAG}), member=False)]
+        if ag == "internet":
+            return [Subject(label=t, user=None, member=False, nets=INTERNET)]
+        if ag == "self" and src is not None:
+            return [replace(src, label=f"{t} of {src.label}")]
+        if ag == "shared":
+            return [Subject(label=t, user=None, member=False)]
+        return [Subject(label=t, user=None, roles=frozenset({ag}))]
+    if t == "*":
+        return [Subject(label=t, tags=None, groups=None, roles=None, member=None)]
+    raise ValueError(f"unsupported test alias {t!r}")
+
+
+def _user(policy: Policy, login: str, tn: _Tailnet) -> Subject:
+    nets = tuple(a for n in tn.nodes if not n["tags"] and n.get("user") == login for a in n["_nets"])
+    return Subject(
+        label=login,
+        user=login,
+        groups=_groups(policy, login),
+        roles=tn.roles.get(login, frozenset()) if tn.known else None,
+        member=login not in tn.shared,
+        nets=nets or None,
+    )
+
+
+def evaluate(policy: Policy, src: Subject, dst: Subject, port: int, proto: int | None) -> Verdict:
+    if not policy.has_rules:
+        return Verdict(True, [])
+    return any_of(rule_allows(policy, r, src, dst, port, proto) for r in policy.rules)
+
+
+def run_tests(policy: Policy, tailnet: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    tn = _Tailnet(tailnet)
+    result: dict[str, Any] = {
+        "ok": True,
+        "tests": len(policy.tests),
+        "assertions": 0,
+        "passed": 0,
+        "failed": [],
+        "skipped": [],
+        "errors": [],
+    }
+    for i, test in enumerate(policy.tests):
+        for expected, dsts in (("accept", test.accept), ("deny", test.deny)):
+            for dst in dsts:
+                result["assertions"] += 1
+                v = _assertion(policy, test, dst, expected, tn)
+                if v.value is True:
+                    result["passed"] += 1
+                elif v.value is False:
+                    result["failed"].append({"test": i, "src": test.src, "dst": dst, "expected": expected})
+                else:
+                    reason = "; ".join(v.reasons) or "needs tailnet state"
+                    result["skipped"].append({"test": i, "src": test.src, "dst": dst, "reason": reason})
+    result["ok"] = not result["failed"]
+    return result
+
+
+def _assertion(policy: Policy, test: Test, dst: str, expected: str, tn: _Tailnet) -> Verdict:
+    split = split_alias_ports(dst.strip())
+    assert split is not None  # validated by parse
+    alias, port_text = split
+    port = 0 if port_text == "*" else int(port_text)
+    proto = parse_proto(test.proto) if test.proto else None
+    verdicts: list[Verdict] = []
+    for s in subjects(policy, test.src, tn):
+        if test.posture_attrs is not None:
+            s = replace(s, posture={**(s.posture or {}), **test.posture_attrs}, posture_complete=False)
+        elif s.posture is None or not tn.known:
+            s = replace(s, posture=s.posture or {}, posture_complete=tn.known)
+        reach = any_of(evaluate(policy, s, d, port, proto) for d in subjects(policy, alias, tn, src=s))
+        if expected == "deny":
+            reach = Verdict(None if reach.value is None else not reach.value, reach.reasons)
+        verdicts.append(reach)
+    return all_of(verdicts)
+
+
+def check(text: str | bytes, tailnet: Mapping[str, Any] | None = None, filename: str = "policy.hujson") -> dict[str, Any]:
+    """Validate and run the tests; never raises for bad input (errors land in "errors")."""
+    try:
+        policy = parse(text, filename)
+    except PolicyError as e:
+        return _error(str(e))
+    try:
+        return run_tests(policy, tailnet)
+    except TailnetError as e:
+        return _error(str(e))
+
+
+def _error(msg: str) -> dict[str, Any]:
+    return {"ok": False, "tests": 0, "assertions": 0, "passed": 0, "failed": [], "skipped": [], "errors": [msg]}
+
+
+def render_check(result: Mapping[str, Any]) -> str:
+    lines: list[str] = []
+    for e in result["errors"]:
+        lines.append(f"error: {e}")
+    for f in result["failed"]:
+        want = "accepted" if f["expected"] == "accept" else "denied"
+        lines.append(f"FAIL tests[{f['test']}]: {f['src']} -> {f['dst']} should be {want}")
+    for s in result["skipped"]:
+        lines.append(f"skip tests[{s['test']}]: {s['src']} -> {s['dst']}: {s['reason']}")
+    verdict = "ok" if result["ok"] else "FAILED"
+    lines.append(
+        f"{verdict}: {result['tests']} tests, {result['assertions']} assertions: {result['passed']} passed, "
+        f"{len(result['failed'])} failed, {len(result['skipped'])} skipped"
+    )
+    return "\n".join(lines)
