@@ -5,8 +5,9 @@ describe from what the file and an optional tailnet state say (see match.Subject
 
 - a user (`alice@example.com`) is a member of the tailnet with an untagged device; its groups come from
   `groups`; its roles (autogroup:admin, ...) and addresses only from the tailnet state;
-- `group:x` is every member of the group (accept: all of them reach; deny: none of them does); an empty
-  group stands for a member of that group only;
+- `group:x` is a member of that group as such: rules naming the group, `*` or autogroup:member apply,
+  not the rules its individual users get through other groups or roles (Tailscale agrees: real files
+  deny a group what one of its admins may reach, and test empty groups);
 - `tag:x` is a device with exactly that tag; `autogroup:member` a member in no group and with no role;
   `autogroup:tagged` a device with a tag named nowhere else;
 - an IP or host is the tailnet device with that address when the state lists it; an address outside the
@@ -16,7 +17,8 @@ describe from what the file and an optional tailnet state say (see match.Subject
 Whatever a verdict needs that nobody provided makes the assertion SKIPPED with the reason; it is never
 guessed. Tailnet state (the `--tailnet` file, or built from the live tailnet with `tailnet_state`) is:
 
-    {"users": {"alice@example.com": {"roles": ["admin"]}, "bob@other.org": {"shared": true}},
+    {"users": {"alice@example.com": {"roles": ["admin"]}, "bob@other.org": {"shared": true},
+               "eve@example.org": {"member": false}},
      "nodes": [{"user": "alice@example.com", "tags": [], "addresses": ["100.64.0.1"],
                 "routes": [], "exit_node": false, "posture": {"node:os": "linux"}}]}
 
@@ -73,6 +75,7 @@ class _Tailnet:
         self.known = state is not None
         self.roles: dict[str, frozenset[str]] = {}
         self.shared: set[str] = set()
+        self.outsiders: set[str] = set()  # logins that are not in the tailnet at all
         self.nodes: list[dict[str, Any]] = []
         if state is None:
             return
@@ -87,6 +90,8 @@ class _Tailnet:
             self.roles[u] = frozenset(info.get("roles", []))
             if info.get("shared"):
                 self.shared.add(u)
+            if info.get("member") is False:
+                self.outsiders.add(u)
         for i, n in enumerate(state.get("nodes", [])):
             if not isinstance(n, Mapping):
                 raise TailnetError(f"tailnet nodes[{i}]: expected an object")
@@ -146,9 +151,6 @@ def subjects(policy: Policy, text: str, tn: _Tailnet, *, src: Subject | None = N
     if "@" in t:
         return [_user(policy, t, tn)]
     if t.startswith("group:"):
-        members = policy.groups.get(t, ())
-        if members:
-            return [_user(policy, u, tn) for u in members]
         return [Subject(label=t, user=None, groups=frozenset({t}), roles=frozenset())]
     if t.startswith("autogroup:"):
         ag = t.split(":", 1)[1]
@@ -175,7 +177,7 @@ def _user(policy: Policy, login: str, tn: _Tailnet) -> Subject:
         user=login,
         groups=_groups(policy, login),
         roles=tn.roles.get(login, frozenset()) if tn.known else None,
-        member=login not in tn.shared,
+        member=login not in tn.shared and login not in tn.outsiders,
         nets=nets or None,
     )
 

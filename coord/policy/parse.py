@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .hujson import Doc, Path, PolicyError, load
+from .hujson import Doc, Path, load
 from .model import (
     ALL_PORTS,
     AUTOGROUPS,
