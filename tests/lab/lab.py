@@ -8,7 +8,8 @@ Safety rules this module keeps:
 - teardown kills, by PID, what `spawn` started and whatever else still runs inside our namespaces, deletes the
   namespaces and removes our sockets, whatever state the run is in;
 - each run records its owner PID in RUN_DIR/<prefix>; `sweep()` removes leftovers only of runs whose owner is
-  dead, so concurrent runs (two test sessions, `scripts/lab up`) leave each other alone.
+  dead, so concurrent runs leave each other alone; a lab made by `scripts/lab up` is marked `keep` and only
+  `scripts/lab down` removes it.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ def sweep() -> list[str]:
     removed = []
     for prefix in sorted(prefixes):
         try:
-            owner = int((RUN_DIR / prefix).read_text().strip())
-        except (FileNotFoundError, ValueError):
-            owner = None
-        if owner is not None and _pid_alive(owner):
+            mark = (RUN_DIR / prefix).read_text().strip()
+        except FileNotFoundError:
+            mark = ""
+        if mark == "keep" or (mark.isdigit() and _pid_alive(int(mark))):
             continue
         remove_prefix(prefix)
         removed.append(prefix)
@@ -149,11 +150,12 @@ def sweep() -> list[str]:
 class Lab:
     """One run's namespaces. Build with `build(topology)`; always `teardown()` (the fixture does)."""
 
-    def __init__(self, prefix: str | None = None, owner_pid: int | None = None) -> None:
+    def __init__(self, prefix: str | None = None, owner_pid: int | None = None, keep: bool = False) -> None:
         self.prefix = prefix or "sh" + secrets.token_hex(3)
         if not PREFIX_RE.match(self.prefix):
             raise LabError(f"lab prefix {self.prefix!r} must be 'sh' and 6 hex digits")
         self.owner_pid = owner_pid or os.getpid()
+        self.keep = keep
         self.nodes: dict[str, Node] = {}
         self.routers: dict[str, Router] = {}
         self.namespaces: list[str] = []
@@ -199,7 +201,7 @@ class Lab:
 
     def build(self, topo: Topology) -> Lab:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
-        (RUN_DIR / self.prefix).write_text(f"{self.owner_pid}\n")
+        (RUN_DIR / self.prefix).write_text("keep\n" if self.keep else f"{self.owner_pid}\n")
         inet = self.add_ns("inet")
         self.sysctl(inet, "net.ipv4.ip_forward", "1")
         _run(["ip", "-n", inet, "link", "add", "br0", "type", "bridge"])
