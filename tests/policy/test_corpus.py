@@ -1,0 +1,151 @@
+"""The corpus of real Tailscale policy files: every file parses or is refused precisely, and every `tests`
+assertion passes or is skipped for a stated lack of tailnet state (listed below). None may fail.
+
+Tailnet state for a file, where its own comments make it plain, lives in tests/policy_tailnets/<file>.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coord.policy import PolicyError, check, parse
+
+CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "policies"
+TAILNETS = Path(__file__).resolve().parents[1] / "policy_tailnets"
+
+# Files Tailscale itself would refuse, with the precise error we give.
+REFUSED = {
+    "ejsadiarin__core-k8s-homelab__tailscale-acl.json": ":69:9: acls[0].dst[0]: 'tag:worker' has no ports",
+    "georgepstaylor__lab-tailscale-config__policy": ":15:9: acls[1].src[0]: group 'group:gs_vnet' is not defined",
+}
+
+# Assertions we cannot decide without tailnet state nobody wrote down: (test index, src, dst, reason).
+# Mostly role autogroups (who is admin/owner) and which device owns a host address.
+SKIPPED: dict[str, list[tuple[int, str, str, str]]] = {
+    "BCNelson__nix-config__tailscale-acl": [
+        (1, 'group:nelsonFamily', 'vor:22', 'the addresses of group:nelsonFamily are not known; which device owns vor is not known; which devices own group:nelsonFamily and vor is not known'),
+        (2, 'romeo', 'vor:22', 'which device owns romeo is not known; which device owns vor is not known; which devices own romeo and vor is not known'),
+        (2, 'romeo', 'xray:22', 'which device owns romeo is not known; which device owns xray is not known; which devices own romeo and xray is not known'),
+        (2, 'romeo', 'porter-pc:22', 'which device owns romeo is not known; which device owns porter-pc is not known; which devices own romeo and porter-pc is not known'),
+        (3, 'whiskey', 'romeo:9100', 'which device owns whiskey is not known; which device owns romeo is not known'),
+        (3, 'whiskey', 'vor:9100', 'which device owns whiskey is not known; which device owns vor is not known'),
+        (3, 'whiskey', 'xray:22', 'which device owns whiskey is not known; which devices own whiskey and xray is not known'),
+        (3, 'whiskey', 'porter-pc:22', 'which device owns whiskey is not known; which devices own whiskey and porter-pc is not known'),
+        (4, 'romeo', 'whiskey:9100', 'which device owns romeo is not known'),
+    ],
+    "HomeScaleCloud__homescale-public__infra_tailscale_policy": [
+        (0, '100.124.169.104', 'tag:admin-app:443', 'which device owns 100.124.169.104 is not known; posture attribute node:osVersion of 100.124.169.104 is not known; posture attribute node:tsVersion of 100.124.169.104 is not known'),
+        (1, '100.86.77.56', 'tag:app:443', 'which device owns 100.86.77.56 is not known'),
+        (1, '100.86.77.56', 'tag:admin-app:443', 'which device owns 100.86.77.56 is not known'),
+    ],
+    "abl030__nixosconfig__tailscale_acl": [
+        (13, 'tag:edge', 'tag:server:443', 'the addresses of tag:edge are not known'),
+        (14, 'tag:share', 'tag:server:443', 'the addresses of tag:share are not known'),
+    ],
+    "ananthb__machines__policy": [
+        (3, 'tag:infrastructure', 'tag:server:22', 'the addresses of tag:server are not known'),
+    ],
+    "cedi__dotfiles__tailscale.acl": [
+        (1, 'x1bay@github', 'hass:8123', 'which device owns hass is not known'),
+        (1, 'x1bay@github', 'hass-schiltach:8123', 'which device owns hass-schiltach is not known'),
+        (10, 'clusterpi-leader', 'tag:core-infra:3493', 'which device owns clusterpi-leader is not known'),
+    ],
+    "davafons__davafons-infra__tailscale_policy": [
+        (0, 'davafons@gmail.com', 'tag:nadeshiko:443', 'the roles of davafons@gmail.com (admin?) are not known'),
+        (0, 'davafons@gmail.com', 'tag:inari:443', 'the roles of davafons@gmail.com (admin?) are not known'),
+        (0, 'davafons@gmail.com', 'tag:monitoring:443', 'the roles of davafons@gmail.com (admin?) are not known'),
+        (0, 'davafons@gmail.com', 'tag:qtower:443', 'the roles of davafons@gmail.com (admin?) are not known'),
+        (0, 'davafons@gmail.com', 'tag:watchtower:443', 'the roles of davafons@gmail.com (admin?) are not known'),
+    ],
+    "gruberdev__homelab__policy": [
+        (0, 'tag:internal', 'tag:k8s:5678', 'the addresses of tag:internal are not known; the addresses of tag:k8s are not known'),
+        (0, 'tag:internal', 'tag:nodes:5678', 'the addresses of tag:internal are not known; the addresses of tag:nodes are not known'),
+        (0, 'tag:internal', 'tag:clients:80', 'the addresses of tag:internal are not known; the addresses of tag:clients are not known'),
+        (1, 'tag:database', 'tag:nodes:5432', 'the addresses of tag:database are not known; the addresses of tag:nodes are not known'),
+        (2, 'tag:k8s', 'tag:clients:22', 'the addresses of tag:k8s are not known; the addresses of tag:clients are not known'),
+        (3, 'tag:matrix', 'tag:clients:80', 'the addresses of tag:matrix are not known; the addresses of tag:clients are not known'),
+    ],
+    "jonpulsifer__infra__terraform_network_tailscale_policy": [
+        (0, 'jonathan@pulsifer.ca', 'jonathan@pulsifer.ca:22', 'the roles of jonathan@pulsifer.ca (owner?) are not known; the addresses of jonathan@pulsifer.ca are not known'),
+        (1, 'jonathan@pulsifer.ca', '10.3.0.10:22', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (1, 'jonathan@pulsifer.ca', '10.3.0.70:443', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (2, 'jonathan@pulsifer.ca', '10.1.0.1:443', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (2, 'jonathan@pulsifer.ca', '10.2.0.20:53', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (2, 'jonathan@pulsifer.ca', '10.89.0.1:443', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (2, 'jonathan@pulsifer.ca', '192.168.1.1:443', 'the roles of jonathan@pulsifer.ca (owner?) are not known'),
+        (3, 'jonathan@pulsifer.ca', 'tag:lab-host:22', 'the roles of jonathan@pulsifer.ca (owner?) are not known; the addresses of tag:lab-host are not known'),
+    ],
+    "lestherll__homelab__tailscale-acl_policy": [
+        (1, 'lestherll@github', 'homelab:22', 'which devices own lestherll@github and homelab is not known'),
+    ],
+    "madsbv__nix__policy": [
+        (0, 'madsbv@github', 'tag:ephemeral:22', 'the roles of madsbv@github (admin?) are not known'),
+        (0, 'madsbv@github', 'madsbv@github:22', 'the roles of madsbv@github (admin?) are not known'),
+    ],
+    "michaelahern__casa-cirrus-tailscale__policy": [
+        (0, 'michaelahern@github', '192.168.1.1:443', 'the roles of michaelahern@github (admin?) are not known'),
+        (0, 'michaelahern@github', '192.168.20.1:443', 'the roles of michaelahern@github (admin?) are not known'),
+        (0, 'michaelahern@github', '192.168.180.1:443', 'the roles of michaelahern@github (admin?) are not known'),
+        (1, 'michaelahern@github', 'tag:casa-canyaa:443', 'the roles of michaelahern@github (admin?) are not known'),
+        (1, 'michaelahern@github', 'tag:casa-mobilia:443', 'the roles of michaelahern@github (admin?) are not known'),
+        (1, 'michaelahern@github', 'tag:casa-cirrus:443', 'the roles of michaelahern@github (admin?) are not known'),
+    ],
+    "murar8__home-server__tofu_policy": [
+        (0, 'murar8@github', '100.93.230.82:22', 'which device owns 100.93.230.82 is not known'),
+        (0, 'murar8@github', '100.90.169.56:22', 'which device owns 100.90.169.56 is not known'),
+        (0, 'murar8@github', '100.94.207.109:22', 'which device owns 100.94.207.109 is not known'),
+    ],
+    "nlopez__tailnet__policy": [
+        (1, 'tag:admin', 'tag:work:22', 'the addresses of tag:work are not known'),
+    ],
+}
+
+
+def files() -> list[Path]:
+    if not CORPUS.is_dir():
+        raise RuntimeError(f"policy corpus missing: {CORPUS} (a sibling 'shared/' folder of the repo root)")
+    return sorted(CORPUS.glob("*.hujson"))
+
+
+def test_corpus_is_complete() -> None:
+    fs = files()
+    assert len(fs) == 66
+    with_tests = [f for f in fs if f.stem not in REFUSED and parse(f.read_bytes(), f.name).tests]
+    assert len(with_tests) == 33
+
+
+@pytest.mark.parametrize("path", files(), ids=lambda p: p.stem)
+def test_parses_or_refused_precisely(path: Path) -> None:
+    if path.stem in REFUSED:
+        with pytest.raises(PolicyError) as e:
+            parse(path.read_bytes(), path.name)
+        assert REFUSED[path.stem] in str(e.value)
+    else:
+        parse(path.read_bytes(), path.name)
+
+
+def test_all_assertions_pass_or_are_listed_skips() -> None:
+    total = passed = 0
+    for path in files():
+        if path.stem in REFUSED:
+            continue
+        tn_file = TAILNETS / f"{path.stem}.json"
+        tailnet = json.loads(tn_file.read_text()) if tn_file.exists() else None
+        r = check(path.read_bytes(), tailnet, path.name)
+        assert not r["errors"], r["errors"]
+        assert r["failed"] == [], (path.stem, r["failed"])
+        got = [(s["test"], s["src"], s["dst"], s["reason"]) for s in r["skipped"]]
+        assert got == SKIPPED.get(path.stem, []), path.stem
+        assert r["passed"] + len(r["skipped"]) == r["assertions"]
+        total += r["assertions"]
+        passed += r["passed"]
+    assert total == 526
+    assert passed == 526 - sum(len(v) for v in SKIPPED.values())
+
+
+def test_tailnet_files_match_corpus() -> None:
+    for f in TAILNETS.glob("*.json"):
+        assert (CORPUS / f"{f.stem}.hujson").exists(), f.name
