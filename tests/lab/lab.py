@@ -185,7 +185,15 @@ class Lab:
         raise LabError(f"no node, router or namespace called {name!r} in this lab")
 
     # -- building -------------------------------------------------------------------------------------------
+    def _mark(self) -> None:
+        # the owner mark goes down before the first namespace, so a crash at any point is sweepable
+        mark = RUN_DIR / self.prefix
+        if not mark.exists():
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            mark.write_text("keep\n" if self.keep else f"{self.owner_pid}\n")
+
     def add_ns(self, name: str) -> str:
+        self._mark()
         ns = self.ns_name(name)
         _run(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
@@ -200,8 +208,6 @@ class Lab:
         _run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"])
 
     def build(self, topo: Topology) -> Lab:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        (RUN_DIR / self.prefix).write_text("keep\n" if self.keep else f"{self.owner_pid}\n")
         inet = self.add_ns("inet")
         self.sysctl(inet, "net.ipv4.ip_forward", "1")
         _run(["ip", "-n", inet, "link", "add", "br0", "type", "bridge"])
