@@ -60,7 +60,7 @@ def _internet() -> tuple[IPNet, ...]:
         v4 = _exclude(v4, ipaddress.ip_network(cut))
     for cut in ("fc00::/7", "fd7a:115c:a1e0::/48", "fe80::/10"):
         v6 = _exclude(v6, ipaddress.ip_network(cut))
-    return tuple(v4 + v6)
+    return tuple(sorted(v4, key=lambda n: int(n.network_address)) + sorted(v6, key=lambda n: int(n.network_address)))
 
 
 def _exclude(nets: list[IPNet], cut: IPNet) -> list[IPNet]:
