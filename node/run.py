@@ -90,16 +90,18 @@ class FakeRunner:
     def clear(self) -> None:
         self.lines.clear()
 
+    @staticmethod
+    def _next(scripted: Result | list[Result]) -> Result:
+        if not isinstance(scripted, list):
+            return scripted
+        return scripted.pop(0) if len(scripted) > 1 else scripted[0]
+
     async def run(self, argv: Sequence[str], input: bytes | None = None, check: bool = True) -> Result:
         cmd = " ".join(argv)
         self.lines.append(cmd)
         if input is not None:
             self.lines.extend("    " + line for line in input.decode().splitlines())
-        scripted = self.responses.get(cmd, Result(0, "", ""))
-        if isinstance(scripted, list):
-            result = scripted.pop(0) if len(scripted) > 1 else scripted[0]
-        else:
-            result = scripted
+        result = self._next(self.responses.get(cmd, Result(0, "", "")))
         if check and result.rc != 0:
             raise CommandError(argv, result)
         return result
