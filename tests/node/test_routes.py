@@ -140,3 +140,20 @@ def test_parse_state_fuzz(doc: object) -> None:
     for args in ((text, "[]", "[]"), (FRESH_ADDR, text, "[]"), (FRESH_ADDR, "[]", text)):
         with contextlib.suppress(RouteStateError):
             parse_state(*args)
+
+
+@pytest.mark.anyio
+async def test_runners() -> None:
+    from node.run import Result, SubprocessRunner
+
+    fake = FakeRunner({"x": [Result(0, "first", ""), Result(3, "", "boom")]})
+    assert (await fake.run(["x"], input=b"a\nb")).out == "first"
+    assert (await fake.run(["x"], check=False)).rc == 3
+    with pytest.raises(CommandError, match="boom"):
+        await fake.run(["x"])
+    assert fake.transcript == "x\n    a\n    b\nx\nx\n"
+    real = SubprocessRunner()
+    assert (await real.run(["cat"], input=b"hi")).out == "hi"
+    with pytest.raises(CommandError, match="exited 1"):
+        await real.run(["false"])
+    assert SubprocessRunner(netns="ns1").argv_for(["ip", "link"]) == ["ip", "netns", "exec", "ns1", "ip", "link"]
