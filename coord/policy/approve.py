@@ -56,9 +56,9 @@ def route_approved(
         return False
     t, r = frozenset(tags), frozenset(roles)
     for prefix, approvers in policy.auto_approvers.routes.items():
-        if prefix.version == want.version and want.subnet_of(prefix):  # type: ignore[arg-type]
-            if any(_owner(policy, s, user if not t else None, t, r) for s in approvers):
-                return True
+        covers = prefix.version == want.version and want.subnet_of(prefix)  # type: ignore[arg-type]
+        if covers and any(_owner(policy, s, user if not t else None, t, r) for s in approvers):
+            return True
     return False
 
 

@@ -119,7 +119,7 @@ class _Tailnet:
 
     def by_address(self, net: IPNet) -> Mapping[str, Any] | None:
         for n in self.nodes:
-            if any(a.version == net.version and a.subnet_of(net) and net.num_addresses == 1 for a in n["_nets"]):  # type: ignore[arg-type]
+            if any(a.version == net.version and a.subnet_of(net) and net.num_addresses == 1 for a in n["_nets"]):
                 return n
         return None
 
@@ -234,7 +234,9 @@ def _assertion(policy: Policy, test: Test, dst: str, expected: str, tn: _Tailnet
     return all_of(verdicts)
 
 
-def check(text: str | bytes, tailnet: Mapping[str, Any] | None = None, filename: str = "policy.hujson") -> dict[str, Any]:
+def check(
+    text: str | bytes, tailnet: Mapping[str, Any] | None = None, filename: str = "policy.hujson"
+) -> dict[str, Any]:
     """Validate and run the tests; never raises for bad input (errors land in "errors")."""
     try:
         policy = parse(text, filename)

@@ -29,7 +29,9 @@ from typing import Any
 from .match import Subject, match_sel, posture_ok
 from .model import INTERNET, IPNet, Policy, Rule, Sel
 
-FILTER_ALLOW_ALL: list[dict[str, Any]] = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+FILTER_ALLOW_ALL: list[dict[str, Any]] = [
+    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+]
 
 
 @dataclass(frozen=True)

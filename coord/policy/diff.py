@@ -19,34 +19,59 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .compile import PolicyEngine, PolicyNode
-from .model import DEFAULT_PROTOS, Policy
+from .model import DEFAULT_PROTOS, IPNet, Policy
 
 NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 132: "sctp"}
 PORTED = {6, 17, 132}
 Reach = set[tuple[int, int, int]]  # (proto, first, last)
 
 
-def _reach_into(engine: PolicyEngine, dst_id: int) -> dict[int, Reach]:
+class _Who:
+    """Maps SrcIPs lists to node IDs: host addresses by lookup, wider prefixes by scan (cached per list)."""
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self.by_addr: dict[str, int] = {}
+        self.nets: dict[int, list[IPNet]] = {}
+        for i in engine.node_ids():
+            n = engine.node(i)
+            assert n is not None
+            self.nets[i] = [ipaddress.ip_network(a.split("/")[0]) for a in n.addresses]
+            for net in self.nets[i]:
+                self.by_addr[str(net)] = i
+        self.cache: dict[tuple[str, ...], frozenset[int]] = {}
+
+    def __call__(self, srcs: list[str]) -> frozenset[int]:
+        key = tuple(srcs)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        if "*" in srcs:
+            out = set(self.nets)
+        else:
+            out = {self.by_addr[x] for x in srcs if x in self.by_addr}
+            wide = [ipaddress.ip_network(x, strict=False) for x in srcs if x not in self.by_addr and "-" not in x]
+            wide = [w for w in wide if w.num_addresses > 1]
+            if wide:
+                out |= {
+                    i
+                    for i, addrs in self.nets.items()
+                    if any(a.version == w.version and a.subnet_of(w) for a in addrs for w in wide)  # type: ignore[arg-type]
+                }
+        self.cache[key] = frozenset(out)
+        return self.cache[key]
+
+
+def _reach_into(engine: PolicyEngine, who_of: _Who, dst_id: int) -> dict[int, Reach]:
     """For every source node: what it may send to dst_id, from dst_id's filter."""
-    nodes = [engine.node(i) for i in engine.node_ids()]
-    nets = {n.id: [ipaddress.ip_network(a.split("/")[0]) for a in n.addresses] for n in nodes if n}
     out: dict[int, Reach] = {}
     for rule in engine.filter(dst_id):
         protos = rule.get("IPProto") or DEFAULT_PROTOS
-        srcs = rule["SrcIPs"]
-        if "*" in srcs:
-            who = set(nets)
-        else:
-            snets = [ipaddress.ip_network(s, strict=False) for s in srcs if "-" not in s]
-            who = {i for i, addrs in nets.items() if any(a.version == s.version and a.subnet_of(s)  # type: ignore[arg-type]
-                                                           for a in addrs for s in snets)}
-        who.discard(dst_id)
+        who = who_of(rule["SrcIPs"]) - {dst_id}
         for d in rule["DstPorts"]:
             first, last = d["Ports"]["First"], d["Ports"]["Last"]
-            for p in protos:
-                item = (p, first, last) if p in PORTED else (p, 0, 65535)
-                for s in who:
-                    out.setdefault(s, set()).add(item)
+            items = {(p, first, last) if p in PORTED else (p, 0, 65535) for p in protos}
+            for src in who:
+                out.setdefault(src, set()).update(items)
     return out
 
 
@@ -64,6 +89,7 @@ def diff_engines(old: PolicyEngine, new: PolicyEngine) -> dict[str, Any]:
     gained: dict[str, list[int]] = {}
     lost: dict[str, list[int]] = {}
     changed: list[int] = []
+    who_old, who_new = _Who(old), _Who(new)
     for nid in new.node_ids():
         of, nf = old.filter(nid), new.filter(nid)
         op, np_ = old.peers(nid), new.peers(nid)
@@ -76,7 +102,7 @@ def diff_engines(old: PolicyEngine, new: PolicyEngine) -> dict[str, Any]:
             lost[str(nid)] = sorted(op - np_)
         if of == nf:
             continue
-        before, after = _reach_into(old, nid), _reach_into(new, nid)
+        before, after = _reach_into(old, who_old, nid), _reach_into(new, who_new, nid)
         for src in sorted(set(before) | set(after)):
             b, a = before.get(src, set()), after.get(src, set())
             for item in sorted(_minus(a, b)):
@@ -131,7 +157,6 @@ def render_diff(d: Mapping[str, Any], names: Mapping[int, str] | None = None) ->
     if not lines:
         return "no change in reachability or visibility"
     summary = (
-        f"{len(d['added'])} reachabilities added, {len(d['removed'])} removed, "
-        f"{len(d['changed_nodes'])} nodes affected"
+        f"{len(d['added'])} reachabilities added, {len(d['removed'])} removed, {len(d['changed_nodes'])} nodes affected"
     )
     return "\n".join([*lines, summary])

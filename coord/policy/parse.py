@@ -62,9 +62,7 @@ TOP_KEYS = {
     "attrConfig",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-POSTURE_EXPR = re.compile(
-    r"\s*(?P<attr>[A-Za-z][\w:.\-]*)\s*(?P<op>==|!=|<=|>=|<|>|NOT IN|IN)\s*(?P<val>.+?)\s*$"
-)
+POSTURE_EXPR = re.compile(r"\s*(?P<attr>[A-Za-z][\w:.\-]*)\s*(?P<op>==|!=|<=|>=|<|>|NOT IN|IN)\s*(?P<val>.+?)\s*$")
 
 
 def parse(text: str | bytes, filename: str = "policy.hujson") -> Policy:
@@ -397,7 +395,7 @@ class _Parser:
         r = self.obj(v, path, {"action", "src", "dst", "proto", "users", "ports", "srcPosture"}, ("action",))
         action = self.string(r["action"], (*path, "action"))
         if action != "accept":
-            raise self.err((*path, "action"), f"expected \"accept\", got {action!r}")
+            raise self.err((*path, "action"), f'expected "accept", got {action!r}')
         for new, old in (("src", "users"), ("dst", "ports")):
             if new in r and old in r:
                 raise self.err((*path, old), f"use either {new!r} or the legacy {old!r}, not both", at_key=True)
@@ -529,7 +527,7 @@ class _Parser:
             r = self.obj(r, path, keys, ("action", "src", "dst", "users"))
             action = self.string(r["action"], (*path, "action"))
             if action not in ("accept", "check"):
-                raise self.err((*path, "action"), f"expected \"accept\" or \"check\", got {action!r}")
+                raise self.err((*path, "action"), f'expected "accept" or "check", got {action!r}')
             self.sels(r["src"], (*path, "src"), "ssh-src")
             self.sels(r["dst"], (*path, "dst"), "ssh-dst")
             users = self.strings(r["users"], (*path, "users"))
@@ -540,9 +538,13 @@ class _Parser:
             if "checkPeriod" in r:
                 period = self.string(r["checkPeriod"], (*path, "checkPeriod"))
                 if period != "always" and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s|ms))+", period):
-                    raise self.err((*path, "checkPeriod"), f"expected a duration like '12h' or 'always', got {period!r}")
+                    raise self.err(
+                        (*path, "checkPeriod"), f"expected a duration like '12h' or 'always', got {period!r}"
+                    )
             recorder = self.strings(r.get("recorder", []), (*path, "recorder"))
-            enforce = self.boolean(r["enforceRecorder"], (*path, "enforceRecorder")) if "enforceRecorder" in r else False
+            enforce = (
+                self.boolean(r["enforceRecorder"], (*path, "enforceRecorder")) if "enforceRecorder" in r else False
+            )
             env = self.strings(r.get("acceptEnv", []), (*path, "acceptEnv"))
             out.append(SshRule(action, tuple(r["src"]), tuple(r["dst"]), users, period, recorder, enforce, env))
         return tuple(out)
@@ -609,7 +611,7 @@ class _Parser:
             cpath: Path = (*path, name)
             c = self.obj(conf, cpath, {"type", "allowSetByNode", "broadcastToPeers"})
             if "type" in c and c["type"] not in ("string", "number", "bool"):
-                raise self.err((*cpath, "type"), f"expected \"string\", \"number\" or \"bool\", got {c['type']!r}")
+                raise self.err((*cpath, "type"), f'expected "string", "number" or "bool", got {c["type"]!r}')
             if "allowSetByNode" in c:
                 self.boolean(c["allowSetByNode"], (*cpath, "allowSetByNode"))
             if "broadcastToPeers" in c:

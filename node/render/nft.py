@@ -164,7 +164,7 @@ def _rule_lines(rule: Mapping[str, Any]) -> list[str]:
                 for p in protos:
                     if p in PORT_PROTOS:
                         lines.append(f"{m} {PORT_PROTOS[p]} dport {ports} ct state new accept")
-                    elif p == 1 and fam == "4" or p == 58 and fam == "6":
+                    elif (p == 1 and fam == "4") or (p == 58 and fam == "6"):
                         lines.append(f"{m} meta l4proto {icmp} accept")
                     elif p not in (1, 58):
                         lines.append(f"{m} meta l4proto {p} accept")

@@ -26,8 +26,11 @@ SHAPES = [
     *SSH_ONLY,
     {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]},
     {"SrcIPs": ["100.64.0.0/10"], "DstPorts": [{"IP": "10.1.0.0/16", "Ports": {"First": 1000, "Last": 2000}}]},
-    {"SrcIPs": ["100.64.0.5-100.64.0.9"], "DstPorts": [{"IP": "100.64.0.2/32", "Ports": {"First": 53, "Last": 53}}],
-     "IPProto": [17, 132, 47]},
+    {
+        "SrcIPs": ["100.64.0.5-100.64.0.9"],
+        "DstPorts": [{"IP": "100.64.0.2/32", "Ports": {"First": 53, "Last": 53}}],
+        "IPProto": [17, 132, 47],
+    },
     {"SrcIPs": ["fd7a:115c:a1e0::/48"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 0}}], "IPProto": [58]},
 ]
 OWN = ["100.64.0.2", "fd7a:115c:a1e0::2"]
@@ -100,8 +103,9 @@ def test_nft_accepts_rendered_script(tmp_path: object) -> None:
     try:
         for rules in ([], SSH_ONLY, SHAPES):
             script = render(rules, "shoal0", OWN, table="shoal_test")
-            r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=script, text=True,
-                               capture_output=True)
+            r = subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=script, text=True, capture_output=True
+            )
             assert r.returncode == 0, r.stderr + script
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)

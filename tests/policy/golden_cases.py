@@ -9,8 +9,14 @@ N = [
     {"id": 2, "user": "alice@example.com", "addresses": ["100.64.0.2", "fd7a:115c:a1e0::2"]},
     {"id": 3, "user": "bob@example.com", "addresses": ["100.64.0.3", "fd7a:115c:a1e0::3"]},
     {"id": 4, "user": None, "tags": ["tag:web"], "addresses": ["100.64.0.4", "fd7a:115c:a1e0::4"]},
-    {"id": 5, "user": None, "tags": ["tag:router"], "addresses": ["100.64.0.5"], "approved_routes": ["10.1.0.0/16"],
-     "exit_node": True},
+    {
+        "id": 5,
+        "user": None,
+        "tags": ["tag:router"],
+        "addresses": ["100.64.0.5"],
+        "approved_routes": ["10.1.0.0/16"],
+        "exit_node": True,
+    },
 ]
 
 CASES: dict[str, dict[str, Any]] = {
