@@ -46,6 +46,7 @@ SANS_IO = [
     "node/render/*.py",
     "node/wg/config.py",
     "node/wg/uapi.py",
+    "node/bpf.py",
 ]
 IO_MODULES = {"socket", "asyncio", "sqlite3", "aiosqlite", "subprocess", "time", "selectors", "threading"}
 
