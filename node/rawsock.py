@@ -174,7 +174,7 @@ class RawSender:
         self.sock.close()
 
 
-OnPacket = Callable[[bytes, AddrPort], None]
+OnPacket = Callable[[bytes, AddrPort], object]
 
 
 class RawPort:

@@ -8,11 +8,13 @@ sees another port: MappingVariesByDestIP.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from derp.stunserver import start_stun_server
 from node import netcheck, rawsock
+from node.disco import AddrPort
 from node.keys import PrivateKey
 from node.netcheck import Region, StunServer
 from node.wg.config import WgConfig
@@ -26,6 +28,14 @@ __all__ = ["lab", "lab_sweep"]
 pytestmark = pytest.mark.lab
 
 PORT = 41641
+
+
+def ports_send(ports: list[rawsock.RawPort]) -> Callable[[bytes, AddrPort], None]:
+    # The runner exists before its port (the port's callback is the runner's feed): send through the newest.
+    def send(data: bytes, addr: AddrPort) -> None:
+        ports[-1].sendto(data, addr)
+
+    return send
 
 
 def test_netcheck_from_wireguard_port_through_nats(lab: Lab) -> None:
@@ -49,11 +59,9 @@ async def run(lab: Lab) -> None:
         for n, engine in engines.items():
             await engine.start()
             await engine.set(WgConfig(PrivateKey.generate(), PORT))
-            sent_by: list[rawsock.RawPort] = []
-            runner = netcheck.Runner(lambda data, addr, to=sent_by: to[0].sendto(data, addr))
+            runner = netcheck.Runner(ports_send(ports))
             with netns(lab.ns(n)):
-                sent_by.append(rawsock.RawPort(PORT, runner.feed))
-            ports.extend(sent_by)
+                ports.append(rawsock.RawPort(PORT, runner.feed))
             reports[n] = await runner.run(regions, timeout=2.0)
 
         easy, hard = reports["ne"], reports["nh"]
