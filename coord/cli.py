@@ -1,0 +1,394 @@
+"""``shoal-server``: run the coordination server, and administer it.
+
+Admin commands talk to the running server over its admin socket (``<data dir>/admin.sock``); when no server holds
+the data dir they run in-process against the database. ``events`` commands read the log directly. Every command
+takes ``--json``; errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+from coord import admin, db, eventlog
+from coord import events as ev
+from coord.config import Config, load, parse_duration
+from coord.errors import ConfigError, DomainError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"shoal-server: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default: $SHOAL_CONFIG)")
+    common.add_argument("--data", dest="data_dir", help="data directory (default ./data or $SHOAL_DATA)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    p = Parser(prog="shoal-server", description="Shoal coordination server and admin CLI.", parents=[common])
+    sub = p.add_subparsers(dest="group", required=True, parser_class=Parser)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the server")
+    serve.add_argument("--listen", help="host:port for HTTP (default 127.0.0.1:8080)")
+    serve.add_argument("--server-url", help="URL nodes use to reach this server")
+    serve.add_argument("--no-derp", action="store_true", help="do not run the embedded DERP relay")
+    serve.add_argument("--stun-listen", help="host:port for the embedded STUN server ('' to disable)")
+    serve.add_argument("--derp-map-file", help="JSON file with extra DERP regions")
+    serve.add_argument("--ephemeral-timeout", help="e.g. 120s")
+    serve.add_argument("--key-expiry", help="e.g. 180d, or 0 for never")
+    serve.add_argument("--batch-delay", help="fan-out tick, e.g. 50ms")
+    serve.add_argument("--keepalive", help="map stream keep-alive, e.g. 50s")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    u = users.add_parser("create", parents=[common])
+    u.add_argument("name")
+    u = users.add_parser("list", parents=[common])
+    u.add_argument("--at", help="show users as they were at this time (RFC 3339)")
+    u = users.add_parser("rename", parents=[common])
+    u.add_argument("user")
+    u.add_argument("name")
+    u = users.add_parser("delete", parents=[common])
+    u.add_argument("user")
+
+    keys = sub.add_parser("keys", parents=[common], help="manage pre-auth keys").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    k = keys.add_parser("create", parents=[common])
+    k.add_argument("--user", required=True)
+    k.add_argument("--reusable", action="store_true")
+    k.add_argument("--ephemeral", action="store_true")
+    k.add_argument("--expiration", default="24h", help="lifetime, e.g. 1h, 24h, 90d (default 24h)")
+    k.add_argument("--tags", default="", help="comma-separated tag:name list; nodes become owned by the tags")
+    keys.add_parser("list", parents=[common])
+    k = keys.add_parser("revoke", parents=[common])
+    k.add_argument("key", help="key prefix or id")
+
+    nodes = sub.add_parser("nodes", parents=[common], help="manage nodes").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    n = nodes.add_parser("list", parents=[common])
+    n.add_argument("--at", help="show nodes as they were at this time (RFC 3339)")
+    for name in ("show", "expire", "delete"):
+        nodes.add_parser(name, parents=[common]).add_argument("node", help="node id or name")
+    n = nodes.add_parser("rename", parents=[common])
+    n.add_argument("node")
+    n.add_argument("name")
+    n = nodes.add_parser("tag", parents=[common])
+    n.add_argument("node")
+    n.add_argument("--tags", required=True, help="comma-separated tag:name list ('' to clear)")
+    n = nodes.add_parser("expiry", parents=[common], help="set or disable a node's key expiry")
+    n.add_argument("node")
+    g = n.add_mutually_exclusive_group(required=True)
+    g.add_argument("--never", action="store_true", help="the node's key never expires")
+    g.add_argument("--in", dest="expires_in", help="expire after this long from now, e.g. 30d")
+    n = nodes.add_parser("approve", parents=[common], help="approve a pending registration")
+    n.add_argument("id", help="the id in the login URL")
+    n.add_argument("--user", required=True)
+    nodes.add_parser("pending", parents=[common], help="list registrations waiting for approval")
+
+    events = sub.add_parser("events", parents=[common], help="read the event log").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    e = events.add_parser("tail", parents=[common])
+    e.add_argument("--follow", "-f", action="store_true")
+    e.add_argument("--type", action="append", default=[], help="only this event type (repeatable)")
+    e.add_argument("--node", type=int, help="only events about this node id")
+    e.add_argument("--since", help="only events at or after this time (RFC 3339)")
+    e.add_argument("-n", type=int, default=20, help="without --since: the last N events (default 20)")
+    e = events.add_parser("show", parents=[common])
+    e.add_argument("seq", type=int)
+    events.add_parser("verify", parents=[common], help="check the hash chain")
+    e = events.add_parser("replay", parents=[common], help="rebuild projections from the log into a new database")
+    e.add_argument("--into", required=True, help="path of the new database (must not exist)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.group == "serve":
+        overrides.update(
+            listen=args.listen, server_url=args.server_url, stun_listen=args.stun_listen,
+            derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
+            key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
+            log_level=args.log_level, derp=False if args.no_derp else None,
+        )
+    return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
+
+
+# --- admin commands: socket or in-process ---------------------------------------------------------------
+
+
+def _split_tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    g, c = args.group, args.cmd
+    if g == "users":
+        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at")}
+    if g == "keys":
+        if c == "create":
+            return "keys.create", {
+                "user": args.user, "reusable": args.reusable, "ephemeral": args.ephemeral,
+                "expiration": parse_duration(args.expiration, "--expiration"), "tags": _split_tags(args.tags),
+            }
+        return f"keys.{c}", {"key": getattr(args, "key", None)}
+    if g == "nodes":
+        a: dict[str, Any] = {k: getattr(args, k, None) for k in ("node", "name", "at", "id", "user")}
+        if c == "tag":
+            a["tags"] = _split_tags(args.tags)
+        if c == "expiry":
+            import time
+
+            a["expiry"] = None if args.never else time.time() + parse_duration(args.expires_in, "--in")
+        return f"nodes.{c}", a
+    raise CliError(f"unknown command {g} {c}")
+
+
+class ServerLock:
+    """Held by a running server for its lifetime; the CLI takes it to run commands in-process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "server.lock"
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def admin_via_socket(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
+    sock = config.data_path / "admin.sock"
+    transport = httpx.HTTPTransport(uds=str(sock))
+    try:
+        with httpx.Client(transport=transport, timeout=30) as client:
+            r = client.post("http://shoal/admin", json={"command": command, "args": cmd_args})
+    except httpx.HTTPError as e:
+        raise CliError(f"cannot reach the server's admin socket {sock}: {e}") from None
+    data = r.json()
+    if r.status_code != 200:
+        raise CliError(data.get("error", r.text))
+    return data["result"]
+
+
+async def admin_in_process(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
+    from coord.app import Server, load_or_create_key
+
+    srv = Server(config, load_or_create_key(config.data_path / "server.key"))
+    await srv.start(background=False)
+    try:
+        return await admin.run(srv.svc, command, cmd_args)
+    finally:
+        await srv.stop()
+
+
+def run_admin(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
+    lock = ServerLock(config.data_path)
+    if lock.try_acquire():
+        try:
+            if command in admin.NEEDS_SERVER:
+                what = command.replace(".", " ")
+                raise CliError(f"{what} needs the running server (start it with shoal-server serve)")
+            return asyncio.run(admin_in_process(config, command, cmd_args))
+        finally:
+            lock.release()
+    return admin_via_socket(config, command, cmd_args)
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def _fmt_time(v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return ev.rfc3339(v)[:19] + "Z"
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[dict[str, Any]], cols: Sequence[tuple[str, str | Callable[[dict[str, Any]], Any]]]) -> str:
+    cells = [[h for h, _ in cols]]
+    for r in rows:
+        cells.append([str(f(r) if callable(f) else r.get(f, "")) for _, f in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def render(command: str, result: Any) -> str:
+    if command == "users.list":
+        return table(result, [("ID", "id"), ("NAME", "name"), ("CREATED", "created")])
+    if command == "nodes.list":
+        return table(result, [
+            ("ID", "id"), ("NAME", "name"), ("USER", lambda r: r["user"] or "-"),
+            ("TAGS", lambda r: ",".join(r["tags"]) or "-"), ("IPV4", "ipv4"), ("IPV6", "ipv6"),
+            ("ONLINE", lambda r: "yes" if r["online"] else "no"),
+            ("STATE", lambda r: "expired" if r["expired"] else "logged-out" if r["logged_out"] else "active"),
+            ("LAST SEEN", lambda r: _fmt_time(r["last_seen"])),
+        ])
+    if command == "keys.list":
+        return table(result, [
+            ("ID", "id"), ("PREFIX", "prefix"), ("USER", "user"), ("REUSABLE", "reusable"),
+            ("EPHEMERAL", "ephemeral"), ("TAGS", lambda r: ",".join(r["tags"]) or "-"),
+            ("EXPIRATION", lambda r: r["expiration"] or "never"), ("USABLE", "usable"),
+        ])
+    if command == "nodes.pending":
+        return table(result, [("ID", "id"), ("HOSTNAME", "hostname"), ("REQUESTED", "requested")]) if result else (
+            "no pending registrations"
+        )
+    if command == "keys.create":
+        return (
+            f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
+            f"expires {result['expiration'] or 'never'})"
+        )
+    if isinstance(result, dict):
+        return "\n".join(f"{k}: {_fmt_time(v) if k in ('key_expiry', 'last_seen', 'created') else v}"
+                         for k, v in result.items())
+    return json.dumps(result, indent=2)
+
+
+# --- events ---------------------------------------------------------------------------------------------
+
+
+def _record_line(r: ev.Record) -> str:
+    data = ev.canonical_json(r.event.data())
+    if len(data) > 160:
+        data = data[:157] + "..."
+    return f"{r.seq:>6}  {r.time}  {r.actor:<16} {r.event.type:<22} {data}"
+
+
+async def _open_db(config: Config) -> Any:
+    path = config.data_path / "shoal.db"
+    if not path.exists():
+        raise CliError(f"no database at {path}")
+    return await db.connect(path)
+
+
+async def events_cmd(config: Config, args: argparse.Namespace) -> int:
+    conn = await _open_db(config)
+    try:
+        if args.cmd == "verify":
+            try:
+                n = await eventlog.verify(conn)
+            except eventlog.ChainBroken as e:
+                out({"ok": False, "first_bad_seq": e.seq, "reason": e.reason}, args,
+                    f"chain broken at event {e.seq}: {e.reason}")
+                return EXIT_ERROR
+            out({"ok": True, "events": n}, args, f"ok: {n} events, hash chain intact")
+            return 0
+        if args.cmd == "show":
+            async for r in eventlog.read(conn, eventlog.Filter(since_seq=args.seq - 1)):
+                if r.seq == args.seq:
+                    out(r.as_json(), args, json.dumps(r.as_json(), indent=2))
+                    return 0
+                break
+            raise CliError(f"no event {args.seq}")
+        if args.cmd == "replay":
+            return await replay(conn, Path(args.into), args)
+        return await tail(conn, args)
+    finally:
+        await conn.close()
+
+
+async def tail(conn: Any, args: argparse.Namespace) -> int:
+    since_time = ev.rfc3339(ev.parse_time(args.since)) if args.since else None
+    start = 0
+    if since_time is None:
+        last, _ = await eventlog.last(conn)
+        start = max(0, last - args.n)
+    f = eventlog.Filter(since_seq=start, since_time=since_time, types=tuple(args.type), node_id=args.node)
+    while True:
+        async for r in eventlog.read(conn, f):
+            out(r.as_json(), args, _record_line(r))
+            f = eventlog.Filter(since_seq=r.seq, types=f.types, node_id=f.node_id)
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        await asyncio.sleep(0.5)
+
+
+async def replay(conn: Any, into: Path, args: argparse.Namespace) -> int:
+    from coord.state import fold
+
+    if into.exists():
+        raise CliError(f"{into} exists; replay writes a new database")
+    records = [r async for r in eventlog.read(conn)]
+    state = fold(records)
+    new = await db.connect(into)
+    try:
+        await new.execute("BEGIN IMMEDIATE")
+        await eventlog.insert(new, records)
+        await db.write_all_projections(new, state)
+        await new.execute("COMMIT")
+        same = await db.dump_projections(new) == await db.dump_projections(conn)
+    finally:
+        await new.close()
+    out({"events": len(records), "into": str(into), "projections_equal_live": same}, args,
+        f"replayed {len(records)} events into {into}; projections "
+        + ("equal the live ones" if same else "DIFFER from the live ones"))
+    return 0 if same else EXIT_ERROR
+
+
+def out(obj: Any, args: argparse.Namespace, text: str) -> None:
+    print(json.dumps(obj) if args.json else text, flush=True)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from(args)
+        if args.group == "serve":
+            from coord.serve import serve
+
+            return serve(config)
+        if args.group == "events":
+            return asyncio.run(events_cmd(config, args))
+        command, cmd_args = admin_request(args)
+        result = run_admin(config, command, cmd_args)
+        out(result, args, render(command, result))
+        return 0
+    except (CliError, ConfigError, DomainError) as e:
+        sys.stderr.write(f"shoal-server: {e}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Server configuration: one TOML file, overridden by SHOAL_* environment variables, overridden by flags.
+
+Every key, with its default::
+
+    server_url        = "http://127.0.0.1:8080"   # what nodes dial; login URLs are built on it
+    listen            = "127.0.0.1:8080"
+    data_dir          = "./data"
+    prefix_v4         = "100.64.0.0/10"
+    prefix_v6         = "fd7a:115c:a1e0::/48"
+    base_domain       = "shoal.internal"          # MagicDNS suffix
+    key_expiry        = "180d"                    # node key lifetime; "0" = never
+    ephemeral_timeout = "120s"                    # delete ephemeral nodes this long after their stream ends
+    batch_delay       = "50ms"                    # fan-out tick: changes within it are merged
+    keepalive         = "50s"                     # map stream keep-alive interval
+    derp              = true                      # embedded DERP relay on the HTTP port, region 900
+    stun_listen       = "0.0.0.0:3478"            # embedded STUN server ("" = off)
+    derp_map_file     = ""                        # JSON: extra regions and relays
+    log_level         = "info"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from coord.errors import ConfigError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str, key: str = "duration") -> float:
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not a duration (examples: 500ms, 30s, 15m, 24h, 180d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_hostport(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key}: {text!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class Config:
+    server_url: str = "http://127.0.0.1:8080"
+    listen: str = "127.0.0.1:8080"
+    data_dir: str = "./data"
+    prefix_v4: str = "100.64.0.0/10"
+    prefix_v6: str = "fd7a:115c:a1e0::/48"
+    base_domain: str = "shoal.internal"
+    key_expiry: str = "180d"
+    ephemeral_timeout: str = "120s"
+    batch_delay: str = "50ms"
+    keepalive: str = "50s"
+    derp: bool = True
+    stun_listen: str = "0.0.0.0:3478"
+    derp_map_file: str = ""
+    log_level: str = "info"
+
+    # --- derived, validated views ---
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, "listen")
+
+    @property
+    def key_expiry_s(self) -> float | None:
+        v = parse_duration(self.key_expiry, "key_expiry")
+        return None if v == 0 else v
+
+    @property
+    def ephemeral_timeout_s(self) -> float:
+        return parse_duration(self.ephemeral_timeout, "ephemeral_timeout")
+
+    @property
+    def batch_delay_s(self) -> float:
+        return parse_duration(self.batch_delay, "batch_delay")
+
+    @property
+    def keepalive_s(self) -> float:
+        return parse_duration(self.keepalive, "keepalive")
+
+    def validate(self) -> Config:
+        u = urlsplit(self.server_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"server_url: {self.server_url!r} must be an http:// or https:// URL")
+        self.listen_addr  # noqa: B018 - validates
+        if self.stun_listen:
+            parse_hostport(self.stun_listen, "stun_listen")
+        for key in ("key_expiry", "ephemeral_timeout", "batch_delay", "keepalive"):
+            parse_duration(getattr(self, key), key)
+        for key, version in (("prefix_v4", 4), ("prefix_v6", 6)):
+            try:
+                net = ipaddress.ip_network(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            if net.version != version:
+                raise ConfigError(f"{key}: expected an IPv{version} prefix")
+        if not re.match(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$", self.base_domain):
+            raise ConfigError(f"base_domain: {self.base_domain!r} is not a lowercase DNS name with a dot")
+        host = (u.hostname or "").lower()
+        if host == self.base_domain or host.endswith("." + self.base_domain):
+            raise ConfigError("base_domain: must not be the server URL's host or a suffix of it")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level: expected debug, info, warning or error")
+        return self
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    want = FIELDS[key].type
+    if want in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            values[key] = _coerce(key, value)
+    # Only SHOAL_<KEY> for known keys: other tools of ours (the node agent) use SHOAL_* names too.
+    environ = env if env is not None else dict(os.environ)
+    for name in FIELDS:
+        value = environ.get("SHOAL_" + name.upper())
+        if name == "data_dir" and value is None:
+            value = environ.get("SHOAL_DATA")
+        if value is not None:
+            values[name] = _coerce(name, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return replace(Config(), **values).validate()

@@ -1,0 +1,151 @@
+"""SQLite: pragmas, the migration runner, and the projection rows written beside each event batch."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from coord import events as ev
+from coord.state import State
+
+MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+async def connect(path: str | Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(str(path), isolation_level=None)
+    # WAL: readers (the CLI, `events tail --follow`) never block the server. synchronous=NORMAL in WAL mode keeps
+    # every acknowledged commit across a process crash (only an OS crash or power loss can drop the last ones).
+    await conn.execute("PRAGMA journal_mode=WAL")
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute("PRAGMA busy_timeout=5000")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await migrate(conn)
+    return conn
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    out = []
+    for entry in resources.files("migrations").iterdir():
+        m = MIGRATION_NAME.match(entry.name)
+        if m:
+            out.append((int(m.group(1)), m.group(2), entry.read_text()))
+    return sorted(out)
+
+
+async def migrate(conn: aiosqlite.Connection) -> list[int]:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+        "applied TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+    )
+    async with conn.execute("SELECT version FROM schema_migrations") as cur:
+        done = {row[0] for row in await cur.fetchall()}
+    applied = []
+    for version, name, sql in migration_files():
+        if version in done:
+            continue
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(sql):
+                await conn.execute(stmt)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (version, name))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [ln for ln in sql.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+# --- projections ------------------------------------------------------------------------------------------
+
+
+def touched(events: list[ev.Event]) -> tuple[set[int], set[int], set[int]]:
+    users: set[int] = set()
+    keys: set[int] = set()
+    nodes: set[int] = set()
+    for e in events:
+        d = e.data()
+        if "user_id" in d and isinstance(d["user_id"], int):
+            users.add(d["user_id"])
+        if "key_id" in d:
+            keys.add(d["key_id"])
+        if d.get("auth_key_id") is not None:
+            keys.add(d["auth_key_id"])
+        if "node_id" in d:
+            nodes.add(d["node_id"])
+    return users, keys, nodes
+
+
+def _j(v: Any) -> str:
+    return json.dumps(list(v), separators=(",", ":"))
+
+
+async def write_projections(
+    conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
+) -> None:
+    for uid in users:
+        u = state.users.get(uid)
+        if u is None:
+            await conn.execute("DELETE FROM users WHERE id = ?", (uid,))
+        else:
+            await conn.execute(
+                "INSERT INTO users (id, name, created) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET name = excluded.name",
+                (u.id, u.name, u.created),
+            )
+    for kid in keys:
+        k = state.keys[kid]
+        await conn.execute(
+            "INSERT OR REPLACE INTO auth_keys (id, prefix, hash, user_id, reusable, ephemeral, expiration, tags, "
+            "created, revoked, used_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (k.id, k.prefix, k.hash, k.user_id, k.reusable, k.ephemeral, k.expiration, _j(k.tags), k.created,
+             k.revoked, _j(k.used_by)),
+        )
+    for nid in nodes:
+        # Delete first so that UNIQUE columns (names, keys) moving between nodes never collide mid-batch.
+        await conn.execute("DELETE FROM nodes WHERE id = ?", (nid,))
+    for nid in sorted(nodes):
+        n = state.nodes.get(nid)
+        if n is None:
+            continue
+        await conn.execute(
+            "INSERT INTO nodes (id, machine_key, node_key, disco_key, user_id, tags, hostname, os, given_name, "
+            "name_by_admin, ipv4, ipv6, ephemeral, key_expiry, created, auth_key_id, routes, endpoints, "
+            "endpoint_types, home_derp, online, last_seen, expired, logged_out) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (n.id, n.machine_key, n.node_key, n.disco_key, n.user_id, _j(n.tags), n.hostname, n.os, n.given_name,
+             n.name_by_admin, n.ipv4, n.ipv6, n.ephemeral, n.key_expiry, n.created, n.auth_key_id, _j(n.routes),
+             _j(n.endpoints), _j(n.endpoint_types), n.home_derp, n.online, n.last_seen, n.expired, n.logged_out),
+        )
+    if policy:
+        await conn.execute(
+            "INSERT OR REPLACE INTO policy (id, text, sha256) VALUES (1, ?, ?)",
+            (state.policy_text, state.policy_sha256),
+        )
+
+
+async def write_all_projections(conn: aiosqlite.Connection, state: State) -> None:
+    await write_projections(
+        conn, state, set(state.users), set(state.keys), set(state.nodes), state.policy_text is not None
+    )
+
+
+PROJECTION_TABLES = ("users", "auth_keys", "nodes", "policy")
+
+
+async def dump_projections(conn: aiosqlite.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    for table in PROJECTION_TABLES:
+        async with conn.execute(f"SELECT * FROM {table} ORDER BY 1") as cur:
+            out[table] = [tuple(r) for r in await cur.fetchall()]
+    return out

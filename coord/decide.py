@@ -1,0 +1,326 @@
+"""Commands decided on the current state: pure ``(state, command args, now) -> list[Event]`` or a DomainError.
+
+Nothing here writes; the service appends what these return and folds it. Randomness (auth key secrets) and the
+clock are passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coord import events as ev
+from coord import names
+from coord.errors import Conflict, DomainError, NotFound, Unauthorized
+from coord.ipam import Pool, PoolExhausted
+from coord.state import AuthKey, Node, State, User
+from coord.wire import RegisterRequest, key_text
+
+# A policy decides who may apply which tag; without one, only admin-made keys and commands can tag.
+TagCheck = Callable[[User | None, str], bool]
+
+
+def no_tag_owners(user: User | None, tag: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Rules:
+    pool: Pool
+    key_expiry: float | None  # seconds; None = node keys never expire
+    tag_allowed: TagCheck = no_tag_owners
+
+
+# --- users ------------------------------------------------------------------------------------------------
+
+
+def find_user(state: State, ref: str) -> User:
+    if ref.isdigit() and int(ref) in state.users:
+        return state.users[int(ref)]
+    u = state.user_by_name(ref)
+    if u is None:
+        raise NotFound(f"no user {ref!r}")
+    return u
+
+
+def create_user(state: State, name: str) -> list[ev.Event]:
+    if not names.valid_user_name(name):
+        raise DomainError(
+            f"user name {name!r} is not valid: 1-64 characters from letters, digits and . _ @ + -, "
+            "starting with a letter or digit"
+        )
+    if state.user_by_name(name):
+        raise Conflict(f"user {name!r} already exists")
+    return [ev.UserCreated(state.next_user_id, name)]
+
+
+def rename_user(state: State, ref: str, new_name: str) -> list[ev.Event]:
+    u = find_user(state, ref)
+    if not names.valid_user_name(new_name):
+        raise DomainError(f"user name {new_name!r} is not valid")
+    if state.user_by_name(new_name):
+        raise Conflict(f"user {new_name!r} already exists")
+    return [ev.UserRenamed(u.id, new_name)]
+
+
+def delete_user(state: State, ref: str) -> list[ev.Event]:
+    u = find_user(state, ref)
+    owned = [n.id for n in state.nodes.values() if n.user_id == u.id and not n.tags]
+    if owned:
+        raise Conflict(f"user {u.name!r} still owns nodes {owned}; delete them first")
+    out: list[ev.Event] = [
+        ev.AuthKeyRevoked(k.id) for k in state.keys.values() if k.user_id == u.id and not k.revoked
+    ]
+    out.append(ev.UserDeleted(u.id))
+    return out
+
+
+# --- auth keys --------------------------------------------------------------------------------------------
+
+
+def create_key(
+    state: State,
+    user_ref: str,
+    *,
+    prefix: str,
+    secret_hash: str,
+    reusable: bool,
+    ephemeral: bool,
+    expiration: float | None,
+    tags: tuple[str, ...],
+) -> list[ev.Event]:
+    u = find_user(state, user_ref)
+    for t in tags:
+        if not names.valid_tag(t):
+            raise DomainError(f"tag {t!r} is not valid: expected tag:<name>")
+    if prefix in state.keys_by_prefix:
+        raise Conflict("auth key prefix collision; try again")
+    return [
+        ev.AuthKeyCreated(state.next_key_id, prefix, secret_hash, u.id, reusable, ephemeral, expiration, tags)
+    ]
+
+
+def find_key(state: State, ref: str) -> AuthKey:
+    kid = state.keys_by_prefix.get(ref)
+    if kid is None and ref.isdigit():
+        kid = int(ref)
+    if kid is None or kid not in state.keys:
+        raise NotFound(f"no auth key {ref!r}")
+    return state.keys[kid]
+
+
+def revoke_key(state: State, ref: str) -> list[ev.Event]:
+    k = find_key(state, ref)
+    if k.revoked:
+        raise Conflict(f"auth key {k.prefix} is already revoked")
+    return [ev.AuthKeyRevoked(k.id)]
+
+
+def check_auth_key(state: State, prefix: str, secret_hash: str, now: float) -> AuthKey:
+    """The key a node presented, if it may be used now. The reason is given only to holders of the secret."""
+    kid = state.keys_by_prefix.get(prefix)
+    k = state.keys.get(kid) if kid is not None else None
+    if k is None or not hmac.compare_digest(k.hash, secret_hash):
+        raise Unauthorized("invalid auth key")
+    if k.revoked:
+        raise Unauthorized("auth key has been revoked")
+    if k.expiration is not None and now >= k.expiration:
+        raise Unauthorized("auth key has expired")
+    if not k.reusable and k.used_by:
+        raise Unauthorized("auth key has already been used")
+    return k
+
+
+def key_usable(k: AuthKey, now: float) -> bool:
+    return not k.revoked and (k.expiration is None or now < k.expiration) and (k.reusable or not k.used_by)
+
+
+# --- nodes ------------------------------------------------------------------------------------------------
+
+
+def find_node(state: State, ref: str) -> Node:
+    if ref.isdigit() and int(ref) in state.nodes:
+        return state.nodes[int(ref)]
+    nid = state.by_given_name.get(ref)
+    if nid is None:
+        raise NotFound(f"no node {ref!r}")
+    return state.nodes[nid]
+
+
+@dataclass(frozen=True)
+class Owner:
+    user: User
+    tags: tuple[str, ...]
+    ephemeral: bool
+    key_id: int | None
+
+
+def owner_from_key(state: State, k: AuthKey) -> Owner:
+    return Owner(state.users[k.user_id], k.tags, k.ephemeral, k.id)
+
+
+def _requested_tags(req: RegisterRequest, owner: Owner, rules: Rules) -> tuple[str, ...]:
+    if owner.tags:
+        return owner.tags
+    tags = tuple(sorted(set(req.hostinfo.request_tags)))
+    for t in tags:
+        if not names.valid_tag(t):
+            raise DomainError(f"requested tag {t!r} is not valid: expected tag:<name>")
+        if not rules.tag_allowed(owner.user, t):
+            raise Unauthorized(f"user {owner.user.name!r} may not apply {t} (see tagOwners in the policy)")
+    return tags
+
+
+def _expiry(tags: tuple[str, ...], rules: Rules, now: float) -> float | None:
+    if tags or rules.key_expiry is None:
+        return None
+    return now + rules.key_expiry
+
+
+def register(
+    state: State, machine_key: bytes, req: RegisterRequest, owner: Owner, rules: Rules, now: float
+) -> list[ev.Event]:
+    """Admit a node whose owner is known (from an auth key or an admin's approval)."""
+    mkey = key_text("mkey", machine_key)
+    nkey = key_text("nodekey", req.node_key)
+    tags = _requested_tags(req, owner, rules)
+    expiry = _expiry(tags, rules, now)
+    other = state.by_node_key.get(nkey)
+    existing_id = state.by_machine.get(mkey)
+    if other is not None and other != existing_id:
+        raise Conflict("node key is in use by another machine")
+    if existing_id is not None:
+        return [ev.NodeReauthenticated(existing_id, nkey, owner.user.id, tags, expiry, owner.key_id)]
+    hint = rules.pool.index_of(state.last_ipv4) + 1 if state.last_ipv4 else 1
+    try:
+        _, v4, v6 = rules.pool.allocate(state.used_ipv4, hint)
+    except PoolExhausted as e:
+        raise DomainError(str(e)) from None
+    label = names.unique_label(names.sanitize_hostname(req.hostinfo.hostname), state.by_given_name)
+    disco = key_text("discokey", req.disco_key) if req.disco_key else ""
+    return [
+        ev.NodeRegistered(
+            node_id=state.next_node_id, machine_key=mkey, node_key=nkey, disco_key=disco, user_id=owner.user.id,
+            tags=tags, hostname=req.hostinfo.hostname[:256], given_name=label, ipv4=v4, ipv6=v6,
+            ephemeral=owner.ephemeral or req.ephemeral, key_expiry=expiry, auth_key_id=owner.key_id,
+            routes=req.hostinfo.routable_ips,
+        )
+    ]
+
+
+def already_authorized(state: State, machine_key: bytes, req: RegisterRequest, now: float) -> Node | None:
+    """The node, when this request needs no new authorisation (same key, or a rotation from the current key)."""
+    nid = state.by_machine.get(key_text("mkey", machine_key))
+    if nid is None:
+        return None
+    n = state.nodes[nid]
+    if n.logged_out or n.expired or (n.key_expiry is not None and now >= n.key_expiry):
+        return None
+    nkey = key_text("nodekey", req.node_key)
+    if n.node_key == nkey:
+        return n
+    if req.old_node_key and key_text("nodekey", req.old_node_key) == n.node_key:
+        return n
+    return None
+
+
+def rotate_key(state: State, node: Node, req: RegisterRequest, rules: Rules, now: float) -> list[ev.Event]:
+    nkey = key_text("nodekey", req.node_key)
+    if nkey == node.node_key:
+        return []
+    if nkey in state.by_node_key:
+        raise Conflict("node key is in use by another machine")
+    return [ev.NodeReauthenticated(node.id, nkey, node.user_id, node.tags, _expiry(node.tags, rules, now), None)]
+
+
+def logout(state: State, machine_key: bytes) -> list[ev.Event]:
+    nid = state.by_machine.get(key_text("mkey", machine_key))
+    if nid is None:
+        raise Unauthorized("unknown machine")
+    n = state.nodes[nid]
+    if n.ephemeral:
+        return [ev.NodeDeleted(nid, "ephemeral node logged out")]
+    if n.logged_out:
+        return []
+    return [ev.NodeLoggedOut(nid)]
+
+
+def rename_node(state: State, ref: str, new_name: str) -> list[ev.Event]:
+    n = find_node(state, ref)
+    if not names.valid_label(new_name):
+        raise DomainError(f"{new_name!r} is not a valid DNS label: a-z, 0-9 and -, at most 63 characters")
+    holder = state.by_given_name.get(new_name)
+    if holder is not None and holder != n.id:
+        raise Conflict(f"name {new_name!r} is taken by node {holder}")
+    return [ev.NodeRenamed(n.id, new_name, True)]
+
+
+def tag_node(state: State, ref: str, tags: tuple[str, ...]) -> list[ev.Event]:
+    n = find_node(state, ref)
+    for t in tags:
+        if not names.valid_tag(t):
+            raise DomainError(f"tag {t!r} is not valid: expected tag:<name>")
+    if not tags and n.user_id is None:
+        raise DomainError("a node without a user cannot drop all its tags; re-register it to a user")
+    return [ev.NodeTagged(n.id, tuple(sorted(set(tags))))]
+
+
+def expire_node(state: State, ref: str, now: float) -> list[ev.Event]:
+    n = find_node(state, ref)
+    if n.expired:
+        raise Conflict(f"node {n.id} is already expired")
+    return [ev.NodeExpired(n.id, now)]
+
+
+def set_key_expiry(state: State, ref: str, expiry: float | None) -> list[ev.Event]:
+    n = find_node(state, ref)
+    return [ev.NodeKeyExpirySet(n.id, expiry)]
+
+
+def delete_node(state: State, ref: str, reason: str = "deleted by admin") -> list[ev.Event]:
+    n = find_node(state, ref)
+    return [ev.NodeDeleted(n.id, reason)]
+
+
+def map_update(
+    state: State,
+    node: Node,
+    *,
+    disco_key: bytes | None,
+    endpoints: tuple[str, ...] | None,
+    endpoint_types: tuple[int, ...],
+    home_derp: int | None,
+    hostname: str | None,
+    os: str | None,
+    routes: tuple[str, ...] | None,
+) -> list[ev.Event]:
+    """What a map request reports that differs from what we have; heartbeats produce nothing."""
+    out: list[ev.Event] = []
+    if disco_key is not None:
+        dk = key_text("discokey", disco_key)
+        if dk != node.disco_key:
+            out.append(ev.NodeDiscoKeyChanged(node.id, dk))
+    eps = node.endpoints if endpoints is None else endpoints
+    types = node.endpoint_types if endpoints is None else endpoint_types
+    home = node.home_derp if home_derp is None else home_derp
+    if (eps, types, home) != (node.endpoints, node.endpoint_types, node.home_derp):
+        out.append(ev.NodeEndpointsChanged(node.id, eps, types, home))
+    if hostname is not None:
+        new = (hostname[:256], os or "", routes if routes is not None else node.routes)
+        if new != (node.hostname, node.os, node.routes):
+            out.append(ev.NodeHostinfoChanged(node.id, *new))
+            if not node.name_by_admin and hostname:
+                label = names.sanitize_hostname(hostname)
+                if label != names.sanitize_hostname(node.hostname) and label != node.given_name:
+                    taken = {k for k, v in state.by_given_name.items() if v != node.id}
+                    out.append(ev.NodeRenamed(node.id, names.unique_label(label, taken), False))
+    return out
+
+
+def expire_due(state: State, now: float) -> list[ev.Event]:
+    return [
+        ev.NodeExpired(n.id, now)
+        for n in state.nodes.values()
+        if not n.expired and n.key_expiry is not None and n.key_expiry <= now
+    ]

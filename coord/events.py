@@ -1,0 +1,300 @@
+"""Events: the facts the tailnet's history is made of, named in the past tense.
+
+Stored form (one row of the ``events`` table, see migrations/)::
+
+    seq        INTEGER  1, 2, 3, ... with no gaps
+    time       TEXT     RFC 3339 UTC with microseconds, e.g. 2026-11-25T12:00:00.000001Z
+    actor      TEXT     "admin", "node:<id>", "system" or "policy-tests"
+    type       TEXT     the class name below, e.g. "NodeRegistered"
+    schema     INTEGER  the version of that type's data layout
+    data       TEXT     canonical JSON of the fields (sorted keys, no spaces)
+    prev_hash  TEXT     hex SHA-256 of the previous event ("0"*64 for seq 1)
+    hash       TEXT     hex SHA-256 over prev_hash and the canonical encoding of this event
+
+The canonical encoding is ``canonical_json([seq, time, actor, type, schema, data])`` where ``data`` is the parsed
+object, so the hash does not depend on how SQLite stores text. Changing any row, removing one or reordering them
+breaks the chain at that row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+GENESIS = "0" * 64
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float:
+    """Accepts RFC 3339 (``Z`` or offset) or a date; naive times are UTC."""
+    t = text.strip()
+    if t.endswith("Z"):
+        t = t[:-1] + "+00:00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+@dataclass(frozen=True)
+class Event:
+    SCHEMA: ClassVar[int] = 1
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def data(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+# --- users ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserCreated(Event):
+    user_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class UserRenamed(Event):
+    user_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class UserDeleted(Event):
+    user_id: int
+
+
+# --- auth keys --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthKeyCreated(Event):
+    key_id: int
+    prefix: str
+    hash: str
+    user_id: int
+    reusable: bool
+    ephemeral: bool
+    expiration: float | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AuthKeyRevoked(Event):
+    key_id: int
+
+
+# --- nodes ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeRegistered(Event):
+    node_id: int
+    machine_key: str
+    node_key: str
+    disco_key: str
+    user_id: int | None
+    tags: tuple[str, ...]
+    hostname: str
+    given_name: str
+    ipv4: str
+    ipv6: str
+    ephemeral: bool
+    key_expiry: float | None
+    auth_key_id: int | None
+    routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeReauthenticated(Event):
+    """A known machine registered again: new node key, possibly new owner and tags, expiry reset."""
+
+    node_id: int
+    node_key: str
+    user_id: int | None
+    tags: tuple[str, ...]
+    key_expiry: float | None
+    auth_key_id: int | None
+
+
+@dataclass(frozen=True)
+class NodeRenamed(Event):
+    node_id: int
+    given_name: str
+    by_admin: bool
+
+
+@dataclass(frozen=True)
+class NodeHostinfoChanged(Event):
+    node_id: int
+    hostname: str
+    os: str
+    routes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeTagged(Event):
+    node_id: int
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeKeyExpirySet(Event):
+    node_id: int
+    key_expiry: float | None
+
+
+@dataclass(frozen=True)
+class NodeExpired(Event):
+    node_id: int
+    at: float
+
+
+@dataclass(frozen=True)
+class NodeLoggedOut(Event):
+    node_id: int
+
+
+@dataclass(frozen=True)
+class NodeDeleted(Event):
+    node_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeEndpointsChanged(Event):
+    node_id: int
+    endpoints: tuple[str, ...]
+    endpoint_types: tuple[int, ...]
+    home_derp: int
+
+
+@dataclass(frozen=True)
+class NodeDiscoKeyChanged(Event):
+    node_id: int
+    disco_key: str
+
+
+@dataclass(frozen=True)
+class NodeConnected(Event):
+    node_id: int
+
+
+@dataclass(frozen=True)
+class NodeDisconnected(Event):
+    node_id: int
+
+
+# --- policy -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySet(Event):
+    text: str
+    sha256: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        UserCreated,
+        UserRenamed,
+        UserDeleted,
+        AuthKeyCreated,
+        AuthKeyRevoked,
+        NodeRegistered,
+        NodeReauthenticated,
+        NodeRenamed,
+        NodeHostinfoChanged,
+        NodeTagged,
+        NodeKeyExpirySet,
+        NodeExpired,
+        NodeLoggedOut,
+        NodeDeleted,
+        NodeEndpointsChanged,
+        NodeDiscoKeyChanged,
+        NodeConnected,
+        NodeDisconnected,
+        PolicySet,
+    )
+}
+
+
+class BadEvent(ValueError):
+    pass
+
+
+def from_data(type_name: str, schema: int, data: dict[str, Any]) -> Event:
+    cls = EVENT_TYPES.get(type_name)
+    if cls is None:
+        raise BadEvent(f"unknown event type {type_name!r}")
+    if schema != cls.SCHEMA:
+        raise BadEvent(f"{type_name}: schema {schema} is not {cls.SCHEMA}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            v = data[f.name]
+            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise BadEvent(f"{type_name}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Record:
+    """An event as stored: its place in the log and its chain hashes."""
+
+    seq: int
+    time: str
+    actor: str
+    event: Event
+    prev_hash: str
+    hash: str
+
+    @property
+    def ts(self) -> float:
+        return parse_time(self.time)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "actor": self.actor,
+            "type": self.event.type,
+            "schema": self.event.SCHEMA,
+            "data": self.event.data(),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def chain_hash(prev_hash: str, seq: int, time: str, actor: str, type_name: str, schema: int, data: Any) -> str:
+    body = canonical_json([seq, time, actor, type_name, schema, data])
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body.encode()).hexdigest()
+
+
+def seal_record(prev_hash: str, seq: int, time: str, actor: str, event: Event) -> Record:
+    h = chain_hash(prev_hash, seq, time, actor, event.type, event.SCHEMA, event.data())
+    return Record(seq, time, actor, event, prev_hash, h)

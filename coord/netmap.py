@@ -1,0 +1,217 @@
+"""Netmaps: what each node is sent, as a full map or as a delta against what it was last sent.
+
+Pure: ``(state, visibility, node_id) -> MapResponse`` bytes. Peer records are encoded once per node version and
+reused for every viewer, so a change to one node costs one encoding plus one small frame per viewer, not a rebuild
+of every map.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from coord.change import Change
+from coord.events import rfc3339
+from coord.state import Node, State
+
+ALLOW_ALL_FILTER: list[dict[str, Any]] = [
+    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+]
+
+
+class Visibility(Protocol):
+    """Who may see whom, and the packet filter each node enforces on traffic arriving to it."""
+
+    def peers(self, node_id: int) -> Iterable[int]: ...
+
+    def sees(self, viewer: int, peer: int) -> bool: ...
+
+    def filter(self, node_id: int) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class AllowAll:
+    """No policy: everyone sees everyone, all traffic is allowed (Tailscale's default)."""
+
+    state: State
+
+    def peers(self, node_id: int) -> Iterable[int]:
+        return self.state.nodes.keys()
+
+    def sees(self, viewer: int, peer: int) -> bool:
+        return viewer != peer
+
+    def filter(self, node_id: int) -> list[dict[str, Any]]:
+        return ALLOW_ALL_FILTER
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class Settings:
+    domain: str
+    derp_map: dict[str, Any]
+    dns: dict[str, Any]
+
+
+def node_record(n: Node, domain: str) -> dict[str, Any]:
+    addrs = [f"{n.ipv4}/32", f"{n.ipv6}/128"]
+    return {
+        "ID": n.id,
+        "StableID": f"n{n.id}",
+        "Name": f"{n.given_name}.{domain}.",
+        "User": n.user_id,
+        "Key": n.node_key,
+        "KeyExpiry": None if n.key_expiry is None else rfc3339(n.key_expiry),
+        "Machine": n.machine_key,
+        "DiscoKey": n.disco_key,
+        "Addresses": addrs,
+        "AllowedIPs": addrs,
+        "Endpoints": list(n.endpoints),
+        "HomeDERP": n.home_derp,
+        "Online": n.online,
+        "LastSeen": None if n.last_seen is None else rfc3339(n.last_seen),
+        "Tags": list(n.tags),
+        "Hostinfo": {"Hostname": n.hostname, "OS": n.os, "RoutableIPs": list(n.routes)},
+        "Created": rfc3339(n.created),
+        "Expired": n.expired,
+    }
+
+
+def patch_record(n: Node) -> dict[str, Any]:
+    return {
+        "NodeID": n.id,
+        "Endpoints": list(n.endpoints),
+        "HomeDERP": n.home_derp,
+        "Online": n.online,
+        "LastSeen": None if n.last_seen is None else rfc3339(n.last_seen),
+        "DiscoKey": n.disco_key,
+    }
+
+
+@dataclass
+class Builder:
+    state: State
+    settings: Settings
+    _peer_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    _settings_json: tuple[bytes, bytes] | None = None
+
+    def invalidate_settings(self) -> None:
+        self._settings_json = None
+
+    def peer_json(self, n: Node) -> bytes:
+        hit = self._peer_cache.get(n.id)
+        if hit is not None and hit[0] == n.version:
+            return hit[1]
+        data = _dumps(node_record(n, self.settings.domain))
+        self._peer_cache[n.id] = (n.version, data)
+        return data
+
+    def forget(self, node_id: int) -> None:
+        self._peer_cache.pop(node_id, None)
+
+    def self_record(self, n: Node) -> dict[str, Any]:
+        rec = node_record(n, self.settings.domain)
+        rec["MachineAuthorized"] = True
+        return rec
+
+    def _settings(self) -> tuple[bytes, bytes]:
+        if self._settings_json is None:
+            self._settings_json = (_dumps(self.settings.derp_map), _dumps(self.settings.dns))
+        return self._settings_json
+
+    def visible(self, vis: Visibility, node_id: int) -> dict[int, Node]:
+        me = self.state.nodes.get(node_id)
+        if me is None or not me.active:
+            return {}
+        nodes = self.state.nodes
+        out = {}
+        for pid in vis.peers(node_id):
+            p = nodes.get(pid)
+            if p is not None and pid != node_id and p.active:
+                out[pid] = p
+        return out
+
+    def full(self, vis: Visibility, node_id: int, now: float) -> tuple[bytes, dict[int, int]]:
+        """The full MapResponse for a node, and the peer versions it contains."""
+        me = self.state.nodes[node_id]
+        peers = self.visible(vis, node_id)
+        ids = sorted(peers)
+        derp, dns = self._settings()
+        filt = vis.filter(node_id) if me.active else []
+        body = b"".join(
+            [
+                b'{"Node":', _dumps(self.self_record(me)),
+                b',"Peers":[', b",".join(self.peer_json(peers[i]) for i in ids), b"]",
+                b',"DERPMap":', derp,
+                b',"DNSConfig":', dns,
+                b',"PacketFilter":', _dumps(filt),
+                b',"Domain":', _dumps(self.settings.domain),
+                b',"ControlTime":', _dumps(rfc3339(now)),
+                b"}",
+            ]
+        )
+        return body, {i: peers[i].version for i in ids}
+
+    def delta(
+        self, vis: Visibility, node_id: int, change: Change, sent: dict[int, int], now: float
+    ) -> bytes | None:
+        """A delta MapResponse against ``sent`` (peer id -> version), which is updated in place.
+
+        Returns None when nothing this node sees has changed.
+        """
+        me = self.state.nodes.get(node_id)
+        if me is None:
+            return None
+        nodes = self.state.nodes
+        changed: list[bytes] = []
+        patches: list[dict[str, Any]] = []
+        removed: list[int] = []
+        parts: list[bytes] = []
+        if node_id in change.visibility or change.policy or not me.active:
+            current = self.visible(vis, node_id)
+            candidates: Iterable[int] = set(current) | set(sent)
+        else:
+            current = None
+            candidates = (change.peers | change.patches | change.removed) - {node_id}
+        for pid in sorted(candidates):
+            p = nodes.get(pid)
+            if current is not None:
+                show = pid in current
+            else:
+                show = p is not None and p.active and me.active and vis.sees(node_id, pid)
+            if not show or p is None:
+                if pid in sent:
+                    del sent[pid]
+                    removed.append(pid)
+                continue
+            had = sent.get(pid)
+            if had == p.version:
+                continue
+            if had is not None and pid in change.patches and pid not in change.peers:
+                patches.append(patch_record(p))
+            else:
+                changed.append(self.peer_json(p))
+            sent[pid] = p.version
+        if node_id in change.self_nodes:
+            parts.append(b'"Node":' + _dumps(self.self_record(me)))
+        if changed:
+            parts.append(b'"PeersChanged":[' + b",".join(changed) + b"]")
+        if removed:
+            parts.append(b'"PeersRemoved":' + _dumps(removed))
+        if patches:
+            parts.append(b'"PeersChangedPatch":' + _dumps(patches))
+        if change.policy or node_id in change.visibility:
+            parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
+        if not parts:
+            return None
+        parts.append(b'"ControlTime":' + _dumps(rfc3339(now)))
+        return b"{" + b",".join(parts) + b"}"
+
+
+def default_dns(domain: str) -> dict[str, Any]:
+    return {"Resolvers": [], "Domains": [domain], "Proxied": True, "Routes": {f"{domain}.": []}}

@@ -1,0 +1,79 @@
+"""Runs the server: the public HTTP app and the admin socket in one process, holding the data dir's lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from coord.app import Server, create_admin_app, create_app, load_or_create_key
+from coord.cli import ServerLock
+from coord.config import Config
+
+log = logging.getLogger("shoal.server")
+
+
+class QuietServer(uvicorn.Server):
+    """Two of these share one process, so neither installs signal handlers: ours stop both."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run(config: Config) -> None:
+    srv = Server(config, load_or_create_key(config.data_path / "server.key"))
+    await srv.start()
+    app = create_app(config, server=srv)
+    host, port = config.listen_addr
+    public = QuietServer(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75)
+    )
+    sock = config.data_path / "admin.sock"
+    if sock.exists():
+        sock.unlink()
+    admin_srv = QuietServer(
+        uvicorn.Config(create_admin_app(srv), uds=str(sock), log_level="warning", lifespan="off")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(public.serve()), asyncio.create_task(admin_srv.serve())]
+    while not (public.started and admin_srv.started):
+        if any(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0.02)
+    if sock.exists():
+        os.chmod(sock, 0o600)
+    log.info("shoal-server listening on %s (server URL %s, data %s)", config.listen, config.server_url,
+             config.data_dir)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    public.should_exit = admin_srv.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    waiter.cancel()
+    await srv.stop()
+    if sock.exists():
+        sock.unlink()
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    lock = ServerLock(config.data_path)
+    if not lock.try_acquire():
+        sys.stderr.write(f"shoal-server: another server is running on {config.data_dir}\n")
+        return 1
+    try:
+        asyncio.run(run(config))
+    finally:
+        lock.release()
+    return 0

@@ -1,0 +1,66 @@
+-- The schema after all migrations: the source of truth a test compares the migrated database with.
+CREATE TABLE events (
+    seq       INTEGER PRIMARY KEY,
+    time      TEXT    NOT NULL,
+    actor     TEXT    NOT NULL,
+    type      TEXT    NOT NULL,
+    schema    INTEGER NOT NULL,
+    data      TEXT    NOT NULL,
+    prev_hash TEXT    NOT NULL,
+    hash      TEXT    NOT NULL UNIQUE
+);
+CREATE INDEX events_type ON events (type);
+CREATE INDEX events_time ON events (time);
+
+CREATE TABLE users (
+    id      INTEGER PRIMARY KEY,
+    name    TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+
+CREATE TABLE auth_keys (
+    id         INTEGER PRIMARY KEY,
+    prefix     TEXT    NOT NULL UNIQUE,
+    hash       TEXT    NOT NULL,
+    user_id    INTEGER NOT NULL,
+    reusable   INTEGER NOT NULL,
+    ephemeral  INTEGER NOT NULL,
+    expiration REAL,
+    tags       TEXT    NOT NULL,
+    created    REAL    NOT NULL,
+    revoked    INTEGER NOT NULL,
+    used_by    TEXT    NOT NULL
+);
+
+CREATE TABLE nodes (
+    id             INTEGER PRIMARY KEY,
+    machine_key    TEXT    NOT NULL UNIQUE,
+    node_key       TEXT    NOT NULL UNIQUE,
+    disco_key      TEXT    NOT NULL,
+    user_id        INTEGER,
+    tags           TEXT    NOT NULL,
+    hostname       TEXT    NOT NULL,
+    os             TEXT    NOT NULL,
+    given_name     TEXT    NOT NULL UNIQUE,
+    name_by_admin  INTEGER NOT NULL,
+    ipv4           TEXT    NOT NULL UNIQUE,
+    ipv6           TEXT    NOT NULL UNIQUE,
+    ephemeral      INTEGER NOT NULL,
+    key_expiry     REAL,
+    created        REAL    NOT NULL,
+    auth_key_id    INTEGER,
+    routes         TEXT    NOT NULL,
+    endpoints      TEXT    NOT NULL,
+    endpoint_types TEXT    NOT NULL,
+    home_derp      INTEGER NOT NULL,
+    online         INTEGER NOT NULL,
+    last_seen      REAL,
+    expired        INTEGER NOT NULL,
+    logged_out     INTEGER NOT NULL
+);
+
+CREATE TABLE policy (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    text    TEXT,
+    sha256  TEXT
+);

@@ -1,0 +1,124 @@
+"""The node's control client: sealed register and map requests, and the map stream (format in coord/wire.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from nacl.public import Box
+
+from coord import wire
+
+
+class ControlError(Exception):
+    """The server refused a request (``status`` is its HTTP status) or could not be reached (status 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message if status == 0 else f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message
+
+
+class PinMismatch(Exception):
+    pass
+
+
+@dataclass
+class ControlClient:
+    server_url: str
+    machine_private: bytes
+    machine_public: bytes
+    server_public: bytes | None = None
+    clock: Callable[[], float] = time.time
+    timeout: float = 30.0
+    transport: httpx.AsyncBaseTransport | None = None
+    _client: httpx.AsyncClient | None = field(default=None, repr=False)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.server_url.rstrip("/"),
+                timeout=httpx.Timeout(self.timeout, read=None),
+                transport=self.transport,
+            )
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def fetch_server_key(self) -> bytes:
+        try:
+            r = await self._http().get("/key", timeout=self.timeout)
+        except httpx.HTTPError as e:
+            raise ControlError(0, f"cannot reach {self.server_url}: {e.__class__.__name__}: {e}") from None
+        if r.status_code != 200:
+            raise ControlError(r.status_code, "GET /key failed")
+        try:
+            key = wire.parse_key(r.json().get("publicKey"), "mkey", "publicKey")
+        except (ValueError, AttributeError) as e:
+            raise ControlError(r.status_code, f"bad /key answer: {e}") from None
+        return key
+
+    async def pin(self) -> bytes:
+        """Pins the server key on first contact; afterwards refuses a server that presents another."""
+        key = await self.fetch_server_key()
+        if self.server_public is None:
+            self.server_public = key
+        elif key != self.server_public:
+            raise PinMismatch(
+                f"{self.server_url} presents server key {wire.key_text('mkey', key)}, but this node pinned "
+                f"{wire.key_text('mkey', self.server_public)}; refusing to talk to it"
+            )
+        return key
+
+    def _box(self) -> Box:
+        if self.server_public is None:
+            raise PinMismatch("no server key pinned yet")
+        return wire.make_box(self.machine_private, self.server_public)
+
+    def _seal(self, body: dict[str, Any]) -> tuple[str, bytes, Box]:
+        box = self._box()
+        rid = os.urandom(16).hex()
+        return rid, wire.seal_request(box, body, now=self.clock(), request_id=rid, nonce=os.urandom(24)), box
+
+    def _path(self, what: str) -> str:
+        return f"/machine/{self.machine_public.hex()}/{what}"
+
+    async def _post(self, what: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        rid, sealed, box = self._seal(body)
+        try:
+            r = await self._http().post(self._path(what), content=sealed, timeout=timeout or self.timeout)
+        except httpx.HTTPError as e:
+            raise ControlError(0, f"cannot reach {self.server_url}: {e.__class__.__name__}: {e}") from None
+        if r.status_code != 200:
+            raise ControlError(r.status_code, r.text.strip() or "request failed")
+        return wire.open_response(box, r.content, rid)
+
+    async def register(self, req: wire.RegisterRequest) -> dict[str, Any]:
+        # A followup is held open by the server until an admin approves, up to a minute.
+        return await self._post("register", req.to_json(), timeout=90 if req.followup else None)
+
+    async def update(self, req: wire.MapRequest) -> None:
+        await self._post("map", req.to_json())
+
+    async def stream(self, req: wire.MapRequest) -> AsyncIterator[dict[str, Any]]:
+        """MapResponses of a long poll, in order; raises ControlError or WireError when it breaks."""
+        rid, sealed, box = self._seal(req.to_json())
+        reader = wire.FrameReader(box, rid)
+        try:
+            async with self._http().stream("POST", self._path("map"), content=sealed) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace").strip()
+                    raise ControlError(r.status_code, text or "map request failed")
+                async for chunk in r.aiter_raw():
+                    for msg in reader.feed(chunk):
+                        yield msg
+        except httpx.HTTPError as e:
+            raise ControlError(0, f"map stream to {self.server_url} broke: {e.__class__.__name__}: {e}") from None
+        raise ControlError(0, "map stream ended")

@@ -1,0 +1,97 @@
+"""Runs a real shoal-server (in this event loop, on a loopback port) and makes simulated nodes for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from nacl.public import PrivateKey
+
+from coord import wire
+from coord.app import Server, create_app, load_or_create_key
+from coord.config import Config, load
+from coord.serve import QuietServer
+from coord.service import Service
+from node.control import ControlClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    url: str
+    server: Server
+    config: Config
+
+    @property
+    def svc(self) -> Service:
+        return self.server.svc
+
+
+@contextlib.asynccontextmanager
+async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]:
+    port = free_port()
+    settings: dict[str, Any] = {
+        "data_dir": str(data), "listen": f"127.0.0.1:{port}", "server_url": f"http://127.0.0.1:{port}",
+        "stun_listen": "", "batch_delay": "10ms", "derp": False,
+    }
+    settings.update(overrides)
+    config = load(None, env={}, overrides=settings)
+    data.mkdir(parents=True, exist_ok=True)
+    srv = Server(config, load_or_create_key(data / "server.key"))
+    await srv.start()
+    app = create_app(config, server=srv)
+    userver = QuietServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(userver.serve())
+    while not userver.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield Running(config.server_url, srv, config)
+    finally:
+        userver.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await srv.stop()
+
+
+@dataclass
+class SimNode:
+    machine: PrivateKey
+    node: PrivateKey
+    disco: PrivateKey
+    client: ControlClient
+    hostname: str
+
+    @property
+    def node_key(self) -> bytes:
+        return bytes(self.node.public_key)
+
+    def register_request(self, auth_key: str = "", **kw: Any) -> wire.RegisterRequest:
+        return wire.RegisterRequest(
+            node_key=self.node_key, disco_key=bytes(self.disco.public_key), auth_key=auth_key,
+            hostinfo=wire.Hostinfo(hostname=self.hostname, os="linux"), **kw,
+        )
+
+    def map_request(self, stream: bool = True, **kw: Any) -> wire.MapRequest:
+        return wire.MapRequest(node_key=self.node_key, disco_key=bytes(self.disco.public_key), stream=stream, **kw)
+
+    async def join(self, auth_key: str) -> dict[str, Any]:
+        await self.client.pin()
+        return await self.client.register(self.register_request(auth_key))
+
+
+def sim_node(url: str, hostname: str = "host") -> SimNode:
+    m = PrivateKey.generate()
+    client = ControlClient(url, bytes(m), bytes(m.public_key))
+    return SimNode(m, PrivateKey.generate(), PrivateKey.generate(), client, hostname)
