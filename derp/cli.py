@@ -104,11 +104,12 @@ def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext |
         return None
     if certfile is None or keyfile is None:
         raise CliError("--certfile and --keyfile go together")
+    for path in (certfile, keyfile):
+        if not os.access(path, os.R_OK):
+            raise CliError(f"cannot read {path}: {'no such file' if not path.exists() else 'permission denied'}")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as e:
-        raise CliError(f"cannot read {e.filename}: no such file") from None
     except (ssl.SSLError, OSError) as e:
         raise CliError(f"cannot load certificate {certfile} / key {keyfile}: {e}") from None
     return ctx

@@ -95,6 +95,7 @@ class DerpClient:
         self._connected = asyncio.Event()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._next_delay: float | None = None
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -105,6 +106,8 @@ class DerpClient:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        # The flag as well as the cancel: asyncio.wait_for on 3.11 can swallow a cancel that races a result.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,7 +176,7 @@ class DerpClient:
 
     async def _run(self) -> None:
         delay = self.backoff_min
-        while True:
+        while not self._closing:
             reason = ""
             try:
                 await self._session()

@@ -1,0 +1,251 @@
+"""The relay end to end over loopback TCP (port 0): forwarding, slow readers, forged keys, duplicates, PeerGone,
+mesh, restart and reconnect, admission, and the HTTP paths."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from nacl.public import Box, PrivateKey
+
+from derp import frames as f
+from derp.client import Connected, DerpClient
+from derp.protocol import NEED_DATA, DerpConnection, Role, State
+from derp.server import DerpServer
+
+pytestmark = pytest.mark.anyio
+
+
+def newkey() -> bytes:
+    return bytes(PrivateKey.generate())
+
+
+@asynccontextmanager
+async def relay(**kw: object) -> AsyncIterator[tuple[DerpServer, str]]:
+    server = DerpServer(newkey(), **kw)  # type: ignore[arg-type]
+    srv = await server.serve("127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield server, f"http://127.0.0.1:{port}/derp"
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def client(url: str, key: bytes | None = None, **kw: object) -> AsyncIterator[DerpClient]:
+    c = DerpClient(url, key or newkey(), backoff_min=0.05, backoff_max=0.2, **kw)  # type: ignore[arg-type]
+    c.start()
+    try:
+        await c.wait_connected(5)
+        assert isinstance(await asyncio.wait_for(c.recv(), 2), Connected)
+        yield c
+    finally:
+        await c.close()
+
+
+async def next_of(c: DerpClient, kind: type, timeout: float = 3.0) -> object:
+    async def go() -> object:
+        while True:
+            ev = await c.recv()
+            if isinstance(ev, kind):
+                return ev
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+async def raw_upgrade(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+    head = await r.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return r, w, head
+
+
+async def test_two_clients_exchange_packets() -> None:
+    async with relay() as (server, url), client(url) as a, client(url) as b:
+        for i in range(100):
+            assert a.send(b.public_key, b"a->b %d" % i)
+        for i in range(100):
+            ev = await next_of(b, f.RecvPacket)
+            assert ev == f.RecvPacket(a.public_key, b"a->b %d" % i)
+        b.send(a.public_key, b"reply")
+        assert await next_of(a, f.RecvPacket) == f.RecvPacket(b.public_key, b"reply")
+        assert await a.ping() < 1.0
+        assert server.metrics.packets_forwarded >= 101
+
+
+async def test_slow_reader_does_not_slow_others_and_drops_are_counted() -> None:
+    async with relay(queue_bytes=32 << 10, write_high=32 << 10) as (server, url), client(url) as a, client(url) as b:
+        # A raw DERP client that completes the handshake, then never reads again.
+        r, w, _ = await raw_upgrade(url)
+        slow_key = PrivateKey.generate()
+        conn = DerpConnection(Role.CLIENT, bytes(slow_key))
+        while conn.state is not State.OPEN:
+            conn.receive_data(await r.read(4096))
+            while conn.next_event() is not NEED_DATA:
+                pass
+            w.write(conn.data_to_send())
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow_pub = bytes(slow_key.public_key)
+        await asyncio.sleep(0.1)
+        blob = os.urandom(1200)
+        for round_ in range(40):
+            for _ in range(100):
+                a.send(slow_pub, blob)
+            a.send(b.public_key, b"still here %d" % round_)
+            got = await next_of(b, f.RecvPacket, timeout=2.0)
+            assert got == f.RecvPacket(a.public_key, b"still here %d" % round_)
+            await asyncio.sleep(0)
+        assert server.metrics.drops["queue_full"] > 0
+        w.close()
+
+
+async def test_forged_client_info_is_refused() -> None:
+    async with relay() as (server, url):
+        r, w, _ = await raw_upgrade(url)
+        hdr = await r.readexactly(5)
+        sk = f.decode(hdr[0], await r.readexactly(int.from_bytes(hdr[1:], "big")))
+        assert isinstance(sk, f.ServerKey)
+        victim = bytes(PrivateKey.generate().public_key)
+        sealed = Box(PrivateKey.generate(), PrivateKey(server.private_key).public_key).encrypt(
+            b'{"version":2}', bytes(24)
+        )
+        w.write(f.encode_client_info(victim, bytes(24), sealed.ciphertext))
+        assert await asyncio.wait_for(r.read(), 3) == b""  # closed, no ServerInfo
+        assert server.metrics.closes["forged_client_info"] == 1
+        assert victim not in server.registry.active
+
+
+async def test_same_key_twice_newest_wins_and_old_gets_health() -> None:
+    key = newkey()
+    async with relay() as (server, url), client(url) as peer, client(url, key) as first:
+        async with client(url, key) as second:
+            health = await next_of(first, f.Health)
+            assert isinstance(health, f.Health) and "another connection" in health.problem
+            peer.send(second.public_key, b"to the newest")
+            assert await next_of(second, f.RecvPacket) == f.RecvPacket(peer.public_key, b"to the newest")
+        # The newest left: the first is active and healthy again.
+        assert await next_of(first, f.Health) == f.Health("")
+        peer.send(first.public_key, b"back to first")
+        assert await next_of(first, f.RecvPacket) == f.RecvPacket(peer.public_key, b"back to first")
+
+
+async def test_sender_learns_peer_gone() -> None:
+    async with relay() as (server, url), client(url) as a:
+        async with client(url) as b:
+            a.send(b.public_key, b"hi")
+            await next_of(b, f.RecvPacket)
+        gone = await next_of(a, f.PeerGone)
+        assert gone == f.PeerGone(b.public_key, f.PeerGoneReason.DISCONNECTED)
+        a.send(b.public_key, b"anyone?")
+        assert await next_of(a, f.PeerGone) == f.PeerGone(b.public_key, f.PeerGoneReason.NOT_HERE)
+        assert server.metrics.drops["unknown_dest"] == 1
+
+
+async def test_two_meshed_relays_forward_between_their_clients() -> None:
+    mesh_key = os.urandom(32)
+    async with relay(mesh_key=mesh_key) as (s1, url1), relay(mesh_key=mesh_key) as (s2, url2):
+        s1.mesh_with, s2.mesh_with = [url1, url2], [url1, url2]  # each lists itself too: it is skipped
+        await s1.start()
+        await s2.start()
+        async with client(url1) as a, client(url2) as b:
+            for _ in range(100):
+                if b.public_key in s1.registry.forwarders and a.public_key in s2.registry.forwarders:
+                    break
+                await asyncio.sleep(0.05)
+            a.send(b.public_key, b"across the mesh")
+            assert await next_of(b, f.RecvPacket) == f.RecvPacket(a.public_key, b"across the mesh")
+            b.send(a.public_key, b"and back")
+            assert await next_of(a, f.RecvPacket) == f.RecvPacket(b.public_key, b"and back")
+        assert "derp_mesh_peers 1" in s1.render_metrics()
+
+
+async def test_mesh_frames_need_the_mesh_key() -> None:
+    async with relay(mesh_key=os.urandom(32)) as (server, url), client(url) as a:
+        a.send_raw(f.encode_watch_conns())
+        await asyncio.sleep(0.2)
+        assert server.metrics.closes["not_mesh"] == 1
+
+
+async def test_relay_restart_and_client_reconnect() -> None:
+    key = newkey()
+    server = DerpServer(key)
+    srv = await server.serve("127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/derp"
+    async with client(url) as a, client(url) as b:
+        a.note_preferred(True)
+        await server.close()
+        server2 = DerpServer(key)
+        await server2.serve("127.0.0.1", port)
+        try:
+            await next_of(a, Connected, timeout=5)
+            await next_of(b, Connected, timeout=5)
+            assert a.connects == 2
+            a.send(b.public_key, b"after restart")
+            assert await next_of(b, f.RecvPacket) == f.RecvPacket(a.public_key, b"after restart")
+            assert "derp_clients_home 1" in server2.render_metrics()
+        finally:
+            await server2.close()
+
+
+async def test_admission_fails_closed() -> None:
+    async def slow(key: bytes, ip: str) -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    allowed: set[bytes] = set()
+
+    async def check(key: bytes, ip: str) -> bool:
+        assert ip == "127.0.0.1"
+        return key in allowed
+
+    async with relay(admit=slow, admit_timeout=0.2) as (server, url):
+        c = DerpClient(url, newkey(), backoff_min=5)
+        c.start()
+        await asyncio.sleep(0.6)
+        assert not c.connected and server.metrics.closes["admission_error"] == 1
+        await c.close()
+    async with relay(admit=check) as (server, url):
+        ok = newkey()
+        allowed.add(bytes(PrivateKey(ok).public_key))
+        async with client(url, ok):
+            pass
+        c = DerpClient(url, newkey(), backoff_min=5)
+        c.start()
+        await asyncio.sleep(0.3)
+        assert not c.connected and server.metrics.closes["admission_denied"] == 1
+        await c.close()
+
+
+async def http_get(url: str, path: str, headers: str = "") -> bytes:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    data = await asyncio.wait_for(r.read(), 3)
+    w.close()
+    return data
+
+
+async def test_http_paths() -> None:
+    async with relay() as (server, url):
+        assert (await http_get(url, "/derp")).startswith(b"HTTP/1.1 426 ")
+        probe = await http_get(url, "/derp/probe")
+        assert probe.startswith(b"HTTP/1.1 200 ") and b"Access-Control-Allow-Origin: *" in probe
+        r204 = await http_get(url, "/generate_204", "X-Tailscale-Challenge: abc.123\r\n")
+        assert r204.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response abc.123" in r204
+        assert (await http_get(url, "/health")).endswith(b"ok\n")
+        metrics = await http_get(url, "/metrics")
+        assert b'derp_packets_dropped_total{reason="queue_full"} 0' in metrics and b"derp_clients 0" in metrics
+        assert (await http_get(url, "/nope")).startswith(b"HTTP/1.1 404 ")
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"\x00\x01garbage\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 3)).startswith(b"HTTP/1.1 400 ")
+        assert server.metrics.closes["bad_http"] == 1
