@@ -47,6 +47,7 @@ SANS_IO = [
     "node/wg/config.py",
     "node/wg/uapi.py",
     "node/bpf.py",
+    "derp/http.py",
 ]
 IO_MODULES = {"socket", "asyncio", "sqlite3", "aiosqlite", "subprocess", "time", "selectors", "threading"}
 
