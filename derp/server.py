@@ -211,7 +211,7 @@ class _Conn(asyncio.BufferedProtocol):
         if not is_mesh and server.admit is not None:
             try:
                 ok = await asyncio.wait_for(server.admit(ev.key, self.peer_ip), server.admit_timeout)
-            except Exception as e:  # noqa: BLE001 - admission must fail closed whatever went wrong
+            except Exception as e:
                 if not self.closed:
                     self.close("admission_error", f"admission check failed: {e!r}")
                 return

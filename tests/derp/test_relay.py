@@ -124,7 +124,7 @@ async def test_forged_client_info_is_refused() -> None:
 
 async def test_same_key_twice_newest_wins_and_old_gets_health() -> None:
     key = newkey()
-    async with relay() as (server, url), client(url) as peer, client(url, key) as first:
+    async with relay() as (_, url), client(url) as peer, client(url, key) as first:
         async with client(url, key) as second:
             health = await next_of(first, f.Health)
             assert isinstance(health, f.Health) and "another connection" in health.problem
