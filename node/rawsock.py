@@ -197,6 +197,7 @@ class RawPort:
             raise
         self.on_packet = on_packet
         self.received = 0
+        self.send_errors = 0
         self.loop.add_reader(self.receiver.fileno(), self._readable)
         # Datagrams kept from the drain are already queued and will not make the fd readable.
         self.loop.call_soon(self._readable)
@@ -212,8 +213,15 @@ class RawPort:
         if self.receiver.pending:
             self.loop.call_soon(self._readable)
 
-    def sendto(self, payload: bytes, addr: AddrPort) -> None:
-        self.sender.sendto(payload, addr)
+    def sendto(self, payload: bytes, addr: AddrPort) -> bool:
+        """False when the kernel refused the datagram (no route, a firewall's EPERM, a full buffer): it is lost,
+        as UDP may lose it anyway, and counted in `send_errors`."""
+        try:
+            self.sender.sendto(payload, addr)
+        except (OSError, ValueError):
+            self.send_errors += 1
+            return False
+        return True
 
     def close(self) -> None:
         if self.receiver.sock.fileno() >= 0:
