@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coord import decide, eventlog
+from coord import access, decide, eventlog
 from coord import events as ev
 from coord.errors import DomainError
 from coord.service import Service
@@ -101,10 +101,20 @@ COMMANDS: dict[str, Handler] = {
     "nodes.delete": lambda s, a: s.delete_node(_str(a, "node")),
     "nodes.approve": lambda s, a: s.approve(_str(a, "id"), _str(a, "user")),
     "nodes.pending": lambda s, a: _pending(s),
+    "policy.set": lambda s, a: s.set_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson")),
+    "policy.clear": lambda s, a: s.clear_policy(),
+    "policy.get": lambda s, a: _value(s.get_policy()),
+    "policy.history": lambda s, a: s.policy_history(),
+    "policy.diff": lambda s, a: _value(s.diff_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson"))),
+    "policy.tailnet": lambda s, a: _value(access.tailnet(s.state)),
 }
 
 # Commands that only a running server can answer (its memory holds what they act on).
 NEEDS_SERVER = {"nodes.approve", "nodes.pending"}
+
+
+async def _value(v: Any) -> Any:
+    return v
 
 
 async def _pending(s: Service) -> Any:

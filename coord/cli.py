@@ -41,9 +41,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument("--config", help="TOML config file (default: $SHOAL_CONFIG)")
-    common.add_argument("--data", dest="data_dir", help="data directory (default ./data or $SHOAL_DATA)")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    # SUPPRESS: otherwise a subcommand's default would overwrite a value given before the subcommand.
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (default: $SHOAL_CONFIG)")
+    common.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS,
+                        help="data directory (default ./data or $SHOAL_DATA)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
     p = Parser(prog="shoal-server", description="Shoal coordination server and admin CLI.", parents=[common])
     sub = p.add_subparsers(dest="group", required=True, parser_class=Parser)
@@ -109,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--user", required=True)
     nodes.add_parser("pending", parents=[common], help="list registrations waiting for approval")
 
+    pol = sub.add_parser("policy", parents=[common], help="access policy (HuJSON)").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    x = pol.add_parser("set", parents=[common], help="validate, run its tests, and apply a policy file")
+    x.add_argument("file")
+    pol.add_parser("get", parents=[common], help="print the policy in force")
+    pol.add_parser("history", parents=[common], help="when the policy was set, and by whom")
+    pol.add_parser("clear", parents=[common], help="remove the policy (allow all, as with no policy)")
+    x = pol.add_parser("check", parents=[common], help="validate a file and run its tests without saving it")
+    x.add_argument("file")
+    x.add_argument("--tailnet", help="JSON file describing users' roles and nodes the tests may rely on")
+    x = pol.add_parser("diff", parents=[common], help="what a file would change against the current tailnet")
+    x.add_argument("file")
+
     events = sub.add_parser("events", parents=[common], help="read the event log").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
     )
@@ -165,7 +181,40 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
             a["expiry"] = None if args.never else time.time() + parse_duration(args.expires_in, "--in")
         return f"nodes.{c}", a
+    if g == "policy":
+        if c in ("set", "diff"):
+            return f"policy.{c}", {"text": read_text(args.file), "filename": args.file}
+        return f"policy.{c}", {}
     raise CliError(f"unknown command {g} {c}")
+
+
+def read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: not UTF-8 text") from None
+
+
+def policy_check(config: Config, args: argparse.Namespace) -> int:
+    """Runs locally; the tailnet comes from --tailnet, or from this data dir's server, or is unknown."""
+    from coord import policy
+
+    text = read_text(args.file)
+    tailnet: dict[str, Any] | None = None
+    if args.tailnet:
+        try:
+            tailnet = json.loads(read_text(args.tailnet))
+        except ValueError as e:
+            raise CliError(f"{args.tailnet}: not JSON ({e})") from None
+        if not isinstance(tailnet, dict):
+            raise CliError(f"{args.tailnet}: expected a JSON object")
+    elif (config.data_path / "shoal.db").exists():
+        tailnet = run_admin(config, "policy.tailnet", {})
+    result = policy.check(text, tailnet, filename=args.file)
+    out(result, args, policy.render_check(result))
+    return 0 if result["ok"] else EXIT_ERROR
 
 
 class ServerLock:
@@ -273,6 +322,17 @@ def render(command: str, result: Any) -> str:
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
             f"expires {result['expiration'] or 'never'})"
         )
+    if command == "policy.get":
+        return result["policy"] if result["policy"] is not None else "no policy set: all traffic is allowed"
+    if command == "policy.diff":
+        return str(result["text"])
+    if command == "policy.history":
+        return table(result, [("SEQ", "seq"), ("TIME", "time"), ("BY", "actor"),
+                              ("SHA256", lambda r: (r["sha256"] or "(cleared)")[:16]), ("BYTES", "bytes")])
+    if command == "policy.set":
+        t = result["tests"]
+        verb = "policy applied" if result["changed"] else "policy unchanged"
+        return f"{verb} (sha256 {result['sha256'][:16]}); tests: {t['passed']} passed, {len(t['skipped'])} skipped"
     if isinstance(result, dict):
         return "\n".join(f"{k}: {_fmt_time(v) if k in ('key_expiry', 'last_seen', 'created') else v}"
                          for k, v in result.items())
@@ -370,6 +430,9 @@ def out(obj: Any, args: argparse.Namespace, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, default in (("config", None), ("data_dir", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     try:
         config = config_from(args)
         if args.group == "serve":
@@ -378,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config)
         if args.group == "events":
             return asyncio.run(events_cmd(config, args))
+        if args.group == "policy" and args.cmd == "check":
+            return policy_check(config, args)
         command, cmd_args = admin_request(args)
         result = run_admin(config, command, cmd_args)
         out(result, args, render(command, result))

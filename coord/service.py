@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -12,7 +13,7 @@ from typing import Any
 
 import aiosqlite
 
-from coord import db, decide, eventlog, wire
+from coord import access, db, decide, eventlog, policy, wire
 from coord import events as ev
 from coord.change import Change
 from coord.errors import Conflict, DomainError, NotFound, Unauthorized
@@ -61,7 +62,7 @@ class Service:
     ephemeral_timeout: float
     batch_delay: float = 0.05
     keepalive: float = 50.0
-    visibility_factory: Callable[[State], Visibility] = AllowAll
+    visibility_factory: Callable[[State], Visibility] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: dict[str, Pending] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -69,7 +70,10 @@ class Service:
 
     def __post_init__(self) -> None:
         self.builder = Builder(self.state, self.settings)
-        self._visibility: Visibility = self.visibility_factory(self.state)
+        self.rules = dataclasses.replace(self.rules, tag_allowed=self._tag_allowed)
+        self._policy: policy.Policy | None = None
+        self._visibility: Visibility = AllowAll(self.state)
+        self.policy_changed()
         self.fanout = Fanout(self.builder, lambda: self._visibility, self.clock, self.batch_delay, self.keepalive)
 
     # --- construction -------------------------------------------------------------------------------------
@@ -128,7 +132,20 @@ class Service:
         self.policy_changed()
 
     def policy_changed(self) -> None:
-        self._visibility = self.visibility_factory(self.state)
+        if self.visibility_factory is not None:
+            self._visibility = self.visibility_factory(self.state)
+            return
+        text = self.state.policy_text
+        # Only a policy that passed `policy set` is in the log, so it parses; a failure here is a bug, not input.
+        self._policy = policy.parse(text, "current policy") if text is not None else None
+        self._visibility = (
+            AllowAll(self.state) if self._policy is None else access.PolicyVisibility(self.state, self._policy)
+        )
+
+    def _tag_allowed(self, user: User | None, tag: str) -> bool:
+        if self._policy is None or user is None:
+            return False
+        return policy.tag_allowed(self._policy, user.name, tag)
 
     def _after(self, change: Change, records: list[ev.Record]) -> None:
         if change.policy:
@@ -249,6 +266,53 @@ class Service:
             p.done.set_result(nid)
         self._watch_ephemeral(recs)
         return self.state.nodes[nid].summary()
+
+    # --- policy -------------------------------------------------------------------------------------------
+
+    def check_policy(self, text: str, filename: str) -> dict[str, Any]:
+        return policy.check(text, access.tailnet(self.state), filename=filename)
+
+    async def set_policy(self, text: str, filename: str = "policy.hujson") -> dict[str, Any]:
+        try:
+            policy.parse(text, filename)
+        except policy.PolicyError as e:
+            raise DomainError(f"policy refused, the current one stays: {e}") from None
+        result = self.check_policy(text, filename)
+        if not result["ok"]:
+            lines = [f"policy refused, the current one stays: {len(result['failed'])} test assertion(s) failed"]
+            lines += [
+                f"  tests[{f['test']}]: {f['src']} -> {f['dst']} expected {f['expected']}" for f in result["failed"]
+            ]
+            lines += [f"  {e}" for e in result["errors"]]
+            raise DomainError("\n".join(lines))
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        if sha == self.state.policy_sha256:
+            return {"changed": False, "sha256": sha, "tests": result}
+        await self.execute(lambda s: [ev.PolicySet(text, sha)], "admin")
+        return {"changed": True, "sha256": sha, "tests": result}
+
+    async def clear_policy(self) -> dict[str, Any]:
+        await self.execute(lambda s: [ev.PolicySet("", "")] if s.policy_text is not None else [], "admin")
+        return {"changed": True, "policy": None}
+
+    def get_policy(self) -> dict[str, Any]:
+        return {"policy": self.state.policy_text, "sha256": self.state.policy_sha256}
+
+    async def policy_history(self) -> list[dict[str, Any]]:
+        out = []
+        async for r in eventlog.read(self.conn, eventlog.Filter(types=("PolicySet",))):
+            assert isinstance(r.event, ev.PolicySet)
+            out.append({"seq": r.seq, "time": r.time, "actor": r.actor, "sha256": r.event.sha256 or None,
+                        "bytes": len(r.event.text)})
+        return out
+
+    def diff_policy(self, text: str, filename: str = "policy.hujson") -> dict[str, Any]:
+        try:
+            d = policy.diff(self.state.policy_text, text, access.policy_nodes(self.state), {}, filename=filename)
+        except policy.PolicyError as e:
+            raise DomainError(str(e)) from None
+        names = {n.id: n.given_name for n in self.state.nodes.values()}
+        return {"diff": d, "text": policy.render_diff(d, names)}
 
     # --- node requests ------------------------------------------------------------------------------------
 
