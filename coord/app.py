@@ -33,11 +33,13 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from coord import admin, db, decide, wire
-from coord.config import Config
+from coord.config import Config, parse_hostport
 from coord.errors import DomainError
 from coord.ipam import Pool
 from coord.netmap import Settings, default_dns
 from coord.service import Service
+from derp.server import DerpServer
+from derp.stunserver import StunServer, start_stun_server
 
 log = logging.getLogger("shoal.server")
 
@@ -141,6 +143,8 @@ class Server:
     guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard)
     boxes: Boxes | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    relay: DerpServer | None = None
+    stun: StunServer | None = None
 
     @property
     def public_key(self) -> bytes:
@@ -167,10 +171,31 @@ class Server:
         if background:
             await self.service.startup()
             self.background.append(asyncio.create_task(self.service.expiry_loop()))
+            if cfg.derp:
+                await self.start_relay()
+
+    async def start_relay(self) -> None:
+        """The embedded DERP relay (region 900) admits only node keys of this tailnet's active nodes."""
+        cfg = self.config
+
+        async def admit(node_key: bytes, source: str) -> bool:
+            nid = self.svc.state.by_node_key.get(wire.key_text("nodekey", node_key))
+            return nid is not None and self.svc.state.nodes[nid].active
+
+        self.relay = DerpServer(load_or_create_key(cfg.data_path / "derp.key"), admit=admit)
+        await self.relay.start()
+        if cfg.stun_listen:
+            host, port = parse_hostport(cfg.stun_listen, "stun_listen")
+            self.stun = await start_stun_server(host, port)
+            self.relay.stun = self.stun
 
     async def stop(self) -> None:
         for t in self.background:
             t.cancel()
+        if self.stun is not None:
+            self.stun.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self.service is not None:
             await self.service.shutdown()
             await self.service.conn.close()

@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
 from coord.app import Server, create_admin_app, create_app, load_or_create_key
 from coord.cli import ServerLock
 from coord.config import Config
+from derp.embed import derp_http_protocol
 
 log = logging.getLogger("shoal.server")
 
@@ -32,8 +34,12 @@ async def run(config: Config) -> None:
     await srv.start()
     app = create_app(config, server=srv)
     host, port = config.listen_addr
+    extra: dict[str, Any] = {}
+    if srv.relay is not None:
+        # One port for both: DERP upgrades go to the relay, everything else to the app.
+        extra["http"] = derp_http_protocol(srv.relay)
     public = QuietServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75)
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75, **extra)
     )
     sock = config.data_path / "admin.sock"
     if sock.exists():

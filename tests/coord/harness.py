@@ -18,6 +18,7 @@ from coord.app import Server, create_app, load_or_create_key
 from coord.config import Config, load
 from coord.serve import QuietServer
 from coord.service import Service
+from derp.embed import derp_http_protocol
 from node.control import ControlClient
 
 
@@ -51,7 +52,10 @@ async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]
     srv = Server(config, load_or_create_key(data / "server.key"))
     await srv.start()
     app = create_app(config, server=srv)
-    userver = QuietServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    extra: dict[str, Any] = {"http": derp_http_protocol(srv.relay)} if srv.relay is not None else {}
+    userver = QuietServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **extra)
+    )
     task = asyncio.create_task(userver.serve())
     while not userver.started:
         if task.done():

@@ -153,7 +153,7 @@ async def test_replayed_request_refused(tmp_path: Path) -> None:
         key = await make_key(r)
         a = sim_node(r.url)
         await a.client.pin()
-        rid, sealed, _ = a.client._seal(a.register_request(key).to_json())
+        _rid, sealed, _ = a.client._seal(a.register_request(key).to_json())
         async with httpx.AsyncClient(base_url=r.url) as h:
             first = await h.post(a.client._path("register"), content=sealed)
             again = await h.post(a.client._path("register"), content=sealed)
