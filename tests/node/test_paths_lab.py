@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from derp.stunserver import StunServer as StunServer_
 from derp.stunserver import start_stun_server
 from node import disco, netcheck, paths, rawsock
 from node.derpsock import DerpSockets
@@ -24,7 +25,7 @@ from node.render.routes import RouteApplier, RouteConfig
 from node.run import SubprocessRunner
 from node.wg.config import WgConfig, WgPeer
 from node.wg.go import GoEngine
-from tests.lab import Lab, easy_nat_pair
+from tests.lab import Lab, Topology, easy_nat_pair
 from tests.lab.fixtures import lab, lab_sweep
 from tests.node.test_rawsock_lab import netns
 
@@ -33,7 +34,7 @@ __all__ = ["lab", "lab_sweep"]
 pytestmark = pytest.mark.lab
 
 PORT = 41641
-TUN = {"a": "100.64.0.1", "b": "100.64.0.2"}
+TUN = {"a": "100.64.0.1", "b": "100.64.0.2", "ne": "100.64.0.3", "nh": "100.64.0.4", "pub": "100.64.0.5"}
 
 
 class Mini:
@@ -191,33 +192,55 @@ def test_derp_first_then_direct_through_easy_nats(lab: Lab) -> None:
     asyncio.run(scenario(lab))
 
 
-async def scenario(lab: Lab) -> None:
-    loop = asyncio.get_running_loop()
-    nodes: dict[str, Mini] = {}
-    relayed: dict[str, int] = {"disco": 0, "wireguard": 0}
+class Pair:
+    """Two Minis, a fake DERP between them, and two STUN servers in the internet namespace."""
 
-    def derp(src: str, dst_key: bytes, packet: bytes) -> None:
-        dst = next(n for n in nodes.values() if n.node_key == dst_key)
-        relayed["disco" if disco.looks_like_disco(packet) else "wireguard"] += 1
-        loop.call_later(0.005, dst.from_derp, nodes[src].node_key, packet)
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.loop = asyncio.get_running_loop()
+        self.nodes: dict[str, Mini] = {}
+        self.relayed = {"disco": 0, "wireguard": 0}
+        self.stuns: list[StunServer_] = []
+        self.reports: dict[str, netcheck.Report] = {}
 
-    s1, s2 = lab.servers
-    with netns(lab.inet):
-        stuns = [await start_stun_server(s1, 3478), await start_stun_server(s2, 3478)]
-    regions = [Region(900, "lab", (StunServer(900, "a", (s1, 3478)), StunServer(900, "b", (s2, 3478))))]
-    try:
-        for n in ("a", "b"):
-            nodes[n] = Mini(lab, n, derp)
+    def derp(self, src: str, dst_key: bytes, packet: bytes) -> None:
+        dst = next(n for n in self.nodes.values() if n.node_key == dst_key)
+        self.relayed["disco" if disco.looks_like_disco(packet) else "wireguard"] += 1
+        self.loop.call_later(0.005, dst.from_derp, self.nodes[src].node_key, packet)
+
+    async def start(self, x: str, y: str) -> tuple[Mini, Mini]:
+        s1, s2 = self.lab.servers
+        with netns(self.lab.inet):
+            self.stuns = [await start_stun_server(s1, 3478), await start_stun_server(s2, 3478)]
+        regions = [Region(900, "lab", (StunServer(900, "a", (s1, 3478)), StunServer(900, "b", (s2, 3478))))]
+        for n in (x, y):
+            self.nodes[n] = Mini(self.lab, n, self.derp)
         # Endpoints as the agent would report them: STUN-reflexive (from the WireGuard port) and the LAN address.
         endpoints: dict[str, list[AddrPort]] = {}
-        for n, m in nodes.items():
-            report = await m.stun.run(regions, timeout=2.0)
-            assert report.global_v4 == (lab.routers[f"lan{n}"].wan_addr, PORT)
-            assert report.mapping_varies_by_dest_ip is False
-            endpoints[n] = [*report.endpoints(), (lab.nodes[n].addr, PORT)]
-        a, b = nodes["a"], nodes["b"]
-        await a.start(b, endpoints["b"], endpoints["a"])
-        await b.start(a, endpoints["a"], endpoints["b"])
+        for n, m in self.nodes.items():
+            self.reports[n] = await m.stun.run(regions, timeout=2.0)
+            endpoints[n] = [*self.reports[n].endpoints(), (self.lab.nodes[n].addr, PORT)]
+        a, b = self.nodes[x], self.nodes[y]
+        await a.start(b, endpoints[y], endpoints[x])
+        await b.start(a, endpoints[x], endpoints[y])
+        return a, b
+
+    async def close(self) -> None:
+        for m in self.nodes.values():
+            await m.close()
+        for s in self.stuns:
+            s.close()
+
+
+async def scenario(lab: Lab) -> None:
+    loop = asyncio.get_running_loop()
+    pair = Pair(lab)
+    relayed = pair.relayed
+    try:
+        a, b = await pair.start("a", "b")
+        for n in ("a", "b"):
+            assert pair.reports[n].global_v4 == (lab.routers[f"lan{n}"].wan_addr, PORT)
+            assert pair.reports[n].mapping_varies_by_dest_ip is False
 
         # Traffic starts at once, over DERP (a's first disco pings die at b's NAT firewall).
         t0 = loop.time()
@@ -282,7 +305,57 @@ async def scenario(lab: Lab) -> None:
         assert await ping(lab, "a", TUN["b"], count=3)
         assert relayed["wireguard"] == before
     finally:
-        for m in nodes.values():
-            await m.close()
-        for s in stuns:
-            s.close()
+        await pair.close()
+
+
+def test_public_and_hard_nat_go_direct(lab: Lab) -> None:
+    # The hard side's port for us is unknowable in advance; its ping (after our CallMeMaybe) teaches it to us.
+    lab.build(Topology.parse("lh: hard nh; public: pub"))
+    asyncio.run(public_and_hard(lab))
+
+
+async def public_and_hard(lab: Lab) -> None:
+    pair = Pair(lab)
+    try:
+        pub, nh = await pair.start("pub", "nh")
+        assert pair.reports["nh"].mapping_varies_by_dest_ip is True
+        await until(lambda: pub.path() is not None and nh.path() is not None, (pub, nh), 10.0)
+        learned = pub.path()
+        assert learned is not None and learned[0] == lab.routers["lh"].wan_addr
+        assert learned not in pair.reports["nh"].endpoints()  # not a STUN endpoint: learned from its ping
+        assert not pub.path_state().endpoints[learned].from_netmap
+        assert nh.path() == (lab.nodes["pub"].addr, PORT)
+        await asyncio.sleep(1.0)  # reconcile
+        before = pair.relayed["wireguard"]
+        assert await ping(lab, "pub", TUN["nh"], count=3)
+        assert await ping(lab, "nh", TUN["pub"], count=3)
+        assert pair.relayed["wireguard"] == before
+    finally:
+        await pair.close()
+
+
+def test_easy_and_hard_nat_stay_on_derp(lab: Lab) -> None:
+    lab.build(Topology.parse("le: easy ne; lh: hard nh"))
+    asyncio.run(easy_and_hard(lab))
+
+
+async def easy_and_hard(lab: Lab) -> None:
+    loop = asyncio.get_running_loop()
+    pair = Pair(lab)
+    try:
+        ne, nh = await pair.start("ne", "nh")
+        end = loop.time() + 8.0
+        while loop.time() < end:
+            ne.note_activity()
+            nh.note_activity()
+            await asyncio.sleep(0.2)
+        # The easy side only lets in the exact address:port it sent to, and the hard side's port toward it is
+        # not any port we know: no direct path, and traffic works over DERP.
+        assert ne.path() is None and nh.path() is None
+        assert ne.endpoint_log == [] and nh.endpoint_log == []
+        before = pair.relayed["wireguard"]
+        assert await ping(lab, "ne", TUN["nh"], count=3)
+        assert pair.relayed["wireguard"] > before
+        assert pair.relayed["disco"] >= 2  # CallMeMaybe both ways, more as the heartbeats retry
+    finally:
+        await pair.close()
