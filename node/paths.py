@@ -405,6 +405,10 @@ class Magic:
         self.self_endpoints = tuple(disco.normalize(ep) for ep in endpoints)[: disco.MAX_CALL_ME_MAYBE]
 
     def upsert_peer(self, disco_key: bytes, node_key: bytes, endpoints: Iterable[AddrPort], now: float) -> None:
+        old = self._by_node.get(node_key)
+        if old is not None and old != disco_key:
+            # The peer restarted with a new disco key: its old path state proves nothing now.
+            self.remove_peer(old)
         remote = self._peers.get(disco_key)
         if remote is None or remote.node_key != node_key:
             if remote is not None:

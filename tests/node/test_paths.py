@@ -436,3 +436,22 @@ def test_fuzz_receive(packets: list[bytes]) -> None:
         while m.next_action() is not None:
             pass
     assert sum(m.stats.drops.values()) + sum(m.stats.received.values()) == len(packets)
+
+
+def test_new_disco_key_replaces_old_state() -> None:
+    net, a, b = pair()
+    net.keep_active(a)
+    net.run_until(1.0)
+    old = b.magic.public
+    assert a.magic.peer(old).best == B_ADDR
+    new = disco.public_key(b"\x0d" * 32)
+    a.magic.upsert_peer(new, B_NODE, [B_ADDR], net.now)
+    with pytest.raises(KeyError):
+        a.magic.peer(old)
+    fresh = a.magic.peer_by_node(B_NODE)
+    assert fresh is a.magic.peer(new) and fresh.best is None
+    assert set(a.magic.peers()) == {B_NODE}
+    # Packets sealed with the old key are now from an unknown key.
+    stale = disco.seal(disco.Ping(bytes(12)), old, disco.box_for(B_PRIV, a.magic.public))
+    assert a.magic.receive(stale, B_ADDR, net.now) is None
+    assert a.magic.stats.drops["unknown_key"] == 1
