@@ -134,11 +134,8 @@ def normalize(addr: AddrPort) -> AddrPort:
 def _pack_addr(addr: AddrPort) -> bytes:
     ip, port = addr
     parsed = ipaddress.ip_address(ip)
-    if isinstance(parsed, ipaddress.IPv4Address):
-        raw = b"\x00" * 10 + b"\xff\xff" + parsed.packed
-    else:
-        raw = parsed.packed
-    return raw + port.to_bytes(2, "big")
+    v4_mapped = b"\x00" * 10 + b"\xff\xff" + parsed.packed
+    return (v4_mapped if parsed.version == 4 else parsed.packed) + port.to_bytes(2, "big")
 
 
 def _unpack_addr(raw: bytes) -> AddrPort:

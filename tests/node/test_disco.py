@@ -60,19 +60,16 @@ HEAD = "5453f09f92ac" + SENDER_PUB.hex() + NONCE.hex()
 SEALED = [
     (
         disco.Ping(TXID, bytes(range(1, 33))),
-        HEAD
-        + "0c58df134486e18e2e5ce7fe6c8dead9e3cf82c19935e330be5e71cdc79006fad8d779e0a4bfc2780a4c562c2f00fd"
+        HEAD + "0c58df134486e18e2e5ce7fe6c8dead9e3cf82c19935e330be5e71cdc79006fad8d779e0a4bfc2780a4c562c2f00fd"
         "aed579d09e4f8c0fcba09ac056cb88",
     ),
     (
         disco.Pong(TXID, ("2.3.4.5", 1234)),
-        HEAD
-        + "2a6470b5ea76d49d91839f5f1feacdace0cf82c19935e330be5e71cdc79007f8dbd37ce6a3b7cb72febf59212415e86e",
+        HEAD + "2a6470b5ea76d49d91839f5f1feacdace0cf82c19935e330be5e71cdc79007f8dbd37ce6a3b7cb72febf59212415e86e",
     ),
     (
         disco.CallMeMaybe((("1.2.3.4", 567), ("2001::3456", 789))),
-        HEAD
-        + "a8c53d7edff0bb26902187f214cd4091e1cf83c39a31e636b95678c7336306fad8d77ed183b6cb7201405b222010ec"
+        HEAD + "a8c53d7edff0bb26902187f214cd4091e1cf83c39a31e636b95678c7336306fad8d77ed183b6cb7201405b222010ec"
         "bcc66df1de5b81",
     ),
 ]
