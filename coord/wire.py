@@ -103,21 +103,19 @@ def parse_key(text: object, kind: str, where: str = "key") -> bytes:
     prefix, sep, hexpart = text.partition(":")
     if not sep or prefix != kind:
         raise WireError(f"{where}: expected prefix {kind}:")
-    if len(hexpart) != 2 * KEY_LEN:
-        raise WireError(f"{where}: expected {2 * KEY_LEN} hex digits")
-    try:
-        return bytes.fromhex(hexpart)
-    except ValueError:
-        raise WireError(f"{where}: not hex") from None
+    return parse_hex_key(hexpart, where)
 
 
 def parse_hex_key(hexpart: str, where: str = "key") -> bytes:
     if len(hexpart) != 2 * KEY_LEN:
         raise WireError(f"{where}: expected {2 * KEY_LEN} hex digits")
     try:
-        return bytes.fromhex(hexpart)
+        raw = bytes.fromhex(hexpart)
     except ValueError:
         raise WireError(f"{where}: not hex") from None
+    if len(raw) != KEY_LEN:  # fromhex skips spaces
+        raise WireError(f"{where}: not hex")
+    return raw
 
 
 # --- sealing ----------------------------------------------------------------------------------------------
