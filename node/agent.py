@@ -1,0 +1,500 @@
+"""The node agent: registration, the map long-poll, and netmap -> OS reconciliation.
+
+One `Agent` per shoald. Its asyncio shell around the pure pieces in node/compile.py:
+
+- `up()` pins the server key and registers (auth key or interactive login URL), then starts the control loop;
+  `down()` stops the loop and takes the tunnel down (the node stays registered); `logout()` sends a
+  RegisterRequest with an expiry in the past and forgets the netmap; `status()` joins the netmap with the
+  engine's counters.
+- The control loop keeps one map stream open. Each MapResponse is applied to `wire.NetMap`, persisted to the
+  state dir, and reconciled into the OS: WireGuard peers (engine.set), addresses and routes (RouteApplier),
+  the packet filter (`nft -f -`). Every applier changes only what differs. When the stream breaks the last
+  netmap and every tunnel stay as they are; the loop retries with jittered exponential back-off.
+- Endpoints: `_discover_endpoints()` is where the node learns what to report (today: interface addresses with
+  the WireGuard port); `self.choose` is where each peer's WireGuard endpoint is picked (today: the first usable
+  one the peer reported). NAT traversal replaces these two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coord import wire
+from node import compile
+from node.control import ControlClient, ControlError, PinMismatch
+from node.keys import KeyStore, PrivateKey
+from node.render.routes import RouteApplier, RouteConfig
+from node.run import CommandError, Runner, SubprocessRunner
+from node.state import Prefs, StateDir
+from node.wg.engine import Engine, choose_engine
+
+log = logging.getLogger("shoald")
+
+# A map stream that stays silent this long is dead even if TCP has not noticed (the server sends
+# keep-alives every 50 s by default).
+STREAM_IDLE = 130.0
+UP_WAIT = 20.0
+
+
+class AgentError(Exception):
+    """A request the agent refuses or cannot carry out; `status` is the HTTP status the local API answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class AgentConfig:
+    state_dir: Path
+    iface: str = "shoal0"
+    port: int = 41641
+    engine: str = "auto"  # auto | wireguard-go | kernel
+    endpoint_poll: float = 5.0
+    backoff_max: float = 10.0
+    keepalive: int = compile.KEEPALIVE
+    control_timeout: float = 10.0
+
+
+EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
+
+
+def default_engine_factory(cfg: AgentConfig) -> EngineFactory:
+    def make(iface: str, on_restart: Callable[[], Awaitable[None]]) -> Engine:
+        prefer = None if cfg.engine == "auto" else cfg.engine
+        return choose_engine(iface, prefer=prefer, on_restart=on_restart,
+                             log_path=cfg.state_dir / "wireguard-go.log")
+
+    return make
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    runner: Runner = field(default_factory=SubprocessRunner)
+    engine_factory: EngineFactory | None = None
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.state = StateDir(self.cfg.state_dir)
+        self.keys = KeyStore(self.cfg.state_dir)
+        self.routes = RouteApplier(self.runner)
+        self.prefs = Prefs()
+        self.netmap = wire.NetMap()
+        self.backend = "NoState"  # NeedsLogin, Starting, Running, Stopped
+        self.auth_url = ""
+        self.last_error = ""
+        self.key_expired = False
+        self.connected = False
+        self.endpoints: list[str] = []
+        self.endpoint_types: list[int] = []
+        self.choose: compile.EndpointChooser = compile.first_endpoint()
+        self.engine: Engine | None = None
+        self._engine_up = False
+        self._applied_routes: RouteConfig | None = None
+        self._applied_nft: str | None = None
+        self._apply_lock = asyncio.Lock()
+        self._op_lock = asyncio.Lock()
+        self._applied = asyncio.Event()
+        self._control: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._client: ControlClient | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads (or on first start creates) keys and prefs; restores the last netmap if the node was up."""
+        self.state.ensure()
+        self.machine = self.keys.load_or_create("mkey")
+        self.node_key = self.keys.load_or_create("nodekey")
+        self.disco = self.keys.load_or_create("discokey")
+        self.prefs = self.state.load_prefs()
+        saved = self.state.load_netmap()
+        factory = self.engine_factory or default_engine_factory(self.cfg)
+        self.engine = factory(self.cfg.iface, self._on_engine_restart)
+        await self._discover_endpoints()
+        if self.prefs.want_running and self.prefs.login_server and not self.prefs.logged_out:
+            self.backend = "Starting"
+            if saved is not None and saved.node is not None:
+                # the server may be down: bring back the tunnels we had before asking it anything
+                self.netmap = saved
+                self.key_expired = compile.self_expired(saved, self.clock())
+                await self._reconcile()
+            self._start_control(registered=False)
+        elif self.prefs.login_server and not self.prefs.logged_out:
+            self.backend = "Stopped"
+        else:
+            self.backend = "NeedsLogin"
+        self._watcher = asyncio.create_task(self._watch_endpoints(), name="endpoints")
+
+    async def stop(self) -> None:
+        """Daemon shutdown: the tunnel goes, the prefs stay (a restart brings it back)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._stop_control()
+        await self._teardown_os()
+
+    # --- commands from the local API ----------------------------------------------------------------------
+
+    async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
+                 advertise_tags: list[str] | None = None, wait: float = UP_WAIT) -> dict[str, Any]:
+        async with self._op_lock:
+            return await self._up(login_server, auth_key, hostname, advertise_tags, wait)
+
+    async def _up(self, login_server: str, auth_key: str, hostname: str | None,
+                  advertise_tags: list[str] | None, wait: float) -> dict[str, Any]:
+        server = (login_server or self.prefs.login_server).rstrip("/")
+        if not server:
+            raise AgentError(400, "no login server: pass --login-server URL")
+        if not server.startswith(("http://", "https://")):
+            raise AgentError(400, f"login server {server!r} must be an http:// or https:// URL")
+        have = self.prefs.login_server.rstrip("/")
+        if have and server != have and not self.prefs.logged_out:
+            raise AgentError(409, f"this node is registered with {have}; run `shoal logout` before switching "
+                                  f"to {server}")
+        await self._stop_control()
+        if server != have:
+            self.prefs.server_key = ""
+        self.prefs.login_server = server
+        if hostname is not None:
+            self.prefs.hostname = hostname
+        if advertise_tags is not None:
+            self.prefs.advertise_tags = list(advertise_tags)
+        client = self._new_client()
+        old_key = None
+        if self.key_expired or self.prefs.logged_out:
+            # an expired or logged-out node key is never reused: re-authentication brings a new one
+            old_key = self.node_key.public().raw
+            self.node_key = self.keys.replace("nodekey")
+        try:
+            await self._pin(client)
+            resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key))
+            if resp.get("NodeKeyExpired"):
+                old_key = self.node_key.public().raw
+                self.node_key = self.keys.replace("nodekey")
+                resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key))
+        except PinMismatch as e:
+            raise AgentError(409, str(e)) from None
+        except ControlError as e:
+            raise AgentError(502 if e.status in (0, 500, 502, 503) else e.status,
+                             f"{server}: {e.message}") from None
+        except wire.WireError as e:
+            raise AgentError(502, f"{server}: {e}") from None
+        finally:
+            await client.close()
+        if resp.get("Error"):
+            raise AgentError(403, f"{server}: {resp['Error']}")
+        self.prefs.want_running = True
+        self.prefs.logged_out = False
+        self.state.save_prefs(self.prefs)
+        self.key_expired = False
+        self.last_error = ""
+        self._applied.clear()
+        if resp.get("MachineAuthorized"):
+            self.auth_url = ""
+            self.backend = "Starting"
+            self._start_control(registered=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), wait)
+        elif resp.get("AuthURL"):
+            self.auth_url = str(resp["AuthURL"])
+            self.backend = "NeedsLogin"
+            self._start_control(registered=False, followup=self.auth_url)
+        else:
+            raise AgentError(502, f"{server}: registration neither authorized nor gave a login URL")
+        return await self.status()
+
+    async def down(self) -> dict[str, Any]:
+        async with self._op_lock:
+            self.prefs.want_running = False
+            if self.prefs.login_server:
+                self.state.save_prefs(self.prefs)
+            await self._stop_control()
+            await self._teardown_os()
+            self.backend = "Stopped" if self.prefs.login_server and not self.prefs.logged_out else "NeedsLogin"
+            return await self.status()
+
+    async def logout(self) -> dict[str, Any]:
+        async with self._op_lock:
+            if not self.prefs.login_server or self.prefs.logged_out:
+                raise AgentError(409, "not logged in")
+            client = self._new_client()
+            try:
+                await self._pin(client)
+                await client.register(self._register_request(expiry=self.clock() - 1))
+            except PinMismatch as e:
+                raise AgentError(409, str(e)) from None
+            except ControlError as e:
+                raise AgentError(502, f"{self.prefs.login_server}: {e.message}") from None
+            finally:
+                await client.close()
+            await self._stop_control()
+            await self._teardown_os()
+            self.netmap = wire.NetMap()
+            self.state.forget_netmap()
+            self.prefs.logged_out = True
+            self.prefs.want_running = False
+            self.state.save_prefs(self.prefs)
+            self.node_key = self.keys.replace("nodekey")
+            self.backend = "NeedsLogin"
+            self.auth_url = ""
+            return await self.status()
+
+    async def status(self) -> dict[str, Any]:
+        dev = None
+        if self.engine is not None and self._engine_up:
+            try:
+                dev = await self.engine.get()
+            except Exception as e:  # status must answer even when the engine is sick
+                self.last_error = f"engine: {e}"
+        node = self.netmap.node or {}
+        health = []
+        if self.key_expired:
+            health.append("node key expired: run `shoal up` (with --auth-key or the login URL) to re-authenticate")
+        if self.prefs.want_running and not self.connected and self.backend != "NeedsLogin":
+            health.append("not connected to the coordination server; using the last network map")
+        if self.last_error:
+            health.append(self.last_error)
+        return {
+            "BackendState": self.backend,
+            "AuthURL": self.auth_url,
+            "LoginServer": self.prefs.login_server,
+            "Connected": self.connected,
+            "KeyExpired": self.key_expired,
+            "Engine": self.engine.name if self.engine is not None else "",
+            "Interface": self.cfg.iface,
+            "Port": self.cfg.port,
+            "Health": health,
+            "MagicDNSSuffix": self.netmap.domain,
+            "Self": {
+                "ID": node.get("ID"),
+                "Name": node.get("Name", ""),
+                "HostName": compile.short_name(node.get("Name")) or self._hostname(),
+                "Addresses": [str(a).split("/")[0] for a in node.get("Addresses") or ()],
+                "Key": str(self.node_key.public()),
+                "KeyExpiry": node.get("KeyExpiry"),
+                "Endpoints": list(self.endpoints),
+                "Online": self.connected,
+            },
+            "Peers": compile.peer_rows(self.netmap, dev) if self.prefs.want_running else [],
+        }
+
+    # --- control loop -------------------------------------------------------------------------------------
+
+    def _new_client(self) -> ControlClient:
+        return ControlClient(self.prefs.login_server, self.machine.raw, self.machine.public().raw,
+                             server_public=self.prefs.server_key_raw(), clock=self.clock,
+                             timeout=self.cfg.control_timeout)
+
+    async def _pin(self, client: ControlClient) -> None:
+        key = await client.pin()
+        text = wire.key_text("mkey", key)
+        if self.prefs.server_key != text:
+            self.prefs.server_key = text
+            self.state.save_prefs(self.prefs)
+
+    def _hostname(self) -> str:
+        return self.prefs.hostname or socket.gethostname()
+
+    def _hostinfo(self) -> wire.Hostinfo:
+        return wire.Hostinfo(hostname=self._hostname(), os="linux",
+                             request_tags=tuple(self.prefs.advertise_tags))
+
+    def _register_request(self, auth_key: str = "", followup: str = "", old_key: bytes | None = None,
+                          expiry: float | None = None) -> wire.RegisterRequest:
+        return wire.RegisterRequest(
+            node_key=self.node_key.public().raw, old_node_key=old_key, disco_key=self.disco.public().raw,
+            auth_key=auth_key, hostinfo=self._hostinfo(), followup=followup, expiry=expiry,
+        )
+
+    def _map_request(self, stream: bool) -> wire.MapRequest:
+        return wire.MapRequest(
+            node_key=self.node_key.public().raw, disco_key=self.disco.public().raw, stream=stream,
+            endpoints=tuple(self.endpoints), endpoint_types=tuple(self.endpoint_types),
+            hostinfo=self._hostinfo() if stream else None,
+        )
+
+    def _start_control(self, registered: bool, followup: str = "") -> None:
+        self._control = asyncio.create_task(self._control_loop(registered, followup), name="control")
+
+    async def _stop_control(self) -> None:
+        task, self._control = self._control, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.connected = False
+
+    async def _control_loop(self, registered: bool, followup: str) -> None:
+        backoff = compile.Backoff(cap=self.cfg.backoff_max)
+        while True:
+            client = self._new_client()
+            try:
+                await self._pin(client)
+                if followup or not registered:
+                    resp = await client.register(self._register_request(followup=followup))
+                    if resp.get("NodeKeyExpired"):
+                        self.key_expired = True
+                        self.backend = "NeedsLogin"
+                        log.warning("node key expired; waiting for `shoal up` to re-authenticate")
+                        return
+                    if resp.get("MachineAuthorized"):
+                        registered, followup = True, ""
+                        self.auth_url = ""
+                        self.backend = "Starting"
+                    elif resp.get("AuthURL"):
+                        # the server held the followup until approval or its timeout: ask again at once
+                        followup = self.auth_url = str(resp["AuthURL"])
+                        self.backend = "NeedsLogin"
+                        backoff.reset()
+                        continue
+                    else:
+                        raise ControlError(0, f"registration refused: {resp.get('Error') or resp}")
+                self._client = client
+                await self._stream(client, backoff)
+            except asyncio.CancelledError:
+                raise
+            except PinMismatch as e:
+                self.last_error = str(e)
+                log.error("%s", e)
+            except ControlError as e:
+                self.last_error = f"control: {e}"
+                if e.status in (401, 403):
+                    registered = False
+                if e.status == 401 and followup:
+                    followup = ""  # the login expired on the server: start a new one
+                log.warning("control: %s", e)
+            except (wire.WireError, OSError, ValueError) as e:
+                self.last_error = f"control: {e}"
+                log.warning("control: %s", e)
+            finally:
+                self._client = None
+                self.connected = False
+                await client.close()
+            await asyncio.sleep(backoff.next(random.random()))
+
+    async def _stream(self, client: ControlClient, backoff: compile.Backoff) -> None:
+        it = client.stream(self._map_request(stream=True))
+        assert isinstance(it, AsyncGenerator)
+        try:
+            while True:
+                msg = await asyncio.wait_for(it.__anext__(), STREAM_IDLE)
+                if not self.connected:
+                    self.connected = True
+                    self.last_error = ""
+                    backoff.reset()
+                    log.info("connected to %s", self.prefs.login_server)
+                if msg.get("KeepAlive") and not (set(msg) - {"KeepAlive", "ControlTime"}):
+                    continue
+                try:
+                    self.netmap.apply(msg)
+                except (KeyError, TypeError, AttributeError) as e:
+                    raise wire.WireError(f"malformed MapResponse: {e!r}") from None
+                self.key_expired = compile.self_expired(self.netmap, self.clock())
+                self.backend = "NeedsLogin" if self.key_expired else "Running"
+                await self._reconcile()
+                self._persist()
+        except StopAsyncIteration:
+            raise ControlError(0, "map stream ended") from None
+        except TimeoutError:
+            raise ControlError(0, f"map stream silent for {STREAM_IDLE:.0f}s") from None
+        finally:
+            await it.aclose()
+
+    def _persist(self) -> None:
+        try:
+            self.state.save_netmap(self.netmap)
+        except OSError as e:
+            self.last_error = f"cannot save the netmap: {e}"
+
+    # --- endpoints ----------------------------------------------------------------------------------------
+
+    async def _discover_endpoints(self) -> bool:
+        """What this node reports as its endpoints. NAT traversal adds STUN-reflexive ones here."""
+        r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
+        eps, types = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
+        if eps == self.endpoints and types == self.endpoint_types:
+            return False
+        self.endpoints, self.endpoint_types = eps, types
+        self.choose = compile.first_endpoint(compile.families_of(eps) or (4, 6))
+        return True
+
+    async def _watch_endpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.endpoint_poll)
+            try:
+                if not await self._discover_endpoints():
+                    continue
+                log.info("endpoints changed: %s", ", ".join(self.endpoints) or "none")
+                client = self._client
+                if client is not None and self.connected:
+                    await client.update(self._map_request(stream=False))
+                await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("endpoint update failed: %s", e)
+
+    # --- OS reconciliation --------------------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Netmap -> engine, routes, filter. Failures are reported in status and retried with the next map."""
+        async with self._apply_lock:
+            if not self.prefs.want_running or self.netmap.node is None or self.engine is None:
+                return
+            try:
+                await self._apply(self.engine, self.node_key)
+                self._applied.set()
+            except (CommandError, OSError, ValueError, RuntimeError) as e:
+                self.last_error = f"applying the network map: {e}"
+                log.error("%s", self.last_error)
+            except Exception as e:  # EngineError and friends: keep the agent alive, say what broke
+                self.last_error = f"applying the network map: {e}"
+                log.exception("applying the network map failed")
+
+    async def _apply(self, engine: Engine, key: PrivateKey) -> None:
+        nm = self.netmap
+        if not self._engine_up:
+            await engine.start()
+            self._engine_up = True
+            self._applied_routes = None
+        await engine.set(compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive))
+        rc = compile.route_config(nm, self.cfg.iface)
+        if rc != self._applied_routes:
+            await self.routes.set(rc)
+            self._applied_routes = rc
+        script = compile.filter_script(nm, self.cfg.iface)
+        if script != self._applied_nft:
+            await self.runner.run(["nft", "-f", "-"], input=script.encode())
+            self._applied_nft = script
+
+    async def _on_engine_restart(self) -> None:
+        # a new wireguard-go child is a new interface: its addresses and routes are gone
+        self._applied_routes = None
+        await self._reconcile()
+
+    async def _teardown_os(self) -> None:
+        async with self._apply_lock:
+            if self.engine is not None and self._engine_up:
+                try:
+                    await self.engine.stop()
+                except Exception as e:
+                    log.warning("stopping the engine: %s", e)
+                self._engine_up = False
+            self._applied_routes = None
+            if self._applied_nft is not None:
+                await self.runner.run(["nft", "-f", "-"], input=compile.delete_filter_script().encode(),
+                                      check=False)
+                self._applied_nft = None

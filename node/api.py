@@ -1,0 +1,110 @@
+"""shoald's local API: JSON over HTTP on a root-only Unix socket (mode 0600). The `shoal` CLI is its client.
+
+    GET  /status                    -> Status (below)
+    POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
+                   "wait"?: seconds}  -> Status once the first netmap is applied (or a login URL is known)
+    POST /down    {}                -> Status
+    POST /logout  {}                -> Status
+
+Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL", "LoginServer", "Connected",
+"KeyExpired", "Engine", "Interface", "Port", "Health": [str], "MagicDNSSuffix",
+"Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online},
+"Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
+TxBytes, InEngine}]}.
+
+Errors are {"error": "<one line>"} with a 4xx/5xx status: 400 for a body that is not what the route takes
+(and, from uvicorn, for bytes that are not HTTP), 409 for a request that conflicts with the node's state,
+502 when the coordination server cannot be reached or refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from node.agent import Agent, AgentError
+
+MAX_BODY = 64 << 10
+UP_FIELDS: dict[str, type | tuple[type, ...]] = {"login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float)}
+
+
+class BadRequest(Exception):
+    pass
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise BadRequest(f"body over {MAX_BODY} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _up_args(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        want = UP_FIELDS.get(k)
+        if want is None:
+            raise BadRequest(f"unknown field {k!r}")
+        if not isinstance(v, want) or isinstance(v, bool):
+            raise BadRequest(f"{k}: wrong type")
+        out[k] = v
+    tags = out.get("advertise_tags")
+    if tags is not None and not all(isinstance(t, str) and t.startswith("tag:") for t in tags):
+        raise BadRequest("advertise_tags: expected a list of tag:name strings")
+    wait = out.get("wait")
+    if wait is not None and not 0 <= wait <= 300:
+        raise BadRequest("wait: expected 0-300 seconds")
+    return out
+
+
+def create_app(agent: Agent) -> Starlette:
+    async def status(request: Request) -> Response:
+        return JSONResponse(await agent.status())
+
+    async def up(request: Request) -> Response:
+        args = _up_args(await _body(request))
+        return JSONResponse(await agent.up(
+            login_server=args.get("login_server", ""), auth_key=args.get("auth_key", ""),
+            hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
+            wait=float(args.get("wait", 20.0)),
+        ))
+
+    async def down(request: Request) -> Response:
+        await _body(request)
+        return JSONResponse(await agent.down())
+
+    async def logout(request: Request) -> Response:
+        await _body(request)
+        return JSONResponse(await agent.logout())
+
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+
+    async def agent_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AgentError)
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    return Starlette(
+        routes=[
+            Route("/status", status, methods=["GET"]),
+            Route("/up", up, methods=["POST"]),
+            Route("/down", down, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+        ],
+        exception_handlers={BadRequest: bad_request, AgentError: agent_error},
+    )

@@ -1,0 +1,205 @@
+"""`shoal`: the node CLI. It talks only to shoald's local API (node/api.py) over its Unix socket.
+
+    shoal [--socket PATH] up --login-server URL [--auth-key K] [--hostname H] [--advertise-tags tag:a,tag:b]
+    shoal down | logout
+    shoal status [--json]
+    shoal ip [-4|-6] [PEER]
+
+Errors are one line on stderr and exit status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import httpx
+
+DEFAULT_SOCKET = "/run/shoal/shoald.sock"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"shoal: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="shoal", description="Shoal node CLI (talks to shoald).")
+    p.add_argument("--socket", default=os.environ.get("SHOAL_SOCKET", DEFAULT_SOCKET),
+                   help=f"shoald's socket (default {DEFAULT_SOCKET} or $SHOAL_SOCKET)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    up = sub.add_parser("up", help="join the tailnet and bring the tunnel up")
+    up.add_argument("--login-server", default="", help="coordination server URL (remembered)")
+    up.add_argument("--auth-key", default=os.environ.get("SHOAL_AUTH_KEY", ""),
+                    help="pre-auth key (default $SHOAL_AUTH_KEY); without one, a login URL is printed")
+    up.add_argument("--hostname", default=None, help="name to register (default: the machine's)")
+    up.add_argument("--advertise-tags", default=None, help="comma-separated tag:name list")
+    up.add_argument("--timeout", type=float, default=0,
+                    help="give up waiting for login approval after this many seconds (default: wait)")
+    sub.add_parser("down", help="take the tunnel down; stay registered")
+    sub.add_parser("logout", help="log this node out of the tailnet")
+    st = sub.add_parser("status", help="this node and its peers")
+    st.add_argument("--json", action="store_true")
+    ip = sub.add_parser("ip", help="tailnet addresses of this node or a peer")
+    fam = ip.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="v4", action="store_true", help="IPv4 only")
+    fam.add_argument("-6", dest="v6", action="store_true", help="IPv6 only")
+    ip.add_argument("peer", nargs="?", help="peer name or address")
+    return p
+
+
+class Api:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://shoald",
+                                 timeout=httpx.Timeout(10.0, read=120.0))
+
+    def call(self, method: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            r = self.http.request(method, route, json=body)
+        except httpx.TransportError as e:
+            raise CliError(f"cannot reach shoald at {self.path}: {e} (is shoald running? are you root?)") from None
+        try:
+            data = r.json()
+        except ValueError:
+            raise CliError(f"shoald answered {r.status_code} with something that is not JSON") from None
+        if r.status_code != 200 or not isinstance(data, dict):
+            msg = data.get("error") if isinstance(data, dict) else None
+            raise CliError(str(msg or f"shoald answered {r.status_code}"))
+        return data
+
+
+def parse_tags(text: str) -> list[str]:
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    for t in tags:
+        if not t.startswith("tag:") or len(t) < 5:
+            raise CliError(f"--advertise-tags: {t!r} is not tag:name")
+    return tags
+
+
+def cmd_up(api: Api, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"login_server": args.login_server, "auth_key": args.auth_key}
+    if args.hostname is not None:
+        body["hostname"] = args.hostname
+    if args.advertise_tags is not None:
+        body["advertise_tags"] = parse_tags(args.advertise_tags)
+    st = api.call("POST", "/up", body)
+    if st["BackendState"] == "NeedsLogin" and st.get("AuthURL"):
+        print(f"\nTo authenticate, visit:\n\n\t{st['AuthURL']}\n", flush=True)
+        deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+        while st["BackendState"] != "Running":
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"not approved within {args.timeout:g}s; shoald keeps waiting (see shoal status)")
+            time.sleep(0.5)
+            st = api.call("GET", "/status")
+            if st["BackendState"] == "NeedsLogin" and not st.get("AuthURL"):
+                raise CliError("login failed: " + "; ".join(st.get("Health") or ["no login URL any more"]))
+        print("Success.")
+        return 0
+    if st["BackendState"] != "Running":
+        raise CliError(f"registered, but the tunnel is not up yet ({st['BackendState']}): "
+                       + "; ".join(st.get("Health") or ["no network map yet"]))
+    return 0
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    d = max(0.0, now - ts)
+    if d < 120:
+        return f"{d:.0f}s ago"
+    if d < 7200:
+        return f"{d / 60:.0f}m ago"
+    return f"{d / 3600:.0f}h ago"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render_status(st: dict[str, Any], now: float) -> str:
+    conn = "connected" if st.get("Connected") else "not connected"
+    lines = [f"# {st['BackendState']}: server {st.get('LoginServer') or '-'} ({conn}), engine {st['Engine']} "
+             f"on {st['Interface']}:{st['Port']}"]
+    if st.get("AuthURL"):
+        lines.append(f"# Log in at: {st['AuthURL']}")
+    for h in st.get("Health") or ():
+        lines.append(f"# Health: {h}")
+    me = st["Self"]
+    addrs = me.get("Addresses") or ["-"]
+    rows = [[addrs[0], " ".join(addrs[1:]), me.get("HostName") or "-", "self",
+             "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", ""]]
+    for p in st.get("Peers") or ():
+        a = p.get("Addresses") or ["-"]
+        path = f"direct {p['Endpoint']}" if p.get("Endpoint") else "no path"
+        rows.append([a[0], " ".join(a[1:]), p.get("HostName") or "-", "online" if p.get("Online") else "offline",
+                     path, f"handshake {_ago(p.get('LastHandshake'), now)}",
+                     f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def find_peer(st: dict[str, Any], name: str) -> dict[str, Any]:
+    want = name.lower().rstrip(".")
+    for p in st.get("Peers") or ():
+        names = {str(p.get("HostName", "")).lower(), str(p.get("Name", "")).lower().rstrip(".")}
+        if want in names or name in (p.get("Addresses") or ()):
+            return dict(p)
+    raise CliError(f"no peer named {name!r} in this node's network map")
+
+
+def cmd_ip(api: Api, args: argparse.Namespace) -> int:
+    st = api.call("GET", "/status")
+    addrs = find_peer(st, args.peer).get("Addresses") or [] if args.peer else st["Self"].get("Addresses") or []
+    if not addrs:
+        raise CliError("no tailnet address yet (run shoal up)")
+    for a in addrs:
+        v = ipaddress.ip_address(a).version
+        if (args.v4 and v != 4) or (args.v6 and v != 6):
+            continue
+        print(a)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    api = Api(args.socket)
+    try:
+        if args.cmd == "up":
+            return cmd_up(api, args)
+        if args.cmd in ("down", "logout"):
+            api.call("POST", f"/{args.cmd}", {})
+            return 0
+        if args.cmd == "status":
+            st = api.call("GET", "/status")
+            print(json.dumps(st, indent=2) if args.json else render_status(st, time.time()))
+            return 0
+        return cmd_ip(api, args)
+    except CliError as e:
+        sys.stderr.write(f"shoal: {e}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

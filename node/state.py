@@ -1,0 +1,125 @@
+"""What shoald keeps in its state dir besides the keys (node/keys.py): preferences and the last netmap.
+
+Files (mode 0600, written atomically with node.keys.write_private):
+
+``prefs.json``::
+
+    {"version": 1,
+     "login_server": "http://203.0.113.1:8080",   # "" until the first `shoal up`
+     "server_key": "mkey:<64 hex>" | "",          # pinned on first contact; any other key is refused
+     "want_running": true,                        # false after `shoal down`; restored at start
+     "logged_out": false,                         # true after `shoal logout`
+     "hostname": "", "advertise_tags": ["tag:x"]}
+
+``netmap.json``: ``coord.wire.NetMap.as_json()`` of the last map received, so a restart while the server is
+down brings the tunnels back. It holds no secrets but is 0600 all the same (it lists the tailnet).
+
+A file that exists but cannot be read is a ``StateFileError`` naming it and the way out; nothing here ever
+replaces an unreadable file with defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coord import wire
+from node.keys import StateFileError, write_private
+
+PREFS = "prefs.json"
+NETMAP = "netmap.json"
+VERSION = 1
+
+
+@dataclass
+class Prefs:
+    login_server: str = ""
+    server_key: str = ""
+    want_running: bool = False
+    logged_out: bool = False
+    hostname: str = ""
+    advertise_tags: list[str] = field(default_factory=list)
+
+    def server_key_raw(self) -> bytes | None:
+        return wire.parse_key(self.server_key, "mkey", "server_key") if self.server_key else None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Prefs:
+        out = cls()
+        for name, kind in (("login_server", str), ("server_key", str), ("want_running", bool),
+                           ("logged_out", bool), ("hostname", str)):
+            if name in data:
+                if not isinstance(data[name], kind):
+                    raise ValueError(f"{name}: expected {kind.__name__}")
+                setattr(out, name, data[name])
+        tags = data.get("advertise_tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("advertise_tags: expected a list of strings")
+        out.advertise_tags = list(tags)
+        if out.server_key:
+            try:
+                out.server_key_raw()
+            except wire.WireError as e:
+                raise ValueError(str(e)) from None
+        return out
+
+
+class StateDir:
+    def __init__(self, path: Path | str) -> None:
+        self.dir = Path(path)
+
+    def ensure(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.dir / name
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateFileError(path, str(e)) from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise StateFileError(path, f"not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise StateFileError(path, "not a JSON object")
+        return data
+
+    def load_prefs(self) -> Prefs:
+        data = self._read_json(PREFS)
+        if data is None:
+            return Prefs()
+        try:
+            return Prefs.from_json(data)
+        except ValueError as e:
+            raise StateFileError(self.dir / PREFS, str(e)) from None
+
+    def save_prefs(self, prefs: Prefs) -> None:
+        self.ensure()
+        data = {"version": VERSION, **asdict(prefs)}
+        write_private(self.dir / PREFS, json.dumps(data, indent=1) + "\n")
+
+    def load_netmap(self) -> wire.NetMap | None:
+        data = self._read_json(NETMAP)
+        if data is None:
+            return None
+        nm = wire.NetMap()
+        try:
+            node, peers = data.get("Node"), data.get("Peers")
+            if not isinstance(node, dict) or not isinstance(peers, list):
+                raise ValueError("expected Node and Peers")
+            nm.apply(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StateFileError(self.dir / NETMAP, f"not a netmap: {e}") from None
+        return nm
+
+    def save_netmap(self, nm: wire.NetMap) -> None:
+        self.ensure()
+        write_private(self.dir / NETMAP, json.dumps(nm.as_json(), separators=(",", ":")) + "\n")
+
+    def forget_netmap(self) -> None:
+        (self.dir / NETMAP).unlink(missing_ok=True)
