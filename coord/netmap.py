@@ -192,11 +192,17 @@ class Builder:
             had = sent.get(pid)
             if had == p.version:
                 continue
+            # A patch carries only the patch fields, but p.version may already count a change that is folded and
+            # not yet flushed. So a patched copy is recorded as ~version (never a real version), and only a
+            # change naming the peer in ``peers`` replaces it with the whole record.
+            if had == ~p.version and pid not in change.peers:
+                continue
             if had is not None and pid in change.patches and pid not in change.peers:
                 patches.append(patch_record(p))
+                sent[pid] = ~p.version
             else:
                 changed.append(self.peer_json(p))
-            sent[pid] = p.version
+                sent[pid] = p.version
         if node_id in change.self_nodes:
             parts.append(b'"Node":' + _dumps(self.self_record(me)))
         if changed:
