@@ -24,7 +24,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,38 +164,44 @@ class Agent:
         if have and server != have and not self.prefs.logged_out:
             raise AgentError(409, f"this node is registered with {have}; run `shoal logout` before switching "
                                   f"to {server}")
-        await self._stop_control()
+        # nothing changes until the server has answered: a failed `up` leaves the node as it was
+        prefs = replace(self.prefs, advertise_tags=list(self.prefs.advertise_tags))
         if server != have:
-            self.prefs.server_key = ""
-        self.prefs.login_server = server
+            prefs.server_key = ""
+        prefs.login_server = server
         if hostname is not None:
-            self.prefs.hostname = hostname
+            prefs.hostname = hostname
         if advertise_tags is not None:
-            self.prefs.advertise_tags = list(advertise_tags)
-        client = self._new_client()
-        old_key = None
+            prefs.advertise_tags = list(advertise_tags)
+        client = self._new_client(prefs)
+        node_key, old_key = self.node_key, None
         if self.key_expired or self.prefs.logged_out:
             # an expired or logged-out node key is never reused: re-authentication brings a new one
-            old_key = self.node_key.public().raw
-            self.node_key = self.keys.replace("nodekey")
+            node_key, old_key = PrivateKey.generate("nodekey"), self.node_key.public().raw
         try:
-            await self._pin(client)
-            resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key))
+            await self._pin(client, prefs)
+            resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key,
+                                                                node_key=node_key, prefs=prefs))
             if resp.get("NodeKeyExpired"):
-                old_key = self.node_key.public().raw
-                self.node_key = self.keys.replace("nodekey")
-                resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key))
+                node_key, old_key = PrivateKey.generate("nodekey"), node_key.public().raw
+                resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key,
+                                                                    node_key=node_key, prefs=prefs))
         except PinMismatch as e:
             raise AgentError(409, str(e)) from None
         except ControlError as e:
-            raise AgentError(502 if e.status in (0, 500, 502, 503) else e.status,
-                             f"{server}: {e.message}") from None
+            msg = e.message if e.status == 0 else f"{server}: {e.message}"
+            raise AgentError(502 if e.status in (0, 500, 502, 503) else e.status, msg) from None
         except wire.WireError as e:
             raise AgentError(502, f"{server}: {e}") from None
         finally:
             await client.close()
         if resp.get("Error"):
             raise AgentError(403, f"{server}: {resp['Error']}")
+        await self._stop_control()
+        if node_key is not self.node_key:
+            self.keys.save(node_key)
+            self.node_key = node_key
+        self.prefs = prefs
         self.prefs.want_running = True
         self.prefs.logged_out = False
         self.state.save_prefs(self.prefs)
@@ -282,7 +288,7 @@ class Agent:
                 "ID": node.get("ID"),
                 "Name": node.get("Name", ""),
                 "HostName": compile.short_name(node.get("Name")) or self._hostname(),
-                "Addresses": [str(a).split("/")[0] for a in node.get("Addresses") or ()],
+                "Addresses": [str(a).split("/")[0] for a in compile.as_list(node.get("Addresses"))],
                 "Key": str(self.node_key.public()),
                 "KeyExpiry": node.get("KeyExpiry"),
                 "Endpoints": list(self.endpoints),
@@ -293,30 +299,36 @@ class Agent:
 
     # --- control loop -------------------------------------------------------------------------------------
 
-    def _new_client(self) -> ControlClient:
-        return ControlClient(self.prefs.login_server, self.machine.raw, self.machine.public().raw,
-                             server_public=self.prefs.server_key_raw(), clock=self.clock,
+    def _new_client(self, prefs: Prefs | None = None) -> ControlClient:
+        prefs = prefs or self.prefs
+        return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
+                             server_public=prefs.server_key_raw(), clock=self.clock,
                              timeout=self.cfg.control_timeout)
 
-    async def _pin(self, client: ControlClient) -> None:
+    async def _pin(self, client: ControlClient, prefs: Prefs | None = None) -> None:
+        """Pins on first contact. `prefs` other than ours (a tentative `up`) is updated but not saved."""
         key = await client.pin()
         text = wire.key_text("mkey", key)
-        if self.prefs.server_key != text:
+        if prefs is not None and prefs is not self.prefs:
+            prefs.server_key = text
+        elif self.prefs.server_key != text:
             self.prefs.server_key = text
             self.state.save_prefs(self.prefs)
 
-    def _hostname(self) -> str:
-        return self.prefs.hostname or socket.gethostname()
+    def _hostname(self, prefs: Prefs | None = None) -> str:
+        return (prefs or self.prefs).hostname or socket.gethostname()
 
-    def _hostinfo(self) -> wire.Hostinfo:
-        return wire.Hostinfo(hostname=self._hostname(), os="linux",
-                             request_tags=tuple(self.prefs.advertise_tags))
+    def _hostinfo(self, prefs: Prefs | None = None) -> wire.Hostinfo:
+        prefs = prefs or self.prefs
+        return wire.Hostinfo(hostname=self._hostname(prefs), os="linux", request_tags=tuple(prefs.advertise_tags))
 
     def _register_request(self, auth_key: str = "", followup: str = "", old_key: bytes | None = None,
-                          expiry: float | None = None) -> wire.RegisterRequest:
+                          expiry: float | None = None, node_key: PrivateKey | None = None,
+                          prefs: Prefs | None = None) -> wire.RegisterRequest:
         return wire.RegisterRequest(
-            node_key=self.node_key.public().raw, old_node_key=old_key, disco_key=self.disco.public().raw,
-            auth_key=auth_key, hostinfo=self._hostinfo(), followup=followup, expiry=expiry,
+            node_key=(node_key or self.node_key).public().raw, old_node_key=old_key,
+            disco_key=self.disco.public().raw, auth_key=auth_key, hostinfo=self._hostinfo(prefs),
+            followup=followup, expiry=expiry,
         )
 
     def _map_request(self, stream: bool) -> wire.MapRequest:

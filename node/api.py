@@ -30,7 +30,9 @@ from starlette.routing import Route
 from node.agent import Agent, AgentError
 
 MAX_BODY = 64 << 10
-UP_FIELDS: dict[str, type | tuple[type, ...]] = {"login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float)}
+UP_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
+}
 
 
 class BadRequest(Exception):

@@ -33,6 +33,11 @@ TAILNET_NETS = (ipaddress.ip_network(TAILNET_V4), ipaddress.ip_network(TAILNET_V
 EndpointChooser = Callable[[Mapping[str, Any]], "str | None"]
 
 
+def as_list(v: object) -> list[Any]:
+    """A list field of a server record, or nothing: a malformed record must not break the whole map."""
+    return v if isinstance(v, list) else []
+
+
 # --- endpoints ------------------------------------------------------------------------------------------
 
 
@@ -60,7 +65,7 @@ def first_endpoint(families: Iterable[int] = (4, 6)) -> EndpointChooser:
     fams = tuple(families)
 
     def choose(peer: Mapping[str, Any]) -> str | None:
-        for ep in peer.get("Endpoints") or ():
+        for ep in as_list(peer.get("Endpoints")):
             text = usable_endpoint(ep, fams)
             if text is not None:
                 return text
@@ -159,7 +164,7 @@ def wg_config(
 def self_addresses(nm: wire.NetMap) -> tuple[str, ...]:
     node = nm.node or {}
     out = []
-    for a in node.get("Addresses") or ():
+    for a in as_list(node.get("Addresses")):
         try:
             out.append(str(ipaddress.ip_interface(str(a))))
         except ValueError:
@@ -174,11 +179,13 @@ def route_config(nm: wire.NetMap, iface: str) -> RouteConfig:
 
 def is_allow_all(rules: Sequence[Mapping[str, Any]]) -> bool:
     for r in rules:
-        if "*" not in (r.get("SrcIPs") or []) or r.get("IPProto"):
+        if not isinstance(r, Mapping) or "*" not in as_list(r.get("SrcIPs")) or r.get("IPProto"):
             continue
-        for dp in r.get("DstPorts") or []:
-            ports = dp.get("Ports") or {}
-            if dp.get("IP") == "*" and ports.get("First") == 0 and ports.get("Last") == 65535:
+        for dp in as_list(r.get("DstPorts")):
+            ports = dp.get("Ports") if isinstance(dp, Mapping) else None
+            if isinstance(ports, Mapping) and dp.get("IP") == "*" and (ports.get("First"), ports.get("Last")) == (
+                0, 65535
+            ):
                 return True
     return False
 
@@ -191,7 +198,11 @@ def filter_script(nm: wire.NetMap, iface: str, table: str = FILTER_TABLE) -> str
     rules = nm.packet_filter or []
     if is_allow_all(rules):
         return f"table inet {table} {{}}\ndelete table inet {table}\n"
-    return nft.render(rules, iface, self_addresses(nm), table=table)
+    try:
+        return nft.render(rules, iface, self_addresses(nm), table=table)
+    except (TypeError, AttributeError, KeyError) as e:
+        # the renderer expects well-formed rules; a server sending others gets a clear error, not a crash
+        raise nft.RenderError(f"malformed PacketFilter: {e}") from None
 
 
 def delete_filter_script(table: str = FILTER_TABLE) -> str:
@@ -234,7 +245,7 @@ def peer_rows(nm: wire.NetMap, dev: DeviceState | None) -> list[dict[str, Any]]:
             "ID": pid,
             "Name": p.get("Name", ""),
             "HostName": short_name(p.get("Name")),
-            "Addresses": [str(a).split("/")[0] for a in p.get("Addresses") or ()],
+            "Addresses": [str(a).split("/")[0] for a in as_list(p.get("Addresses"))],
             "Online": bool(p.get("Online")),
             "LastSeen": p.get("LastSeen"),
             "Key": p.get("Key"),
