@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -157,9 +158,9 @@ def test_server_outage_keeps_tunnels_and_restart_restores_from_saved_netmap(tail
         tn.wait_for(f"{n} -> n3", lambda n=n: tn.ping(n, ip3, wait=0.5), timeout=5, step=0)
 
 
-def test_ephemeral_node_leaves_after_its_agent_stops(tailnet: Tailnet) -> None:
+def test_interactive_login_then_ephemeral_node_leaves_after_its_agent_stops(tailnet: Tailnet) -> None:
     tn, lab = tailnet, tailnet.lab
-    lab.build(one_lan(2))
+    lab.build(one_lan(3))
     tn.start_server("--ephemeral-timeout", "2s")
     tn.start_agent("n1")
     tn.up("n1", tn.auth_key())
@@ -172,3 +173,28 @@ def test_ephemeral_node_leaves_after_its_agent_stops(tailnet: Tailnet) -> None:
     assert took >= 1.5, f"gone after {took:.1f}s: sooner than the 2 s timeout"
     assert not wg_peers(tn, "n1")
     assert not any(n["name"] == "n2" for n in tn.admin("nodes", "list"))
+
+    # without a key, `shoal up` prints a login URL and waits until an admin approves it
+    tn.start_agent("n3")
+    up = subprocess.Popen(["ip", "netns", "exec", lab.ns("n3"), sys.executable, "-m", "node.cli", "--socket",
+                           str(tn.socket("n3")), "up", "--login-server", tn.url, "--hostname", "n3"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None
+        url = ""
+        while not url:
+            line = up.stdout.readline()
+            assert line, f"shoal up ended without a login URL: {up.stderr.read() if up.stderr else ''}"
+            if "/register/" in line:
+                url = line.strip()
+        assert url.startswith(f"{tn.url}/register/")
+        assert tn.status("n3")["BackendState"] == "NeedsLogin" and tn.status("n3")["AuthURL"] == url
+        tn.admin("nodes", "approve", url.rsplit("/", 1)[1], "--user", "alice")
+        out, err = up.communicate(timeout=20)
+        assert up.returncode == 0 and "Success." in out, err
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert tn.status("n3")["BackendState"] == "Running"
+    tn.wait_for("n1 -> n3", lambda: tn.ping("n1", tn.ip("n3"), wait=0.5), timeout=5, step=0)
