@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -57,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="do not verify TLS certificates of https:// mesh peers (labs only)")
     p.add_argument("--queue-bytes", type=int, default=64 << 10, metavar="N",
                    help="per-client queue past the socket buffer; the oldest packets drop beyond it (default 65536)")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="event loop: uvloop is faster and optional (pip install 'shoal[fast]'); "
+                   "auto uses it when installed (default auto)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity (default info)")
     p.add_argument("--print-public-key", action="store_true",
@@ -180,9 +182,18 @@ async def run(args: argparse.Namespace) -> None:
     await relay.close()
 
 
-def _use_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        importlib.import_module("uvloop").install()
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``--loop``: None means asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise CliError("--loop uvloop: uvloop is not installed (pip install 'shoal[fast]')") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_public_key:
             print(bytes(PrivateKey(load_or_create_key(args.key_file)).public_key).hex())
             return 0
-        _use_uvloop()
-        asyncio.run(run(args))
+        factory = loop_factory(args.loop)
+        log.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run(args))
     except CliError as e:
         print(f"shoal-derp: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@
     await client.close()
 
 Sending never blocks: DERP carries datagrams, and a stale packet is worth less than a fresh one.
+
+Reconnecting: jittered exponential back-off from ``backoff_min`` to ``backoff_max``. A Restarting frame from the
+relay (reconnect in R ms, try for T ms) overrides it once: the next attempt waits R, and failed attempts within the
+following T are retried every quarter second at most, so the client is back as soon as the restarted relay is;
+after T the normal back-off resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from derp.protocol import ClientInfoJSON, DerpConnection, Role
 from derp.protocol import Connected as _HandshakeDone
 
 log = logging.getLogger("derp.client")
+
+# Retry interval while a Restarting frame's try-for window is open.
+_RESTART_RETRY = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +102,9 @@ class DerpClient:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
-        self._next_delay: float | None = None
+        # From a Restarting frame, in loop time: first retry at, keep retrying quickly until.
+        self._restart_at: float | None = None
+        self._restart_until = 0.0
         self._closing = False
 
     @property
@@ -190,11 +200,17 @@ class DerpClient:
             if was_connected:
                 self._emit(Disconnected(reason or "connection closed"))
                 delay = self.backoff_min
-            log.debug("derp %s: %s; retrying in %.2fs", self.url, reason, delay)
-            wait = self._next_delay if self._next_delay is not None else delay * random.uniform(0.8, 1.2)
-            self._next_delay = None
+            now = asyncio.get_running_loop().time()
+            if self._restart_at is not None and now < self._restart_until:
+                wait = max(self._restart_at - now, min(self.backoff_min, _RESTART_RETRY))
+                self._restart_at = now  # later failures in the window retry at the short interval
+                delay = self.backoff_min
+            else:
+                self._restart_at = None
+                wait = delay * random.uniform(0.8, 1.2)
+                delay = min(delay * 2, self.backoff_max)
+            log.debug("derp %s: %s; retrying in %.2fs", self.url, reason, wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, self.backoff_max)
 
     def _drop_writer(self) -> None:
         w, self._writer = self._writer, None
@@ -273,7 +289,9 @@ class DerpClient:
         elif isinstance(ev, frames.KeepAlive):
             pass
         elif isinstance(ev, frames.Restarting):
-            self._next_delay = ev.reconnect_in_ms / 1000
+            now = asyncio.get_running_loop().time()
+            self._restart_at = now + ev.reconnect_in_ms / 1000
+            self._restart_until = self._restart_at + ev.try_for_ms / 1000
             self._emit(ev)
         else:
             self._emit(ev)

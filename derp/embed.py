@@ -15,7 +15,7 @@ request of a connection is examined: later keep-alive requests go straight to th
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from derp import http
 from derp.server import DerpServer
@@ -43,8 +43,8 @@ def derp_http_protocol(relay: DerpServer, inner: type[asyncio.Protocol] | None =
             self._transport: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self._transport = transport
+            # Not isinstance(): uvloop's transports do not subclass asyncio.Transport.
+            self._transport = cast(asyncio.Transport, transport)
 
         def data_received(self, data: bytes) -> None:
             self._buf += data

@@ -1,15 +1,23 @@
-"""The DERP relay: asyncio glue around derp.protocol (handshake), derp.registry (who is here) and derp.http.
+"""The DERP relay: asyncio glue around derp.protocol (handshake), derp.registry (who is here), derp.scan (the
+forwarding fast path) and derp.http.
 
-Hot path. After the handshake each connection reads straight into its own buffer (asyncio.BufferedProtocol, so a
-read allocates nothing) and the whole read is scanned in one loop. A SendPacket and the RecvPacket it becomes are the
-same size (1 type byte, 4 length bytes, 32 key bytes, packet), so the relay rewrites the frame in place: type 0x04
--> 0x05, destination key -> source key. Consecutive frames to one destination stay contiguous, so they leave as one
-``bytes`` copy and one ``transport.write``: the per-frame cost is a header unpack, a key compare and two small
-in-place stores; dict lookups and writes happen once per run of frames, not once per frame.
+Hot path. After the handshake every connection reads into ONE read buffer shared by the whole relay
+(asyncio.BufferedProtocol: ``get_buffer`` hands it out, ``buffer_updated`` scans it at once), so reads can be large
+(1 MiB by default) at no per-client memory cost. Correct because asyncio calls ``get_buffer``, ``recv_into`` and
+``buffer_updated`` back to back for one connection, and everything that uses the buffer finishes inside
+``buffer_updated``. What does not fit, an incomplete last frame, is copied out to the connection (``partial``) and
+back in front of the next read; one of 16 KiB or more gets a buffer of its own (``big``) until it is complete, so a
+large frame trickling in is not copied again and again. ``derp.scan`` rewrites SendPacket frames into RecvPacket
+frames in place; every destination then gets one ``bytes`` copy and one ``transport.write`` per read.
 
-Queues. Each client's transport buffer is capped (``write_high``); past it, asyncio pauses writing and frames go to a
-per-client queue capped at ``queue_bytes`` that drops its oldest entries (counted as ``queue_full``). A client that
-stops reading therefore never blocks a sender or the other clients.
+Queues. Each client's transport buffer is capped (``write_high``); past it, asyncio pauses writing and frames wait
+in two per-client queues: disco packets (``derp.scan.DISCO_MAGIC``) and the relay's own control frames in one,
+everything else in the other, each capped in bytes and dropping its oldest entries (counted as
+``disco_queue_full`` and ``queue_full``). The first drains first. A client that stops reading therefore never
+blocks a sender or the other clients, and bulk data never pushes out the disco packets that find a direct path.
+
+Shutdown. ``close()`` sends every client a Restarting frame (reconnect in about a second, keep trying for ten)
+before closing, so clients come back quickly to the restarted relay instead of backing off.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import ssl as ssl_mod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from nacl.public import PrivateKey
 
@@ -31,19 +39,15 @@ from derp import frames, http
 from derp.frames import FrameType
 from derp.protocol import ClientAuthenticated, DerpConnection, Role
 from derp.registry import Announce, Registry, SendHealth, SendPeerGone
+from derp.scan import DISCO_MAGIC, Scanner, split_disco
 
 log = logging.getLogger("derp.server")
 
 Admit = Callable[[bytes, str], Awaitable[bool]]
 
 _unpack_header = frames.HEADER.unpack_from
-_SEND = int(FrameType.SEND_PACKET)
-_RECV = int(FrameType.RECV_PACKET)
-_MAX_SEND = frames.KEY_LEN + frames.MAX_PACKET_SIZE
-_SMALL_BUF = 16 << 10
-_RECV_BYTE = bytes([_RECV])
-# Longer than any header prefix we compare, so it never matches.
-_NO_MATCH = b"\xff" * 64
+# An incomplete frame at least this long waits in a buffer of its own rather than being copied into every read.
+_BIG = 16 << 10
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Metrics:
     bytes_received: int = 0
     drops: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
-            ("queue_full", "unknown_dest", "gone", "mesh_down", "write_error"), 0
+            ("queue_full", "disco_queue_full", "unknown_dest", "gone", "mesh_down", "write_error"), 0
         )
     )
     closes: dict[str, int] = field(
@@ -90,13 +94,18 @@ class _Conn(asyncio.BufferedProtocol):
         self.preferred = False
         self.closed = False
         self.head = bytearray()
-        self.buf = bytearray(_SMALL_BUF)
-        self.mv = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
+        # The incomplete frame at the end of the last read, and how much of it sits at the front of the shared
+        # buffer handed out by get_buffer.
+        self.partial = b""
+        self.pend = 0
+        self.big: bytearray | None = None
+        self.big_have = 0
         self.write_paused = False
+        # (frames, packets in them); disco and control frames go in ``prio``, which drains first.
         self.queue: deque[tuple[bytes, int]] = deque()
+        self.prio: deque[tuple[bytes, int]] = deque()
         self.queued_bytes = 0
+        self.prio_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.not_here_sent: dict[bytes, float] = {}
         self.admission: asyncio.Task[None] | None = None
@@ -104,27 +113,42 @@ class _Conn(asyncio.BufferedProtocol):
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not isinstance(): uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
-        transport.set_write_buffer_limits(high=self.server.write_high)
+        self.transport.set_write_buffer_limits(high=self.server.write_high)
         self.server.conns.add(self)
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.mode == "open":
-            return self.mv[self.end :]
-        return self.mv
+        big = self.big
+        if big is not None:
+            return memoryview(big)[self.big_have :]
+        server = self.server
+        p = self.partial
+        if p:
+            n = len(p)
+            server.rbuf[:n] = p
+            self.pend = n
+            return server.rmv[n:]
+        self.pend = 0
+        return server.rmv
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.mode == "open":
-            self.end += nbytes
-            self._process()
+            big = self.big
+            if big is None:
+                self._process(self.server.rbuf, self.pend + nbytes)
+                return
+            self.big_have += nbytes
+            if self.big_have == len(big):
+                self.big = None
+                self._process(big, len(big))
             return
-        data = bytes(self.mv[:nbytes])
+        data = bytes(self.server.rmv[:nbytes])
         if self.mode == "http":
             self._http(data)
         elif self.mode == "derp":
@@ -144,14 +168,17 @@ class _Conn(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         t = self.transport
-        q = self.queue
         m = self.server.metrics
-        while q and not self.write_paused and t is not None and not t.is_closing():
-            data, n = q.popleft()
-            self.queued_bytes -= len(data)
-            t.write(data)
-            m.packets_forwarded += n
-            m.bytes_forwarded += len(data)
+        for q in (self.prio, self.queue):
+            while q and not self.write_paused and t is not None and not t.is_closing():
+                data, n = q.popleft()
+                if q is self.prio:
+                    self.prio_bytes -= len(data)
+                else:
+                    self.queued_bytes -= len(data)
+                t.write(data)
+                m.packets_forwarded += n
+                m.bytes_forwarded += len(data) if n else 0
 
     # HTTP
 
@@ -227,12 +254,8 @@ class _Conn(asyncio.BufferedProtocol):
         conn, t, server = self.conn, self.transport, self.server
         assert conn is not None and t is not None
         self._write(conn.accept())
-        leftover = conn.take_buffered()
+        leftover = bytearray(conn.take_buffered())
         self.key, self.is_mesh = key, is_mesh
-        self.buf = bytearray(server.read_buffer)
-        self.mv = memoryview(self.buf)
-        self.buf[: len(leftover)] = leftover
-        self.start, self.end = 0, len(leftover)
         self.mode = "open"
         if self.timer is not None:
             self.timer.cancel()
@@ -241,8 +264,8 @@ class _Conn(asyncio.BufferedProtocol):
         server._run(server.registry.add(key, self))
         log.info("client %s connected from %s%s", key.hex()[:16], self.peer_ip, " (mesh)" if is_mesh else "")
         t.resume_reading()
-        if self.end:
-            self._process()
+        if leftover:
+            self._process(leftover, len(leftover))
 
     def _handshake_expired(self) -> None:
         if self.mode != "open" and not self.closed:
@@ -261,88 +284,61 @@ class _Conn(asyncio.BufferedProtocol):
 
     # The open stream
 
-    def _process(self) -> None:
-        buf = self.buf
-        pos = self.start
-        end = self.end
-        src = self.key
-        unpack = _unpack_header
-        run_key = b""
-        run_start = pos
-        run_n = 0
-        # Header (type, length, destination) of the previous SendPacket and what it was rewritten to: a stream
-        # of equal-sized packets to one peer then costs one compare and one 37-byte store per frame.
-        hdr = _NO_MATCH
-        out = b""
-        step = 0
-        while end - pos >= 5:
-            if buf.startswith(hdr, pos):
-                fend = pos + step
-                if fend > end:
-                    break
-                buf[pos : pos + 37] = out
-                pos = fend
-                run_n += 1
-                continue
-            ftype, length = unpack(buf, pos)
-            fend = pos + 5 + length
-            if ftype == _SEND and 32 <= length <= _MAX_SEND:
-                if fend > end:
-                    break
-                if not (run_n and buf.startswith(run_key, pos + 5)):
-                    if run_n:
-                        self._flush(run_key, run_start, pos, run_n)
-                    run_key = bytes(buf[pos + 5 : pos + 37])
-                    run_start = pos
-                    run_n = 0
-                hdr = bytes(buf[pos : pos + 37])
-                out = _RECV_BYTE + hdr[1:5] + src
-                step = 5 + length
-                buf[pos : pos + 37] = out
-                pos = fend
-                run_n += 1
-                continue
-            if run_n:
-                self._flush(run_key, run_start, pos, run_n)
-                run_n = 0
-                hdr = _NO_MATCH
-            if length > frames.MAX_FRAME_LEN or ftype == _SEND:
-                self.close("protocol_error", f"frame type 0x{ftype:02x} with bad length {length}")
-                return
-            if fend > end:
-                break
-            self._control(ftype, bytes(buf[pos + 5 : fend]))
-            pos = fend
+    def _process(self, buf: bytearray, end: int) -> None:
+        server = self.server
+        res = server.scanner.scan(buf, end, self.key)
+        server.metrics.bytes_received += res.pos
+        runs = res.runs
+        if runs:
+            mv = server.rmv if buf is server.rbuf else memoryview(buf)
+            if len(runs) == 1:
+                key, start, stop, n = runs[0]
+                self._send_run(key, mv[start:stop].tobytes(), n)
+            else:
+                # Several destinations in one read: still one write each.
+                groups: dict[bytes, tuple[list[memoryview], list[int]]] = {}
+                for key, start, stop, n in runs:
+                    g = groups.get(key)
+                    if g is None:
+                        groups[key] = ([mv[start:stop]], [n])
+                    else:
+                        g[0].append(mv[start:stop])
+                        g[1].append(n)
+                for key, (parts, counts) in groups.items():
+                    self._send_run(key, b"".join(parts), sum(counts))
+        for ftype, payload in res.controls:
+            self._control(ftype, payload)
             if self.closed:
                 return
-        if run_n:
-            self._flush(run_key, run_start, pos, run_n)
-        self.server.metrics.bytes_received += pos - self.start
-        if pos == end:
-            self.start = self.end = 0
+        if res.error:
+            self.close("protocol_error", res.error)
+            return
+        rest = end - res.pos
+        if not rest:
+            self.partial = b""
+        elif rest < _BIG:
+            self.partial = bytes(buf[res.pos : end])
         else:
-            self.start = pos
-            if len(buf) - end < frames.MAX_FRAME_LEN + frames.HEADER_LEN:
-                # Keep room for the largest frame: slide the partial frame to the front.
-                n = end - pos
-                buf[:n] = bytes(self.mv[pos:end])
-                self.start, self.end = 0, n
+            # scan() stopped at an incomplete frame whose length it checked; give it a buffer of its own.
+            _, length = _unpack_header(buf, res.pos)
+            big = bytearray(frames.HEADER_LEN + length)
+            big[:rest] = buf[res.pos : end]
+            self.big, self.big_have, self.partial = big, rest, b""
 
-    def _flush(self, key: bytes, start: int, stop: int, n: int) -> None:
+    def _send_run(self, key: bytes, data: bytes, n: int) -> None:
         server = self.server
-        m = server.metrics
-        m.packets_received += n
+        server.metrics.packets_received += n
         dst = server.registry.active.get(key)
         if dst is not None:
             server.registry.note_sent(self.key, key)
-            dst.deliver(self.mv[start:stop].tobytes(), n)
+            dst.deliver(data, n)
             return
         fwd = server.registry.forwarders.get(key)
         if fwd is not None:
-            fwd.forward(self.key, key, self.mv[start:stop], n)
+            fwd.forward(self.key, key, data, n)
             server.registry.note_sent(self.key, key)
             return
-        m.drop("unknown_dest", n)
+        server.metrics.drop("unknown_dest", n)
         self._not_here(key)
 
     def _not_here(self, key: bytes) -> None:
@@ -405,7 +401,8 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.write(data)
 
     def deliver(self, data: bytes, n: int) -> None:
-        """Queue frames to this client: write now, or queue and drop the oldest when the client is slow."""
+        """Send ``n`` RecvPacket frames to this client: write now, or queue them (dropping the oldest) when the
+        client is slow."""
         t = self.transport
         if t is None or self.closed:
             self.server.metrics.drop("gone", n)
@@ -416,6 +413,12 @@ class _Conn(asyncio.BufferedProtocol):
             m.packets_forwarded += n
             m.bytes_forwarded += len(data)
             return
+        if DISCO_MAGIC in data:
+            disco, data, n = split_disco(data)
+            for f in disco:
+                self._enqueue_prio(f, 1)
+            if not n:
+                return
         q = self.queue
         q.append((data, n))
         self.queued_bytes += len(data)
@@ -426,8 +429,24 @@ class _Conn(asyncio.BufferedProtocol):
             self.server.metrics.drop("queue_full", k)
 
     def deliver_control(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.deliver(data, 0)
+        """Send a frame of the relay's own (Pong, PeerGone, Health, ...): ahead of queued data."""
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if not self.write_paused:
+            t.write(data)
+            return
+        self._enqueue_prio(data, 0)
+
+    def _enqueue_prio(self, data: bytes, n: int) -> None:
+        q = self.prio
+        q.append((data, n))
+        self.prio_bytes += len(data)
+        limit = self.server.disco_queue_bytes
+        while self.prio_bytes > limit and len(q) > 1:
+            old, k = q.popleft()
+            self.prio_bytes -= len(old)
+            self.server.metrics.drop("disco_queue_full", max(k, 1))
 
     def close(self, reason: str, detail: str = "") -> None:
         if self.closed:
@@ -450,10 +469,12 @@ class _Conn(asyncio.BufferedProtocol):
             self.timer = None
         if self.admission is not None and not self.admission.done():
             self.admission.cancel()
-        if self.queue:
-            server.metrics.drop("gone", sum(n for _, n in self.queue))
+        if self.queue or self.prio:
+            server.metrics.drop("gone", sum(n for _, n in self.queue) + sum(n for _, n in self.prio))
             self.queue.clear()
-            self.queued_bytes = 0
+            self.prio.clear()
+            self.queued_bytes = self.prio_bytes = 0
+        self.partial, self.big = b"", None
         if self.mode == "open" and self.key:
             self.mode = "closed"
             server._run(server.registry.remove(self.key, self))
@@ -464,7 +485,9 @@ class DerpServer:
 
     ``private_key`` is the relay's 32-byte Curve25519 key. ``admit(node_key, source_ip)`` decides whether a
     client may use the relay (None: everyone); it fails closed after ``admit_timeout`` seconds. Clients presenting
-    ``mesh_key`` (32 bytes) are other relays of the region and are always admitted.
+    ``mesh_key`` (32 bytes) are other relays of the region and are always admitted. ``queue_bytes`` and
+    ``disco_queue_bytes`` cap each client's data and disco queues; ``read_buffer`` is the one read buffer all
+    connections share.
     """
 
     def __init__(
@@ -476,8 +499,9 @@ class DerpServer:
         mesh_key: bytes | None = None,
         mesh_with: Sequence[str] = (),
         queue_bytes: int = 64 << 10,
+        disco_queue_bytes: int = 64 << 10,
         write_high: int = 256 << 10,
-        read_buffer: int = 256 << 10,
+        read_buffer: int = 1 << 20,
         keepalive: float = frames.KEEPALIVE_INTERVAL,
         keepalive_jitter: float = 5.0,
         handshake_timeout: float = frames.HANDSHAKE_TIMEOUT,
@@ -497,8 +521,12 @@ class DerpServer:
         self.mesh_with = list(mesh_with)
         self.mesh_ssl = mesh_ssl
         self.queue_bytes = queue_bytes
+        self.disco_queue_bytes = disco_queue_bytes
         self.write_high = write_high
         self.read_buffer = read_buffer
+        self.rbuf = bytearray(read_buffer)
+        self.rmv = memoryview(self.rbuf)
+        self.scanner = Scanner()
         self.keepalive = keepalive
         self.keepalive_jitter = keepalive_jitter
         self.handshake_timeout = handshake_timeout
@@ -541,13 +569,23 @@ class DerpServer:
         conn.connection_made(transport)
         conn.begin_derp(leftover)
 
-    async def close(self) -> None:
+    async def close(self, *, reconnect_in: float = 1.0, try_for: float = 10.0) -> None:
+        """Stop listening and close every connection.
+
+        Each admitted client first gets a Restarting frame: come back in ``reconnect_in`` seconds (smeared per
+        client over its second half, so they do not all return at once), and keep trying for ``try_for`` seconds
+        before falling back to normal back-off. ``reconnect_in < 0`` sends none (the relay is going away).
+        """
         for srv in self._servers:
             srv.close()
         for link in self.mesh_links:
             await link.stop()
         self.mesh_links.clear()
         for c in list(self.conns):
+            if reconnect_in >= 0 and c.mode == "open" and not c.closed:
+                ms_in = int(1000 * reconnect_in * random.uniform(0.5, 1.0))
+                # Straight to the transport, past any queue: close() flushes the transport, not our queues.
+                c._write(frames.encode_restarting(ms_in, int(1000 * try_for)))
             c.close("client_closed", "relay shutting down")
         for srv in self._servers:
             await srv.wait_closed()
@@ -670,13 +708,14 @@ class _MeshLink:
     async def stop(self) -> None:
         await self.client.close()
 
-    def forward(self, src: bytes, dst: bytes, run: memoryview, n: int) -> None:
+    def forward(self, src: bytes, dst: bytes, data: bytes, n: int) -> None:
         # The run was rewritten in place to RecvPacket(src, packet) frames; re-frame each as ForwardPacket.
         if not self.connected:
             self.server.metrics.drop("mesh_down", n)
             return
         out: list[bytes] = []
         pos = 0
+        run = memoryview(data)
         total = len(run)
         while pos < total:
             _, length = _unpack_header(run, pos)

@@ -48,6 +48,7 @@ SANS_IO = [
     "node/wg/uapi.py",
     "node/bpf.py",
     "derp/http.py",
+    "derp/scan.py",
 ]
 IO_MODULES = {"socket", "asyncio", "sqlite3", "aiosqlite", "subprocess", "time", "selectors", "threading"}
 

@@ -110,7 +110,7 @@ def test_encoder_misuse() -> None:
 def test_frames_split_across_reads() -> None:
     wire = f.encode_send_packet(KB, b"one") + f.encode_ping(b"abcdefgh") + f.encode_recv_packet(K2B, b"two")
     buf = f.FrameBuffer()
-    out = []
+    out: list[f.Frame] = []
     for i in range(len(wire)):
         buf.feed(wire[i : i + 1])
         out.extend(f.decode(t, p) for t, p in buf.frames())

@@ -24,7 +24,7 @@ CLIENT = bytes(PrivateKey.generate())
 
 
 def drain(conn: DerpConnection) -> list[object]:
-    out = []
+    out: list[object] = []
     while (ev := conn.next_event()) is not NEED_DATA:
         out.append(ev)
     return out
