@@ -15,6 +15,7 @@ from nacl.public import Box, PrivateKey
 from derp import frames as f
 from derp.client import Connected, DerpClient
 from derp.protocol import NEED_DATA, DerpConnection, Role, State
+from derp.scan import DISCO_MAGIC
 from derp.server import DerpServer
 
 pytestmark = pytest.mark.anyio
@@ -181,7 +182,7 @@ async def test_relay_restart_and_client_reconnect() -> None:
     url = f"http://127.0.0.1:{port}/derp"
     async with client(url) as a, client(url) as b:
         a.note_preferred(True)
-        await server.close()
+        await server.close(reconnect_in=0.1)
         server2 = DerpServer(key)
         await server2.serve("127.0.0.1", port)
         try:
@@ -249,3 +250,125 @@ async def test_http_paths() -> None:
         w.write(b"\x00\x01garbage\r\n\r\n")
         assert (await asyncio.wait_for(r.read(), 3)).startswith(b"HTTP/1.1 400 ")
         assert server.metrics.closes["bad_http"] == 1
+
+
+async def raw_client(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A DERP client on a bare socket, past the handshake: (reader, writer, its public key)."""
+    r, w, _ = await raw_upgrade(url)
+    key = PrivateKey.generate()
+    conn = DerpConnection(Role.CLIENT, bytes(key))
+    while conn.state is not State.OPEN:
+        conn.receive_data(await r.read(4096))
+        while conn.next_event() is not NEED_DATA:
+            pass
+        w.write(conn.data_to_send())
+    return r, w, bytes(key.public_key)
+
+
+async def read_frames(r: asyncio.StreamReader, until: object, timeout: float = 3.0) -> list[f.Frame]:
+    """Decode frames from ``r`` until ``until(frames_so_far)`` is true."""
+    buf = f.FrameBuffer(max_frame=f.MAX_FRAME_LEN)
+    got: list[f.Frame] = []
+
+    async def go() -> None:
+        while not until(got):  # type: ignore[operator]
+            data = await r.read(1 << 16)
+            assert data, "relay closed the connection"
+            buf.feed(data)
+            got.extend(f.decode(t, p) for t, p in buf.frames())
+
+    await asyncio.wait_for(go(), timeout)
+    return got
+
+
+async def test_disco_is_not_dropped_behind_bulk_data() -> None:
+    async with relay(queue_bytes=8 << 10, write_high=8 << 10) as (server, url), client(url) as a:
+        r, w, slow_pub = await raw_client(url)
+        w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await asyncio.sleep(0.1)
+        # Small kernel buffers on both ends, so the relay's queues fill after a few hundred KB.
+        slow = server.registry.active[slow_pub].transport
+        assert slow is not None
+        slow.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        blob = os.urandom(1200)
+        for _ in range(300):
+            a.send(slow_pub, blob)
+        await asyncio.sleep(0.2)
+        # Each disco packet is followed by far more data than the data queue holds.
+        for i in range(10):
+            a.send(slow_pub, DISCO_MAGIC + b"disco %d" % i)
+            for _ in range(40):
+                a.send(slow_pub, blob)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert server.metrics.drops["queue_full"] > 0
+        got = await read_frames(r, lambda fs: sum(1 for x in fs if x.packet.startswith(DISCO_MAGIC)) == 10)
+        disco = [x.packet for x in got if isinstance(x, f.RecvPacket) and x.packet.startswith(DISCO_MAGIC)]
+        assert disco == [DISCO_MAGIC + b"disco %d" % i for i in range(10)]
+        assert server.metrics.drops["disco_queue_full"] == 0
+        w.close()
+
+
+async def test_client_honours_restarting() -> None:
+    key = newkey()
+    server = DerpServer(key)
+    port = (await server.serve("127.0.0.1", 0)).sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/derp"
+    loop = asyncio.get_running_loop()
+    # Normal back-off would wait 2.4-3.6 s before each reconnect; the Restarting frame overrides it.
+    c = DerpClient(url, newkey(), backoff_min=3.0, backoff_max=3.0)
+    c.start()
+    try:
+        await next_of(c, Connected)
+        # 1. Come back after reconnect-in (smeared over its second half), not at once and not after back-off.
+        t0 = loop.time()
+        await server.close(reconnect_in=0.6, try_for=5.0)
+        ev = await next_of(c, f.Restarting)
+        assert isinstance(ev, f.Restarting) and 300 <= ev.reconnect_in_ms <= 600 and ev.try_for_ms == 5000
+        server = DerpServer(key)
+        await server.serve("127.0.0.1", port)
+        await next_of(c, Connected)
+        assert ev.reconnect_in_ms / 1000 - 0.05 <= loop.time() - t0 < 1.5
+        # 2. The relay stays down longer than reconnect-in: retries keep coming quickly within try-for.
+        t0 = loop.time()
+        await server.close(reconnect_in=0.1, try_for=5.0)
+        await next_of(c, f.Restarting)
+        await asyncio.sleep(1.0)
+        server = DerpServer(key)
+        await server.serve("127.0.0.1", port)
+        await next_of(c, Connected)
+        assert 1.0 <= loop.time() - t0 < 1.8
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_large_frame_arriving_in_pieces_and_bulk_runs() -> None:
+    async with relay() as (server, url), client(url) as b:
+        _, w, a_pub = await raw_client(url)
+        big = os.urandom(60000)
+        frame = f.encode_send_packet(b.public_key, big)
+        for i in range(0, len(frame), 12000):  # 12 KB, then 24 KB: the rest waits in its own buffer
+            w.write(frame[i : i + 12000])
+            await w.drain()
+            await asyncio.sleep(0.05)
+        assert await next_of(b, f.RecvPacket) == f.RecvPacket(a_pub, big)
+        # A long run of equal frames plus odd ones, written at once: the batched path, in order.
+        pkts = [os.urandom(1000) for _ in range(500)] + [b"short"] + [os.urandom(1000) for _ in range(100)]
+        w.write(b"".join(f.encode_send_packet(b.public_key, p) for p in pkts))
+        for p in pkts:
+            assert await next_of(b, f.RecvPacket) == f.RecvPacket(a_pub, p)
+        assert server.metrics.packets_forwarded == 602
+        w.close()
+
+
+def test_forwarding_under_uvloop() -> None:
+    import uvloop
+
+    async def main() -> None:
+        await test_two_clients_exchange_packets()
+        await test_large_frame_arriving_in_pieces_and_bulk_runs()
+        await test_disco_is_not_dropped_behind_bulk_data()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
