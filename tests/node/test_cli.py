@@ -35,9 +35,10 @@ def shoal(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def start_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     sock = tmp / "run" / "shoald.sock"
-    proc = subprocess.Popen([PY, "-m", "node.daemon", "--state-dir", str(tmp / "state"), "--socket", str(sock),
-                             "--iface", "shtestcli0", "--engine", "wireguard-go"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "shoald.log", "wb"))  # noqa: SIM115
+    with open(tmp / "shoald.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([PY, "-m", "node.daemon", "--state-dir", str(tmp / "state"), "--socket",
+                                 str(sock), "--iface", "shtestcli0", "--engine", "wireguard-go"],
+                                stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 15
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
