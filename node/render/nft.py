@@ -2,9 +2,14 @@
 
 Input: the FilterRules for traffic ARRIVING at this node (coord/policy wire shape, see PROTOCOLS.md 4):
 
-    [{"SrcIPs": ["100.64.0.1/32", "*", ...],
+    [{"SrcIPs": ["100.64.0.1/32", "*", "100.64.0.5-100.64.0.9", ...],
       "DstPorts": [{"IP": "100.64.0.2/32" | "*" | "<cidr>", "Ports": {"First": 22, "Last": 22}}],
-      "IPProto": [6, 17, 1, 58]}]        # omitted or empty: TCP, UDP, ICMPv4, ICMPv6
+      "IPProto": [6, 17, 1, 58]}]        # omitted, null or empty: TCP, UDP, ICMPv4, ICMPv6
+
+Every field is checked before a line is written: lists must be lists, addresses must parse (no IPv6 scope
+IDs: `fe80::1%x } accept` parses as an address and would be pasted into the script), ports are integers in
+0..65535 with First <= Last, protocols integers in 0..255. Anything else raises RenderError naming the
+rule, so the agent keeps the filter it had and says why.
 
 Output: one script that atomically replaces a table of our own (`table inet <name> {}` makes sure it
 exists, `delete table` drops it, and the full definition follows; `nft -f` applies all or nothing):
@@ -31,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PROTOS = (6, 17, 1, 58)
@@ -43,28 +49,59 @@ class RenderError(ValueError):
     pass
 
 
-def _nets(items: Iterable[str]) -> tuple[list[str], list[str], bool]:
-    """Split addresses by family; the bool says whether `*` (any source) was present."""
+@dataclass(frozen=True)
+class _Addrs:
+    v4: list[str]
+    v6: list[str]
+    star: bool
+
+
+@dataclass(frozen=True)
+class _Dst:
+    addrs: _Addrs
+    ports: str
+
+
+def _address(raw: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        a = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        raise RenderError(f"{where}: bad address {raw!r}") from None
+    if isinstance(a, ipaddress.IPv6Address) and a.scope_id is not None:
+        raise RenderError(f"{where}: scoped address {raw!r}")
+    return a
+
+
+def _nets(items: object, where: str) -> _Addrs:
+    """Split addresses by family; `star` says whether `*` (any) was present."""
+    if not isinstance(items, list):
+        raise RenderError(f"{where}: expected a list of addresses, got {type(items).__name__}")
     v4: list[str] = []
     v6: list[str] = []
     star = False
-    for raw in items:
+    for i, raw in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(raw, str):
+            raise RenderError(f"{at}: expected an address string, got {type(raw).__name__}")
         if raw == "*":
             star = True
             continue
         if "-" in raw:  # an a-b range, as Tailscale allows in SrcIPs
-            a, b = (ipaddress.ip_address(x.strip()) for x in raw.split("-", 1))
+            lo, hi = raw.split("-", 1)
+            a, b = _address(lo, at), _address(hi, at)
             if a.version != b.version or int(a) > int(b):
-                raise RenderError(f"bad address range {raw!r}")
+                raise RenderError(f"{at}: bad address range {raw!r}")
             (v4 if a.version == 4 else v6).append(f"{a}-{b}")
             continue
+        if "%" in raw:
+            raise RenderError(f"{at}: scoped address {raw!r}")
         try:
             n = ipaddress.ip_network(raw, strict=False)
         except ValueError:
-            raise RenderError(f"bad address {raw!r}") from None
+            raise RenderError(f"{at}: bad address {raw!r}") from None
         text = str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
         (v4 if n.version == 4 else v6).append(text)
-    return _uniq(v4), _uniq(v6), star
+    return _Addrs(_uniq(v4), _uniq(v6), star)
 
 
 def _uniq(xs: Iterable[str]) -> list[str]:
@@ -75,10 +112,31 @@ def _set(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def _ports(first: int, last: int) -> str:
-    if not (0 <= first <= last <= 65535):
-        raise RenderError(f"bad port range {first}-{last}")
+def _int(v: object, lo: int, hi: int, where: str) -> int:
+    # bool is an int subclass and 22.0 would truncate silently: neither is a port or protocol number
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise RenderError(f"{where}: expected an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _ports(v: object, where: str) -> str:
+    if not isinstance(v, Mapping):
+        raise RenderError(f"{where}: expected {{First, Last}}, got {type(v).__name__}")
+    if "First" not in v or "Last" not in v:
+        raise RenderError(f"{where}: missing First or Last")
+    first = _int(v["First"], 0, 65535, f"{where}.First")
+    last = _int(v["Last"], 0, 65535, f"{where}.Last")
+    if first > last:
+        raise RenderError(f"{where}: bad port range {first}-{last}")
     return str(first) if first == last else f"{first}-{last}"
+
+
+def _protos(v: object, where: str) -> list[int]:
+    if v is None:
+        return list(DEFAULT_PROTOS)
+    if not isinstance(v, list):
+        raise RenderError(f"{where}: expected a list of protocol numbers, got {type(v).__name__}")
+    return [_int(p, 0, 255, f"{where}[{i}]") for i, p in enumerate(v)] or list(DEFAULT_PROTOS)
 
 
 def _matches(family: str, src: list[str] | None, dst: str | None) -> str:
@@ -96,15 +154,23 @@ def render(
     own_addresses: Iterable[str] = (),
     table: str = "shoal_filter",
 ) -> str:
-    """The nft script; raises RenderError for malformed rules or names."""
-    if not NAME.fullmatch(table):
+    """The nft script; raises RenderError (and nothing else) for malformed rules, addresses or names."""
+    if not isinstance(table, str) or not NAME.fullmatch(table):
         raise RenderError(f"bad table name {table!r}")
-    if not IFNAME.fullmatch(iface):
+    if not isinstance(iface, str) or not IFNAME.fullmatch(iface):
         raise RenderError(f"bad interface name {iface!r}")
-    self4, self6, _ = _nets(a.split("/")[0] for a in own_addresses)
+    if not isinstance(rules, (list, tuple)):
+        raise RenderError(f"expected a list of FilterRules, got {type(rules).__name__}")
+    self4: list[str] = []
+    self6: list[str] = []
+    for a in own_addresses:
+        if not isinstance(a, str):
+            raise RenderError(f"own address: expected a string, got {type(a).__name__}")
+        ip = _address(a.split("/")[0], "own address")
+        (self4 if ip.version == 4 else self6).append(str(ip))
     body: list[str] = []
-    for rule in rules:
-        body.extend(_rule_lines(rule))
+    for i, rule in enumerate(rules):
+        body.extend(_rule_lines(rule, f"rule {i}"))
     body = _uniq(body)
 
     out = [
@@ -113,7 +179,7 @@ def render(
         f"table inet {table} {{",
         "\tcounter dropped {}",
     ]
-    for fam, addrs in (("4", self4), ("6", self6)):
+    for fam, addrs in (("4", _uniq(self4)), ("6", _uniq(self6))):
         if addrs:
             kind = "ipv4_addr" if fam == "4" else "ipv6_addr"
             out.append(f"\tset self{fam} {{ type {kind}; elements = {{ {', '.join(addrs)} }} }}")
@@ -134,36 +200,46 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def _rule_lines(rule: Mapping[str, Any]) -> list[str]:
-    try:
-        src_ips = list(rule["SrcIPs"])
-        dst_ports = list(rule["DstPorts"])
-        protos = [int(p) for p in (rule.get("IPProto") or DEFAULT_PROTOS)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise RenderError(f"malformed FilterRule: {e}") from None
-    src4, src6, star = _nets(src_ips)
-    if not (src4 or src6 or star):
+def _parse_rule(rule: object, where: str) -> tuple[_Addrs, list[_Dst], list[int]]:
+    if not isinstance(rule, Mapping):
+        raise RenderError(f"{where}: expected an object, got {type(rule).__name__}")
+    if "SrcIPs" not in rule or "DstPorts" not in rule:
+        raise RenderError(f"{where}: missing SrcIPs or DstPorts")
+    src = _nets(rule["SrcIPs"], f"{where}.SrcIPs")
+    dps = rule["DstPorts"]
+    if not isinstance(dps, list):
+        raise RenderError(f"{where}.DstPorts: expected a list, got {type(dps).__name__}")
+    dsts: list[_Dst] = []
+    for j, dp in enumerate(dps):
+        at = f"{where}.DstPorts[{j}]"
+        if not isinstance(dp, Mapping):
+            raise RenderError(f"{at}: expected {{IP, Ports}}, got {type(dp).__name__}")
+        if "IP" not in dp or "Ports" not in dp:
+            raise RenderError(f"{at}: missing IP or Ports")
+        ip = dp["IP"]
+        if not isinstance(ip, str):
+            raise RenderError(f"{at}.IP: expected an address string, got {type(ip).__name__}")
+        dsts.append(_Dst(_nets([ip], f"{at}.IP"), _ports(dp["Ports"], f"{at}.Ports")))
+    return src, dsts, _protos(rule.get("IPProto"), f"{where}.IPProto")
+
+
+def _rule_lines(rule: object, where: str) -> list[str]:
+    src_addrs, dsts, protos = _parse_rule(rule, where)
+    if not (src_addrs.v4 or src_addrs.v6 or src_addrs.star):
         return []
     lines: list[str] = []
-    for dp in dst_ports:
-        try:
-            ip = str(dp["IP"])
-            first, last = int(dp["Ports"]["First"]), int(dp["Ports"]["Last"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RenderError(f"malformed DstPorts entry: {e}") from None
-        ports = _ports(first, last)
-        dst4, dst6, dst_star = _nets([ip])
-        for fam, srcs, dsts in (("4", src4, dst4), ("6", src6, dst6)):
-            src = None if star else srcs
+    for d in dsts:
+        for fam, srcs, dst_list in (("4", src_addrs.v4, d.addrs.v4), ("6", src_addrs.v6, d.addrs.v6)):
+            src = None if src_addrs.star else srcs
             if src is not None and not src:
                 continue  # no source of this family
-            targets: list[str | None] = [None] if dst_star else list(dsts)
+            targets: list[str | None] = [None] if d.addrs.star else list(dst_list)
             for dst in targets:
                 m = _matches(fam, src, dst)
                 icmp = "icmp" if fam == "4" else "icmpv6"
                 for p in protos:
                     if p in PORT_PROTOS:
-                        lines.append(f"{m} {PORT_PROTOS[p]} dport {ports} ct state new accept")
+                        lines.append(f"{m} {PORT_PROTOS[p]} dport {d.ports} ct state new accept")
                     elif (p == 1 and fam == "4") or (p == 58 and fam == "6"):
                         lines.append(f"{m} meta l4proto {icmp} accept")
                     elif p not in (1, 58):

@@ -1,13 +1,18 @@
-"""nft rendering as text, plus one check-mode load of several rule shapes in a throwaway netns."""
+"""nft rendering as text, malformed rules (explicit and fuzzed), and check-mode loads in a throwaway netns."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.render.nft import RenderError, render
 
@@ -89,23 +94,157 @@ def test_idempotent_and_family_split() -> None:
         ([{"DstPorts": []}], "tail0", "t"),
         ([], 'bad"name', "t"),
         ([], "tail0", "bad table"),
+        ([{"SrcIPs": [None], "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": "100.64.0.1", "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": ["100.64.0.2:22"]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": {"IP": "*", "Ports": {"First": 1, "Last": 2}}}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*"}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": None, "Ports": {"First": 1, "Last": 2}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": [1, 2]}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 1}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65536}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": -1, "Last": 5}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": "22", "Last": 22}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 2.5, "Last": 22}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": True, "Last": 22}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["100.64.0.0/33"], "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": ["1.2.3.4-"], "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": ["1.2.3.9-1.2.3.4"], "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": ["1.2.3.4-::1"], "DstPorts": []}], "tail0", "t"),
+        ([{"SrcIPs": ["fe80::1%x } accept"], "DstPorts": []}], "tail0", "t"),  # would inject into the script
+        ([{"SrcIPs": ["*"], "DstPorts": [{"IP": "fe80::1%eth0", "Ports": {"First": 1, "Last": 1}}]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [], "IPProto": [256]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [], "IPProto": ["tcp"]}], "tail0", "t"),
+        ([{"SrcIPs": ["*"], "DstPorts": [], "IPProto": 6}], "tail0", "t"),
+        ([None], "tail0", "t"),
+        ([["SrcIPs"]], "tail0", "t"),
+        ({"SrcIPs": ["*"]}, "tail0", "t"),
+        ([], None, "t"),
     ],
 )
-def test_bad_input(rules: list[dict[str, object]], iface: str, table: str) -> None:
+def test_bad_input(rules: Any, iface: Any, table: str) -> None:
     with pytest.raises(RenderError):
         render(rules, iface, table=table)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"), reason="needs root, nft")
-def test_nft_accepts_rendered_script(tmp_path: object) -> None:
+@pytest.mark.parametrize("own", [["100.64.0.2-100.64.0.3"], ["fe80::1%eth0"], [None], ["*"], ["nope"]])
+def test_bad_own_address(own: Any) -> None:
+    with pytest.raises(RenderError):
+        render([], "tail0", own)
+
+
+# --- fuzz: whatever the server sends, render() returns a script or raises RenderError --------------------
+
+ADDRS = st.one_of(
+    st.sampled_from(["*", "100.64.0.1", "100.64.0.0/10", "fd7a:115c:a1e0::1/128", "100.64.0.5-100.64.0.9",
+                     "fd7a:115c:a1e0::1-fd7a:115c:a1e0::9", "10.0.0.0/8", "0.0.0.0/0", "::/0"]),
+    st.ip_addresses().map(str),
+    st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}"),
+)
+JUNK: st.SearchStrategy[Any] = st.one_of(
+    st.none(), st.booleans(), st.integers(-70000, 70000), st.floats(allow_nan=True), st.text(max_size=20),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+PORTS = st.fixed_dictionaries({"First": st.integers(0, 65535), "Last": st.integers(0, 65535)})
+GOOD_RULE = st.fixed_dictionaries(
+    {"SrcIPs": st.lists(ADDRS, max_size=4),
+     "DstPorts": st.lists(st.fixed_dictionaries({"IP": ADDRS, "Ports": PORTS}), max_size=3)},
+    optional={"IPProto": st.one_of(st.none(), st.lists(st.sampled_from([1, 6, 17, 58, 132, 47, 0, 255]),
+                                                       max_size=4))},
+)
+
+
+def _mutate(rule: dict[str, Any], data: st.DataObject) -> Any:
+    """Breaks one part of a well-formed rule: a field, an element, or the rule itself."""
+    where = data.draw(st.sampled_from(["rule", "SrcIPs", "src", "DstPorts", "dp", "IP", "Ports", "port",
+                                       "IPProto", "proto", "drop"]))
+    junk = data.draw(JUNK)
+    if where == "rule":
+        return junk
+    if where == "drop":
+        rule.pop(data.draw(st.sampled_from(["SrcIPs", "DstPorts"])))
+    elif where in ("SrcIPs", "DstPorts", "IPProto"):
+        rule[where] = junk
+    elif where == "src":
+        rule["SrcIPs"] = [*rule["SrcIPs"], junk]
+    elif where == "proto":
+        rule["IPProto"] = [*(rule.get("IPProto") or []), junk]
+    elif rule["DstPorts"]:
+        dp = dict(rule["DstPorts"][0])
+        if where == "dp":
+            dp = junk
+        elif where in ("IP", "Ports"):
+            dp[where] = junk
+        else:
+            dp["Ports"] = {**dp["Ports"], data.draw(st.sampled_from(["First", "Last"])): junk}
+        rule["DstPorts"] = [dp, *rule["DstPorts"][1:]]
+    return rule
+
+
+@given(st.lists(GOOD_RULE, max_size=4))
+def test_fuzz_wellformed_rules_render(rules: list[dict[str, Any]]) -> None:
+    bad_range = any(p["Ports"]["First"] > p["Ports"]["Last"] for r in rules for p in r["DstPorts"])
+    try:
+        text = render(rules, "tail0", ["100.64.0.2", "fd7a:115c:a1e0::2"])
+    except RenderError:
+        assert bad_range
+        return
+    assert not bad_range
+    assert text.endswith("counter name dropped drop\n\t}\n}\n")
+
+
+@given(st.lists(GOOD_RULE, min_size=1, max_size=3), st.data())
+def test_fuzz_malformed_rules_raise_render_error_only(rules: list[dict[str, Any]], data: st.DataObject) -> None:
+    i = data.draw(st.integers(0, len(rules) - 1))
+    rules[i] = _mutate(rules[i], data)
+    with contextlib.suppress(RenderError):
+        render(rules, "tail0", ["100.64.0.2"])
+
+
+@given(st.lists(st.one_of(st.text(max_size=30), JUNK, st.lists(JUNK, max_size=3)), max_size=3))
+def test_fuzz_arbitrary_rule_lists(rules: list[Any]) -> None:
+    with contextlib.suppress(RenderError):
+        render(rules, "tail0")
+
+
+NEEDS_NFT = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"),
+                               reason="needs root, nft")
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
     ns = f"shoaltest-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        for rules in ([], SSH_ONLY, SHAPES):
-            script = render(rules, "shoal0", OWN, table="shoal_test")
-            r = subprocess.run(
-                ["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=script, text=True, capture_output=True
-            )
-            assert r.returncode == 0, r.stderr + script
+        yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def nft_check(ns: str, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=script, text=True,
+                          capture_output=True)
+
+
+@NEEDS_NFT
+def test_nft_accepts_rendered_script(netns: str) -> None:
+    for rules in ([], SSH_ONLY, SHAPES):
+        script = render(rules, "shoal0", OWN, table="shoal_test")
+        r = nft_check(netns, script)
+        assert r.returncode == 0, r.stderr + script
+
+
+@NEEDS_NFT
+def test_nft_accepts_every_fuzzed_script(netns: str) -> None:
+    # one nft run for many generated rule sets: anything render() lets through, nft must load
+    scripts: list[str] = []
+
+    @given(st.lists(GOOD_RULE, max_size=3))
+    def collect(rules: list[dict[str, Any]]) -> None:
+        with contextlib.suppress(RenderError):
+            scripts.append(render(rules, "shoal0", OWN, table=f"t{len(scripts)}"))
+
+    collect()
+    assert len(scripts) > 10
+    r = nft_check(netns, "".join(scripts))
+    assert r.returncode == 0, r.stderr
