@@ -10,9 +10,11 @@ One `Agent` per shoald. Its asyncio shell around the pure pieces in node/compile
   state dir, and reconciled into the OS: WireGuard peers (engine.set), addresses and routes (RouteApplier),
   the packet filter (`nft -f -`). Every applier changes only what differs. When the stream breaks the last
   netmap and every tunnel stay as they are; the loop retries with jittered exponential back-off.
-- Endpoints: `_discover_endpoints()` is where the node learns what to report (today: interface addresses with
-  the WireGuard port); `self.choose` is where each peer's WireGuard endpoint is picked (today: the first usable
-  one the peer reported). NAT traversal replaces these two.
+- Endpoints and paths (NAT traversal, node/magicsock.py): once the engine is up a `MagicSock` shares its UDP
+  port (raw socket + BPF), runs netcheck and keeps the DERP connections. The node reports its STUN endpoints
+  (type 2) and interface addresses (type 1) and its home region; each peer's WireGuard endpoint is its
+  confirmed direct path, else a loopback socket that carries the packets over DERP (`_choose`). The engine's
+  actual endpoints are polled and set back when wireguard-go roamed them elsewhere.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from coord import wire
 from node import compile
 from node.control import ControlClient, ControlError, PinMismatch
 from node.keys import KeyStore, PrivateKey
+from node.magicsock import MagicSock, parse_endpoint
 from node.render.routes import RouteApplier, RouteConfig
 from node.run import CommandError, Runner, SubprocessRunner
 from node.state import Prefs, StateDir
@@ -43,6 +46,8 @@ log = logging.getLogger("shoald")
 # keep-alives every 50 s by default).
 STREAM_IDLE = 130.0
 UP_WAIT = 20.0
+# On the first netmap, how long the tunnel waits for the home relay, so the first handshake is not lost.
+DERP_FIRST_WAIT = 2.0
 
 
 class AgentError(Exception):
@@ -99,6 +104,11 @@ class Agent:
         self.endpoints: list[str] = []
         self.endpoint_types: list[int] = []
         self.choose: compile.EndpointChooser = compile.first_endpoint()
+        self.local_endpoints: list[str] = []
+        self.magicsock: MagicSock | None = None
+        self._push_task: asyncio.Task[None] | None = None
+        self._pushed_home = 0
+        self._push_again = False
         self.engine: Engine | None = None
         self._engine_up = False
         self._applied_routes: RouteConfig | None = None
@@ -294,8 +304,76 @@ class Agent:
                 "Endpoints": list(self.endpoints),
                 "Online": self.connected,
             },
-            "Peers": compile.peer_rows(self.netmap, dev) if self.prefs.want_running else [],
+            "Peers": compile.peer_rows(self.netmap, dev, self._peer_paths()) if self.prefs.want_running else [],
+            "Magic": self.magicsock.status() if self.magicsock is not None else None,
         }
+
+    def _peer_paths(self) -> dict[bytes, dict[str, Any]]:
+        ms = self.magicsock
+        if ms is None:
+            return {}
+        return {k: ms.peer_path(k) for k in ms.peers}
+
+    # --- NAT traversal commands -----------------------------------------------------------------------------
+
+    def _find_peer(self, name: str) -> tuple[dict[str, Any], bytes]:
+        want = name.lower().rstrip(".")
+        for p in self.netmap.peers.values():
+            names = {compile.short_name(p.get("Name")).lower(), str(p.get("Name", "")).lower().rstrip(".")}
+            addrs = {str(a).split("/")[0] for a in compile.as_list(p.get("Addresses"))}
+            if want in names or name in addrs or name == p.get("Key"):
+                key = compile.peer_key(p)
+                if key is not None:
+                    return p, key.raw
+        raise AgentError(404, f"no peer named {name!r} in this node's network map")
+
+    async def ping(self, peer: str, timeout: float = 5.0) -> dict[str, Any]:
+        """One disco ping to a peer on its current path (`shoal ping`)."""
+        ms = self.magicsock
+        if ms is None:
+            raise AgentError(409, "not running: run `shoal up` first")
+        record, key = self._find_peer(peer)
+        try:
+            path, took, direct = await ms.ping(key, timeout)
+        except LookupError as e:
+            raise AgentError(409, str(e)) from None
+        except TimeoutError:
+            raise AgentError(504, f"no pong from {compile.short_name(record.get('Name'))} in {timeout:g}s") from None
+        return {
+            "Peer": compile.short_name(record.get("Name")),
+            "Address": next((str(a).split("/")[0] for a in compile.as_list(record.get("Addresses"))), ""),
+            "Path": path,
+            "Direct": direct is not None,
+            "LatencySeconds": took,
+        }
+
+    async def netcheck(self) -> dict[str, Any]:
+        """A netcheck now: from the WireGuard port when running, else from a socket of its own."""
+        from node import netcheck as nc
+        ms = self.magicsock
+        if ms is not None:
+            report = await ms.netcheck()
+            regions, per_region, home = ms.regions, ms.region_endpoints(report), ms.home
+        else:
+            if not self.netmap.derp_map:
+                raise AgentError(409, "no DERP map yet: run `shoal up` first")
+            try:
+                regions = nc.regions_from_derp_map(self.netmap.derp_map)
+            except nc.DerpMapError as e:
+                raise AgentError(502, f"DERP map: {e}") from None
+            report = await nc.netcheck_udp(regions)
+            by_addr = {s.addr: r.region_id for r in regions for s in r.servers}
+            per_region = {}
+            for server, seen in report.seen.items():
+                rid = by_addr.get(server)
+                if rid is not None:
+                    per_region.setdefault(rid, f"{seen[0]}:{seen[1]}")
+            home = report.preferred_derp
+        out = report.to_json()
+        out["RegionEndpoints"] = {str(k): v for k, v in sorted(per_region.items())}
+        out["RegionCodes"] = {str(r.region_id): r.code for r in regions}
+        out["HomeDERP"] = home
+        return out
 
     # --- control loop -------------------------------------------------------------------------------------
 
@@ -335,6 +413,7 @@ class Agent:
         return wire.MapRequest(
             node_key=self.node_key.public().raw, disco_key=self.disco.public().raw, stream=stream,
             endpoints=tuple(self.endpoints), endpoint_types=tuple(self.endpoint_types),
+            home_derp=self.magicsock.home if self.magicsock is not None and self.magicsock.home else None,
             hostinfo=self._hostinfo() if stream else None,
         )
 
@@ -434,14 +513,68 @@ class Agent:
     # --- endpoints ----------------------------------------------------------------------------------------
 
     async def _discover_endpoints(self) -> bool:
-        """What this node reports as its endpoints. NAT traversal adds STUN-reflexive ones here."""
+        """What this node reports as its endpoints: STUN-reflexive ones (from MagicSock) and local ones."""
         r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
-        eps, types = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
+        local, _ = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
+        self.local_endpoints = local
+        fallback = compile.first_endpoint(compile.families_of(local) or (4, 6))
+        self.choose = self._chooser(fallback)
+        if self.magicsock is not None:
+            self.magicsock.set_local_endpoints([ap for e in local if (ap := parse_endpoint(e)) is not None])
+        return self._combine_endpoints()
+
+    def _combine_endpoints(self) -> bool:
+        if self.magicsock is not None:
+            eps, types = self.magicsock.endpoints()
+            # IPv6 interface addresses are reported too (the raw port is IPv4 only, but peers may use them)
+            for e in self.local_endpoints:
+                if e not in eps:
+                    eps.append(e)
+                    types.append(compile.EP_LOCAL)
+            eps, types = eps[: wire.MAX_ENDPOINTS], types[: wire.MAX_ENDPOINTS]
+        else:
+            eps, types = list(self.local_endpoints), [compile.EP_LOCAL] * len(self.local_endpoints)
         if eps == self.endpoints and types == self.endpoint_types:
             return False
         self.endpoints, self.endpoint_types = eps, types
-        self.choose = compile.first_endpoint(compile.families_of(eps) or (4, 6))
         return True
+
+    def _chooser(self, fallback: compile.EndpointChooser) -> compile.EndpointChooser:
+        """A peer's WireGuard endpoint: MagicSock's choice (direct or DERP), else the first usable one it
+        reported (a peer without a disco key, or no MagicSock)."""
+        def choose(peer: Any) -> str | None:
+            ms = self.magicsock
+            key = compile.peer_key(peer)
+            if ms is not None and key is not None:
+                ep = ms.endpoint_for(key.raw)
+                if ep is not None:
+                    return ep
+            return fallback(peer)
+
+        return choose
+
+    def _on_magic_endpoints(self) -> None:
+        """MagicSock learnt new STUN endpoints or a new home region: tell the server (coalesced)."""
+        self._push_again = True
+        if self._push_task is None or self._push_task.done():
+            self._push_task = asyncio.create_task(self._push_endpoints(), name="push-endpoints")
+
+    async def _push_endpoints(self) -> None:
+        while self._push_again:
+            self._push_again = False
+            await asyncio.sleep(0)
+            changed = self._combine_endpoints()
+            home = self.magicsock.home if self.magicsock is not None else 0
+            if not changed and home == self._pushed_home:
+                continue
+            self._pushed_home = home
+            log.info("endpoints: %s; home DERP %d", ", ".join(self.endpoints) or "none", home)
+            client = self._client
+            if client is not None and self.connected:
+                try:
+                    await client.update(self._map_request(stream=False))
+                except Exception as e:  # the stream's reconnect sends them again
+                    log.warning("endpoint update failed: %s", e)
 
     async def _watch_endpoints(self) -> None:
         while True:
@@ -482,7 +615,25 @@ class Agent:
             await engine.start()
             self._engine_up = True
             self._applied_routes = None
-        await engine.set(compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive))
+        first = self.magicsock is None
+        if first:
+            self.magicsock = MagicSock(
+                self.cfg.port, key.raw, key.public().raw, self.disco.raw, engine_get=engine.get,
+                apply=self._reconcile, on_endpoints=self._on_magic_endpoints,
+            )
+            self.magicsock.set_local_endpoints(
+                [ap for e in self.local_endpoints if (ap := parse_endpoint(e)) is not None])
+        ms = self.magicsock
+        assert ms is not None
+        ms.set_derp_map(nm.derp_map)
+        ms.set_peers(nm.peers)
+        if first and ms.urls:
+            await ms.wait_home(DERP_FIRST_WAIT)
+        # No persistent keepalive with NAT traversal: disco heartbeats keep active paths open, and two peers
+        # configured at once would both initiate and void each other's handshake (WireGuard's simultaneous
+        # initiation) until the 5 s retry.
+        keepalive = 0 if ms.peers else self.cfg.keepalive
+        await engine.set(compile.wg_config(nm, key, self.cfg.port, self.choose, keepalive))
         rc = compile.route_config(nm, self.cfg.iface)
         if rc != self._applied_routes:
             await self.routes.set(rc)
@@ -499,6 +650,9 @@ class Agent:
 
     async def _teardown_os(self) -> None:
         async with self._apply_lock:
+            ms, self.magicsock = self.magicsock, None
+            if ms is not None:
+                await ms.close()
             if self.engine is not None and self._engine_up:
                 try:
                     await self.engine.stop()

@@ -5,12 +5,20 @@
                    "wait"?: seconds}  -> Status once the first netmap is applied (or a login URL is known)
     POST /down    {}                -> Status
     POST /logout  {}                -> Status
+    POST /ping    {"peer": name|tailnet IP|nodekey, "timeout"?: seconds}
+                  -> {"Peer", "Address", "Path": "DERP(<region>)"|"ip:port", "Direct": bool, "LatencySeconds"}
+                  (504 when no pong came in time)
+    POST /netcheck {}               -> {"UDP", "IPv4", "IPv6", "GlobalV4", "GlobalV6", "MappingVariesByDestIP",
+                  "PreferredDERP", "RegionLatency", "RegionV4Latency", "RegionV6Latency", "RegionEndpoints",
+                  "RegionCodes", "HomeDERP"}
 
 Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL", "LoginServer", "Connected",
 "KeyExpired", "Engine", "Interface", "Port", "Health": [str], "MagicDNSSuffix",
 "Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online},
 "Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
-TxBytes, InEngine}]}.
+TxBytes, InEngine, and with NAT traversal: Path "direct"|"derp"|"none" (from the engine's actual endpoint),
+DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}], "Magic": {HomeDERP, DERPConnected,
+RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops, Netcheck, ...} | null}.
 
 Errors are {"error": "<one line>"} with a 4xx/5xx status: 400 for a body that is not what the route takes
 (and, from uvicorn, for bytes that are not HTTP), 409 for a request that conflicts with the node's state,
@@ -94,6 +102,22 @@ def create_app(agent: Agent) -> Starlette:
         await _body(request)
         return JSONResponse(await agent.logout())
 
+    async def ping(request: Request) -> Response:
+        data = await _body(request)
+        peer = data.get("peer")
+        timeout = data.get("timeout", 5.0)
+        if set(data) - {"peer", "timeout"}:
+            raise BadRequest(f"unknown field {sorted(set(data) - {'peer', 'timeout'})[0]!r}")
+        if not isinstance(peer, str) or not peer:
+            raise BadRequest("peer: expected a name, tailnet address or node key")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 60:
+            raise BadRequest("timeout: expected 0-60 seconds")
+        return JSONResponse(await agent.ping(peer, float(timeout)))
+
+    async def netcheck(request: Request) -> Response:
+        await _body(request)
+        return JSONResponse(await agent.netcheck())
+
     async def bad_request(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
 
@@ -107,6 +131,8 @@ def create_app(agent: Agent) -> Starlette:
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),
+            Route("/ping", ping, methods=["POST"]),
+            Route("/netcheck", netcheck, methods=["POST"]),
         ],
         exception_handlers={BadRequest: bad_request, AgentError: agent_error},
     )

@@ -4,6 +4,8 @@
     shoal down | logout
     shoal status [--json]
     shoal ip [-4|-6] [PEER]
+    shoal ping [-c N] [--timeout S] [--no-until-direct] PEER
+    shoal netcheck [--json]
 
 Errors are one line on stderr and exit status 1 (2 for bad usage).
 """
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-4", dest="v4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", dest="v6", action="store_true", help="IPv6 only")
     ip.add_argument("peer", nargs="?", help="peer name or address")
+    pg = sub.add_parser("ping", help="disco ping a peer: which path (DERP or direct) and how fast")
+    pg.add_argument("-c", "--count", type=int, default=10, help="attempts (default 10)")
+    pg.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong (default 5)")
+    pg.add_argument("--until-direct", action=argparse.BooleanOptionalAction, default=True,
+                    help="stop at the first pong over a direct path (default on)")
+    pg.add_argument("peer", help="peer name, tailnet address or node key")
+    nc = sub.add_parser("netcheck", help="UDP reachability, public address per DERP region, NAT kind, latency")
+    nc.add_argument("--json", action="store_true")
     return p
 
 
@@ -148,7 +158,10 @@ def render_status(st: dict[str, Any], now: float) -> str:
              "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", ""]]
     for p in st.get("Peers") or ():
         a = p.get("Addresses") or ["-"]
-        path = f"direct {p['Endpoint']}" if p.get("Endpoint") else "no path"
+        if p.get("Path") == "derp":
+            path = f"relay DERP({p.get('DERPRegion')})"
+        else:
+            path = f"direct {p['Endpoint']}" if p.get("Endpoint") else "no path"
         rows.append([a[0], " ".join(a[1:]), p.get("HostName") or "-", "online" if p.get("Online") else "offline",
                      path, f"handshake {_ago(p.get('LastHandshake'), now)}",
                      f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}"])
@@ -180,6 +193,53 @@ def cmd_ip(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(api: Api, args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise CliError("-c: expected at least 1")
+    got = 0
+    for i in range(args.count):
+        t0 = time.monotonic()
+        try:
+            r = api.call("POST", "/ping", {"peer": args.peer, "timeout": args.timeout})
+        except CliError as e:
+            if "no pong" not in str(e):
+                raise
+            print(f"timeout: {e}", flush=True)
+        else:
+            got += 1
+            path = r["Path"] if r["Path"].startswith("DERP") else f"{r['Path']}"
+            print(f"pong from {r['Peer']} ({r['Address']}) via {path} in {r['LatencySeconds'] * 1000:.1f}ms",
+                  flush=True)
+            if r.get("Direct") and args.until_direct:
+                return 0
+        if i + 1 < args.count:
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+    if got == 0:
+        raise CliError(f"no reply from {args.peer}")
+    if args.until_direct:
+        print(f"direct connection not established after {args.count} pings", flush=True)
+        return 1
+    return 0
+
+
+def render_netcheck(r: dict[str, Any]) -> str:
+    lines = ["Report:", f"\t* UDP: {str(r.get('UDP')).lower()}"]
+    lines.append(f"\t* IPv4: {'yes, ' + r['GlobalV4'] if r.get('GlobalV4') else 'no'}")
+    lines.append(f"\t* IPv6: {'yes, ' + r['GlobalV6'] if r.get('GlobalV6') else 'no'}")
+    mv = r.get("MappingVariesByDestIP")
+    lines.append(f"\t* MappingVariesByDestIP: {'unknown' if mv is None else str(mv).lower()}")
+    codes = r.get("RegionCodes") or {}
+    pref = str(r.get("PreferredDERP") or r.get("HomeDERP") or "")
+    lines.append(f"\t* Nearest DERP: {codes.get(pref, '-')} ({pref or 'none'})")
+    lines.append("\t* DERP latency:")
+    lat = r.get("RegionLatency") or {}
+    eps = r.get("RegionEndpoints") or {}
+    for rid in sorted(codes, key=lambda k: lat.get(k, 1e9)):
+        ms = f"{lat[rid] * 1000:.1f}ms" if rid in lat else "-"
+        lines.append(f"\t\t- {rid} {codes[rid]}: {ms}  {eps.get(rid, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api = Api(args.socket)
@@ -192,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "status":
             st = api.call("GET", "/status")
             print(json.dumps(st, indent=2) if args.json else render_status(st, time.time()))
+            return 0
+        if args.cmd == "ping":
+            return cmd_ping(api, args)
+        if args.cmd == "netcheck":
+            r = api.call("POST", "/netcheck", {})
+            print(json.dumps(r, indent=2) if args.json else render_netcheck(r))
             return 0
         return cmd_ip(api, args)
     except CliError as e:

@@ -233,8 +233,11 @@ def short_name(fqdn: object) -> str:
     return str(fqdn or "").split(".", 1)[0]
 
 
-def peer_rows(nm: wire.NetMap, dev: DeviceState | None) -> list[dict[str, Any]]:
-    """`shoal status` rows: the netmap's view of each peer joined with the engine's counters."""
+def peer_rows(nm: wire.NetMap, dev: DeviceState | None,
+              paths: Mapping[bytes, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """`shoal status` rows: the netmap's view of each peer joined with the engine's counters, and (`paths`,
+    by node key) what NAT traversal knows: Path "direct" | "derp" | "none" from the engine's actual endpoint,
+    DERPRegion, and the path state."""
     rows = []
     for pid in sorted(nm.peers):
         p = nm.peers[pid]
@@ -256,6 +259,11 @@ def peer_rows(nm: wire.NetMap, dev: DeviceState | None) -> list[dict[str, Any]]:
             "TxBytes": st.tx_bytes if st is not None else 0,
             "InEngine": st is not None,
         })
+        extra = paths.get(key.raw) if paths is not None and key is not None else None
+        if extra:
+            rows[-1].update(extra)
+            if extra.get("Path") == "none" and endpoint:
+                rows[-1]["Path"] = "direct"
     return rows
 
 

@@ -19,6 +19,8 @@ from tests.lab.lab import Lab, LabError
 
 PY = sys.executable
 SERVER_PORT = 8080
+STUN_PORT = 3478
+RELAY2_REGION = 901
 
 
 @dataclass
@@ -42,12 +44,20 @@ class Tailnet:
 
     # --- the coordination server ----------------------------------------------------------------------------
 
-    def start_server(self, *extra: str, timeout: float = 15.0) -> None:
+    def start_server(self, *extra: str, timeout: float = 15.0, derp: bool = False) -> None:
+        """`derp=True`: the embedded relay (region 900) with STUN on the server's address, plus region 901 (a
+        `shoal-derp` with STUN on the lab's second server address, see `start_relay2`) in the DERP map, so a
+        netcheck can tell a hard NAT from an easy one."""
         self.data.mkdir(parents=True, exist_ok=True)
         sock = self.data / "admin.sock"
         sock.unlink(missing_ok=True)
+        relay = ["--stun-listen", "", "--no-derp"]
+        if derp:
+            map_file = self.workdir / "derpmap.json"
+            map_file.write_text(json.dumps(self.relay2_map()))
+            relay = ["--stun-listen", f"{self.server_addr}:{STUN_PORT}", "--derp-map-file", str(map_file)]
         argv = [PY, "-m", "coord.cli", "serve", "--data", str(self.data), "--listen",
-                f"{self.server_addr}:{SERVER_PORT}", "--server-url", self.url, "--stun-listen", "", "--no-derp",
+                f"{self.server_addr}:{SERVER_PORT}", "--server-url", self.url, *relay,
                 "--batch-delay", "10ms", "--log-level", "warning", *extra]
         self.server = self.lab.spawn(self.server_ns, argv, log_path=self.workdir / "server.log")
         deadline = time.monotonic() + timeout
@@ -57,6 +67,39 @@ class Tailnet:
             if time.monotonic() > deadline:
                 raise LabError(f"shoal-server did not start in {timeout}s")
             time.sleep(0.05)
+
+    @property
+    def relay2_addr(self) -> str:
+        return self.lab.servers[1]
+
+    def relay2_map(self) -> dict[str, Any]:
+        host = self.relay2_addr
+        return {"Regions": {str(RELAY2_REGION): {
+            "RegionID": RELAY2_REGION, "RegionCode": "lab2", "RegionName": "Lab relay 2",
+            "Nodes": [{"Name": f"{RELAY2_REGION}a", "RegionID": RELAY2_REGION, "HostName": host,
+                       "DERPPort": SERVER_PORT, "STUNPort": STUN_PORT, "URL": f"http://{host}:{SERVER_PORT}/derp",
+                       "InsecureForTests": True}]}}}
+
+    def start_relay2(self, timeout: float = 15.0) -> subprocess.Popen[bytes]:
+        """A standalone `shoal-derp` (region 901) in the internet namespace, admitting the tailnet's nodes."""
+        d = self.workdir / "relay2"
+        d.mkdir(parents=True, exist_ok=True)
+        argv = [PY, "-m", "derp.cli", "--addr", f"{self.relay2_addr}:{SERVER_PORT}", "--stun-addr",
+                self.relay2_addr, "--stun-port", str(STUN_PORT), "--key-file", str(d / "derp.key"),
+                "--verify-client-url", f"{self.url}/derp/admit", "--log-level", "warning"]
+        proc = self.lab.spawn(self.server_ns, argv, log_path=d / "relay.log")
+        deadline = time.monotonic() + timeout
+        while True:
+            r = subprocess.run(["ip", "netns", "exec", self.server_ns, PY, "-c",
+                                f"import socket; socket.create_connection(('{self.relay2_addr}', {SERVER_PORT}), 1)"],
+                               capture_output=True)
+            if r.returncode == 0:
+                return proc
+            if proc.poll() is not None:
+                raise LabError(f"shoal-derp exited {proc.returncode}; see {d / 'relay.log'}")
+            if time.monotonic() > deadline:
+                raise LabError(f"shoal-derp did not start in {timeout}s")
+            time.sleep(0.1)
 
     def stop_server(self) -> None:
         if self.server is not None:
