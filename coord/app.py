@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,6 +46,7 @@ log = logging.getLogger("shoal.server")
 
 EMBEDDED_REGION = 900
 BOX_CACHE = 20_000
+STREAM_SLICE = 32 << 10
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -112,7 +114,11 @@ class Boxes:
     def get(self, machine_key: bytes) -> Box:
         box = self.cache.get(machine_key)
         if box is None:
-            box = Box(self.private, PublicKey(machine_key))
+            try:
+                box = Box(self.private, PublicKey(machine_key))
+            except CryptoError:
+                # Low-order points (all zeros, ...) give no shared key; libsodium refuses them.
+                raise wire.WireError("machine key in URL: not a usable Curve25519 public key") from None
             self.cache[machine_key] = box
             if len(self.cache) > BOX_CACHE:
                 self.cache.popitem(last=False)
@@ -237,7 +243,11 @@ class Server:
         async def stream() -> AsyncIterator[bytes]:
             try:
                 async for chunk in svc.fanout.frames(session):
-                    yield chunk
+                    # Starlette holds the last chunk it sent until the next one, which may be a keep-alive
+                    # away: slices stop a big full map from staying alive per idle session.
+                    for i in range(0, len(chunk), STREAM_SLICE):
+                        yield chunk[i : i + STREAM_SLICE]
+                    del chunk
             finally:
                 if svc.fanout.release(session):
                     svc.spawn(svc.disconnected(nid))

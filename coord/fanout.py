@@ -71,12 +71,15 @@ class Fanout:
     sessions: dict[int, Session] = field(default_factory=dict)
     _pending: Change = field(default_factory=Change)
     _flush_handle: asyncio.TimerHandle | None = None
+    # One compression context for all sessions: each holds MBs once it has compressed a full map, and every
+    # frame is compressed in one call on this one thread, so nothing carries over between sessions.
+    compressor: zstandard.ZstdCompressor = field(default_factory=lambda: zstandard.ZstdCompressor(level=3))
 
     def open(self, node_id: int, box: Box, request_id: str) -> Session:
         old = self.sessions.get(node_id)
         if old is not None:
             old.close()
-        s = Session(node_id, box, request_id)
+        s = Session(node_id, box, request_id, compressor=self.compressor)
         self.sessions[node_id] = s
         return s
 
@@ -118,14 +121,19 @@ class Fanout:
             ids.update(vis.peers(pid))
         return [s for nid in ids if (s := self.sessions.get(nid)) is not None]
 
+    def _full_frame(self, s: Session) -> bytes:
+        # Built here, not in frames(): a local there would keep each session's uncompressed full map alive for
+        # as long as the stream idles (N sessions x N peers of JSON).
+        body, s.sent = self.builder.full(self.visibility(), s.node_id, self.clock())
+        return s.seal(body)
+
     async def frames(self, s: Session) -> AsyncIterator[bytes]:
         """The map stream of one session: a full map, then deltas and keep-alives until it is closed."""
         while not s.closed and s.node_id in self.builder.state.nodes:
             if s.full_needed:
                 s.full_needed = False
                 s.pending.clear()
-                body, s.sent = self.builder.full(self.visibility(), s.node_id, self.clock())
-                yield s.seal(body)
+                yield self._full_frame(s)
                 continue
             if s.pending:
                 change = Change()
