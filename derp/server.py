@@ -3,18 +3,25 @@ forwarding fast path) and derp.http.
 
 Hot path. After the handshake every connection reads into ONE read buffer shared by the whole relay
 (asyncio.BufferedProtocol: ``get_buffer`` hands it out, ``buffer_updated`` scans it at once), so reads can be large
-(1 MiB by default) at no per-client memory cost. Correct because asyncio calls ``get_buffer``, ``recv_into`` and
+(256 KiB by default) at no per-client memory cost. Correct because asyncio calls ``get_buffer``, ``recv_into`` and
 ``buffer_updated`` back to back for one connection, and everything that uses the buffer finishes inside
 ``buffer_updated``. What does not fit, an incomplete last frame, is copied out to the connection (``partial``) and
 back in front of the next read; one of 16 KiB or more gets a buffer of its own (``big``) until it is complete, so a
 large frame trickling in is not copied again and again. ``derp.scan`` rewrites SendPacket frames into RecvPacket
-frames in place; every destination then gets one ``bytes`` copy and one ``transport.write`` per read.
+frames in place; every destination then gets one write per read. On a plain TCP transport with nothing buffered
+that write goes from the read buffer straight to the socket (``os.write`` on its fd): no copy at all when the
+kernel takes it whole; the rest, and everything on TLS or into a non-empty transport, is copied (``bytes``) first,
+because asyncio (3.12+) keeps references to what it buffers.
 
-Queues. Each client's transport buffer is capped (``write_high``); past it, asyncio pauses writing and frames wait
-in two per-client queues: disco packets (``derp.scan.DISCO_MAGIC``) and the relay's own control frames in one,
-everything else in the other, each capped in bytes and dropping its oldest entries (counted as
-``disco_queue_full`` and ``queue_full``). The first drains first. A client that stops reading therefore never
-blocks a sender or the other clients, and bulk data never pushes out the disco packets that find a direct path.
+Queues. Each client's transport buffer is capped (``write_high``); past it, asyncio pauses writing. For ``hold``
+seconds (50 ms) after that the relay still writes to it, but stops reading each sender that does so until the
+client catches up: bounded backpressure, so a reader that is merely slower than its sender gets everything, as over
+a plain TCP forwarder, while a sender is never stalled for long by a reader that has stopped. After ``hold`` the
+client counts as far behind and its frames wait in two per-client queues: disco packets
+(``derp.scan.DISCO_MAGIC``) and the relay's own control frames in one, everything else in the other, each capped in
+bytes and dropping its oldest entries (counted as ``disco_queue_full`` and ``queue_full``). The first drains first.
+A client that stops reading therefore never blocks a sender or the other clients for more than ``hold``, and bulk
+data never pushes out the disco packets that find a direct path.
 
 Shutdown. ``close()`` sends every client a Restarting frame (reconnect in about a second, keep trying for ten)
 before closing, so clients come back quickly to the restarted relay instead of backing off.
@@ -26,6 +33,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import os
 import random
 import ssl as ssl_mod
 from collections import deque
@@ -48,6 +56,8 @@ Admit = Callable[[bytes, str], Awaitable[bool]]
 _unpack_header = frames.HEADER.unpack_from
 # An incomplete frame at least this long waits in a buffer of its own rather than being copied into every read.
 _BIG = 16 << 10
+# Transports known to write straight to a TCP socket (asyncio's, uvloop's): never TLS ones.
+_PLAIN_TRANSPORTS = frozenset({"_SelectorSocketTransport", "TCPTransport"})
 
 
 @dataclass
@@ -85,6 +95,8 @@ class _Conn(asyncio.BufferedProtocol):
     def __init__(self, server: DerpServer, *, http_mode: bool = True) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        # The socket's fd when the transport is a plain TCP one, for writing straight from the read buffer.
+        self.fd = -1
         self.peer_ip = ""
         self.peer_port = 0
         self.mode = "http" if http_mode else "derp"
@@ -106,6 +118,12 @@ class _Conn(asyncio.BufferedProtocol):
         self.prio: deque[tuple[bytes, int]] = deque()
         self.queued_bytes = 0
         self.prio_bytes = 0
+        # Backpressure: when writing was paused; senders whose reading we paused for it (``held``); the receivers
+        # that hold our reading (``holders``).
+        self.paused_at = 0.0
+        self.held: set[_Conn] = set()
+        self.holders: set[_Conn] = set()
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.not_here_sent: dict[bytes, float] = {}
         self.admission: asyncio.Task[None] | None = None
@@ -119,6 +137,13 @@ class _Conn(asyncio.BufferedProtocol):
         if isinstance(peer, tuple):
             self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         self.transport.set_write_buffer_limits(high=self.server.write_high)
+        sock = transport.get_extra_info("socket")
+        if (
+            type(transport).__name__ in _PLAIN_TRANSPORTS
+            and transport.get_extra_info("sslcontext") is None
+            and sock is not None
+        ):
+            self.fd = sock.fileno()
         self.server.conns.add(self)
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
@@ -164,6 +189,7 @@ class _Conn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.paused_at = asyncio.get_running_loop().time()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -179,6 +205,32 @@ class _Conn(asyncio.BufferedProtocol):
                 t.write(data)
                 m.packets_forwarded += n
                 m.bytes_forwarded += len(data) if n else 0
+        if not self.write_paused:
+            self._release()
+
+    # Backpressure, bounded: a sender whose destination has just fallen behind stops being read until the
+    # destination catches up, but for ``server.hold`` seconds at most; after that the destination counts as far
+    # behind and its packets are queued and dropped instead, so a dead reader never stalls a sender for long.
+
+    def _hold(self, sender: _Conn) -> None:
+        if sender in self.held or sender.closed or sender.transport is None:
+            return
+        self.held.add(sender)
+        sender.holders.add(self)
+        if len(sender.holders) == 1:
+            sender.transport.pause_reading()
+        if self.hold_timer is None:
+            self.hold_timer = asyncio.get_running_loop().call_at(self.paused_at + self.server.hold, self._release)
+
+    def _release(self) -> None:
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
+        held, self.held = self.held, set()
+        for sender in held:
+            sender.holders.discard(self)
+            if not sender.holders and not sender.closed and sender.transport is not None:
+                sender.transport.resume_reading()
 
     # HTTP
 
@@ -293,7 +345,7 @@ class _Conn(asyncio.BufferedProtocol):
             mv = server.rmv if buf is server.rbuf else memoryview(buf)
             if len(runs) == 1:
                 key, start, stop, n = runs[0]
-                self._send_run(key, mv[start:stop].tobytes(), n)
+                self._send_run(key, mv[start:stop], n)
             else:
                 # Several destinations in one read: still one write each.
                 groups: dict[bytes, tuple[list[memoryview], list[int]]] = {}
@@ -325,13 +377,13 @@ class _Conn(asyncio.BufferedProtocol):
             big[:rest] = buf[res.pos : end]
             self.big, self.big_have, self.partial = big, rest, b""
 
-    def _send_run(self, key: bytes, data: bytes, n: int) -> None:
+    def _send_run(self, key: bytes, data: bytes | memoryview, n: int) -> None:
         server = self.server
         server.metrics.packets_received += n
         dst = server.registry.active.get(key)
         if dst is not None:
             server.registry.note_sent(self.key, key)
-            dst.deliver(data, n)
+            dst.deliver(data, n, self)
             return
         fwd = server.registry.forwarders.get(key)
         if fwd is not None:
@@ -400,19 +452,33 @@ class _Conn(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing() and data:
             self.transport.write(data)
 
-    def deliver(self, data: bytes, n: int) -> None:
+    def deliver(self, data: bytes | memoryview, n: int, sender: _Conn | None = None) -> None:
         """Send ``n`` RecvPacket frames to this client: write now, or queue them (dropping the oldest) when the
-        client is slow."""
+        client is slow. A ``sender`` is held (not read) while this client has only just fallen behind.
+
+        ``data`` may be a view of the shared read buffer: it is used before this returns, never kept.
+        """
         t = self.transport
         if t is None or self.closed:
             self.server.metrics.drop("gone", n)
             return
-        if not self.write_paused:
-            t.write(data)
+        if not self.write_paused or (
+            sender is not None
+            and sender.mode == "open"
+            and asyncio.get_running_loop().time() - self.paused_at < self.server.hold
+        ):
+            # Past the high-water mark by at most one read per sender: each such sender is then held.
+            if type(data) is bytes:
+                t.write(data)
+            else:
+                self._write_view(t, data)
             m = self.server.metrics
             m.packets_forwarded += n
             m.bytes_forwarded += len(data)
+            if self.write_paused and sender is not None:
+                self._hold(sender)
             return
+        data = bytes(data)
         if DISCO_MAGIC in data:
             disco, data, n = split_disco(data)
             for f in disco:
@@ -427,6 +493,19 @@ class _Conn(asyncio.BufferedProtocol):
             old, k = q.popleft()
             self.queued_bytes -= len(old)
             self.server.metrics.drop("queue_full", k)
+
+    def _write_view(self, t: asyncio.Transport, view: bytes | memoryview) -> None:
+        # With nothing buffered in the transport, write the view to the socket ourselves: no copy at all when the
+        # kernel takes it whole, which it usually does. Only the rest is copied into the transport, whose buffer
+        # (a deque of views since Python 3.12) must never point into the shared read buffer.
+        sent = 0
+        if self.fd >= 0 and not t.is_closing() and not t.get_write_buffer_size():
+            try:
+                sent = os.write(self.fd, view)
+            except OSError:
+                sent = 0  # would block, or a broken socket: the transport finds out itself
+        if sent < len(view):
+            t.write(bytes(view[sent:]))
 
     def deliver_control(self, data: bytes) -> None:
         """Send a frame of the relay's own (Pong, PeerGone, Health, ...): ahead of queued data."""
@@ -475,6 +554,10 @@ class _Conn(asyncio.BufferedProtocol):
             self.prio.clear()
             self.queued_bytes = self.prio_bytes = 0
         self.partial, self.big = b"", None
+        self._release()
+        for dst in list(self.holders):
+            dst.held.discard(self)
+        self.holders.clear()
         if self.mode == "open" and self.key:
             self.mode = "closed"
             server._run(server.registry.remove(self.key, self))
@@ -486,8 +569,9 @@ class DerpServer:
     ``private_key`` is the relay's 32-byte Curve25519 key. ``admit(node_key, source_ip)`` decides whether a
     client may use the relay (None: everyone); it fails closed after ``admit_timeout`` seconds. Clients presenting
     ``mesh_key`` (32 bytes) are other relays of the region and are always admitted. ``queue_bytes`` and
-    ``disco_queue_bytes`` cap each client's data and disco queues; ``read_buffer`` is the one read buffer all
-    connections share.
+    ``disco_queue_bytes`` cap each client's data and disco queues; ``hold`` bounds how long a sender is not read
+    while a destination it sends to catches up (0 turns this backpressure off); ``read_buffer`` is the one read
+    buffer all connections share.
     """
 
     def __init__(
@@ -500,8 +584,9 @@ class DerpServer:
         mesh_with: Sequence[str] = (),
         queue_bytes: int = 64 << 10,
         disco_queue_bytes: int = 64 << 10,
+        hold: float = 0.05,
         write_high: int = 256 << 10,
-        read_buffer: int = 1 << 20,
+        read_buffer: int = 256 << 10,
         keepalive: float = frames.KEEPALIVE_INTERVAL,
         keepalive_jitter: float = 5.0,
         handshake_timeout: float = frames.HANDSHAKE_TIMEOUT,
@@ -522,6 +607,7 @@ class DerpServer:
         self.mesh_ssl = mesh_ssl
         self.queue_bytes = queue_bytes
         self.disco_queue_bytes = disco_queue_bytes
+        self.hold = hold
         self.write_high = write_high
         self.read_buffer = read_buffer
         self.rbuf = bytearray(read_buffer)
@@ -708,7 +794,7 @@ class _MeshLink:
     async def stop(self) -> None:
         await self.client.close()
 
-    def forward(self, src: bytes, dst: bytes, data: bytes, n: int) -> None:
+    def forward(self, src: bytes, dst: bytes, data: bytes | memoryview, n: int) -> None:
         # The run was rewritten in place to RecvPacket(src, packet) frames; re-frame each as ForwardPacket.
         if not self.connected:
             self.server.metrics.drop("mesh_down", n)
