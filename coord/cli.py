@@ -383,7 +383,10 @@ async def events_cmd(config: Config, args: argparse.Namespace) -> int:
 
 
 async def tail(conn: Any, args: argparse.Namespace) -> int:
-    since_time = ev.rfc3339(ev.parse_time(args.since)) if args.since else None
+    try:
+        since_time = ev.rfc3339(ev.parse_time(args.since)) if args.since else None
+    except ValueError:
+        raise CliError(f"--since: {args.since!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
     start = 0
     if since_time is None:
         last, _ = await eventlog.last(conn)

@@ -104,7 +104,8 @@ class Service:
             prev = r.hash
         change = Change()
         for r in records:
-            change.merge(apply(self.state, r.event, now))
+            # r.ts (the stored time, to the microsecond), not now: a replay of the log must fold the same values.
+            change.merge(apply(self.state, r.event, r.ts))
         self.state.last_seq, self.state.last_hash = seq, prev
         users, keys, nodes = db.touched(events)
         try:
