@@ -38,6 +38,7 @@ from node.magicsock import MagicSock, parse_endpoint
 from node.render.routes import RouteApplier, RouteConfig
 from node.run import CommandError, Runner, SubprocessRunner
 from node.state import Prefs, StateDir
+from node.wg.config import WgConfig
 from node.wg.engine import Engine, choose_engine
 
 log = logging.getLogger("shoald")
@@ -108,6 +109,9 @@ class Agent:
         self.magicsock: MagicSock | None = None
         self._push_task: asyncio.Task[None] | None = None
         self._pushed_home = 0
+        self._keepalive_on: set[bytes] = set()
+        self._keepalive_pending: set[bytes] = set()
+        self._bg: set[asyncio.Task[None]] = set()
         self._push_again = False
         self.engine: Engine | None = None
         self._engine_up = False
@@ -629,11 +633,8 @@ class Agent:
         ms.set_peers(nm.peers)
         if first and ms.urls:
             await ms.wait_home(DERP_FIRST_WAIT)
-        # No persistent keepalive with NAT traversal: disco heartbeats keep active paths open, and two peers
-        # configured at once would both initiate and void each other's handshake (WireGuard's simultaneous
-        # initiation) until the 5 s retry.
-        keepalive = 0 if ms.peers else self.cfg.keepalive
-        await engine.set(compile.wg_config(nm, key, self.cfg.port, self.choose, keepalive))
+        wg = compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive)
+        await engine.set(self._stagger_keepalive(wg) if ms.peers else wg)
         rc = compile.route_config(nm, self.cfg.iface)
         if rc != self._applied_routes:
             await self.routes.set(rc)
@@ -643,8 +644,37 @@ class Agent:
             await self.runner.run(["nft", "-f", "-"], input=script.encode())
             self._applied_nft = script
 
+    def _stagger_keepalive(self, cfg: WgConfig) -> WgConfig:
+        """A peer's persistent keepalive is switched on 0.05-1 s after the peer enters the engine.
+
+        Setting it makes wireguard-go initiate a handshake at once (the first packet over DERP, and a restarted
+        node re-keying its peers). Two nodes that learn of each other in the same netmap round would otherwise
+        initiate at the same instant, each void the other's handshake, and wait for the 5 s retry."""
+        peers = []
+        for p in cfg.peers:
+            k = p.public_key.raw
+            if k in self._keepalive_on or not p.persistent_keepalive:
+                peers.append(p)
+                continue
+            peers.append(replace(p, persistent_keepalive=0))
+            if k not in self._keepalive_pending:
+                self._keepalive_pending.add(k)
+                asyncio.get_running_loop().call_later(random.uniform(0.05, 1.0), self._enable_keepalive, k)
+        return replace(cfg, peers=tuple(peers))
+
+    def _enable_keepalive(self, key: bytes) -> None:
+        if key not in self._keepalive_pending:
+            return  # the engine was restarted or torn down meanwhile
+        self._keepalive_pending.discard(key)
+        self._keepalive_on.add(key)
+        task = asyncio.create_task(self._reconcile())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
     async def _on_engine_restart(self) -> None:
         # a new wireguard-go child is a new interface: its addresses and routes are gone
+        self._keepalive_on.clear()
+        self._keepalive_pending.clear()
         self._applied_routes = None
         await self._reconcile()
 
@@ -653,6 +683,8 @@ class Agent:
             ms, self.magicsock = self.magicsock, None
             if ms is not None:
                 await ms.close()
+            self._keepalive_on.clear()
+            self._keepalive_pending.clear()
             if self.engine is not None and self._engine_up:
                 try:
                     await self.engine.stop()
