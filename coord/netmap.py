@@ -98,6 +98,9 @@ class Builder:
     state: State
     settings: Settings
     _peer_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    # Patches and the ControlTime text are the same for every viewer of a change: encode them once, not per viewer.
+    _patch_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    _time_cache: tuple[float, bytes] = (0.0, b"")
     _settings_json: tuple[bytes, bytes] | None = None
 
     def invalidate_settings(self) -> None:
@@ -113,6 +116,20 @@ class Builder:
 
     def forget(self, node_id: int) -> None:
         self._peer_cache.pop(node_id, None)
+        self._patch_cache.pop(node_id, None)
+
+    def patch_json(self, n: Node) -> bytes:
+        hit = self._patch_cache.get(n.id)
+        if hit is not None and hit[0] == n.version:
+            return hit[1]
+        data = _dumps(patch_record(n))
+        self._patch_cache[n.id] = (n.version, data)
+        return data
+
+    def control_time(self, now: float) -> bytes:
+        if self._time_cache[0] != now or not self._time_cache[1]:
+            self._time_cache = (now, _dumps(rfc3339(now)))
+        return self._time_cache[1]
 
     def self_record(self, n: Node) -> dict[str, Any]:
         rec = node_record(n, self.settings.domain)
@@ -151,7 +168,7 @@ class Builder:
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
                 b',"Domain":', _dumps(self.settings.domain),
-                b',"ControlTime":', _dumps(rfc3339(now)),
+                b',"ControlTime":', self.control_time(now),
                 b"}",
             ]
         )
@@ -169,7 +186,7 @@ class Builder:
             return None
         nodes = self.state.nodes
         changed: list[bytes] = []
-        patches: list[dict[str, Any]] = []
+        patches: list[bytes] = []
         removed: list[int] = []
         parts: list[bytes] = []
         if node_id in change.visibility or change.policy or not me.active:
@@ -198,7 +215,7 @@ class Builder:
             if had == ~p.version and pid not in change.peers:
                 continue
             if had is not None and pid in change.patches and pid not in change.peers:
-                patches.append(patch_record(p))
+                patches.append(self.patch_json(p))
                 sent[pid] = ~p.version
             else:
                 changed.append(self.peer_json(p))
@@ -210,12 +227,12 @@ class Builder:
         if removed:
             parts.append(b'"PeersRemoved":' + _dumps(removed))
         if patches:
-            parts.append(b'"PeersChangedPatch":' + _dumps(patches))
+            parts.append(b'"PeersChangedPatch":[' + b",".join(patches) + b"]")
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
         if not parts:
             return None
-        parts.append(b'"ControlTime":' + _dumps(rfc3339(now)))
+        parts.append(b'"ControlTime":' + self.control_time(now))
         return b"{" + b",".join(parts) + b"}"
 
 
