@@ -40,9 +40,10 @@ NEW_CAFE_WAN = "203.0.113.60"
 
 SINK = r"""
 import socket, threading
+PORT = int(__import__("sys").argv[1])
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", %d))
+s.bind(("0.0.0.0", PORT))
 s.listen(16)
 def serve(c):
     n = 0
@@ -56,13 +57,14 @@ def serve(c):
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
-""" % TCP_PORT
+"""
 
-# argv: ip, chunks, chunk size, seconds between chunks. Prints the byte count the sink saw.
+# argv: ip, port, chunks, chunk size, seconds between chunks. Prints the byte count the sink saw.
 SOURCE = r"""
 import socket, sys, time
-ip, chunks, size, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-c = socket.create_connection((ip, %d), timeout=20)
+ip, port, chunks, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+gap = float(sys.argv[5])
+c = socket.create_connection((ip, port), timeout=20)
 c.settimeout(30)
 for _ in range(chunks):
     c.sendall(b"x" * size)
@@ -70,7 +72,7 @@ for _ in range(chunks):
         time.sleep(gap)
 c.shutdown(socket.SHUT_WR)
 print(c.recv(100).decode())
-""" % TCP_PORT
+"""
 
 
 class Net:
@@ -94,7 +96,8 @@ class Net:
     def transfer(self, a: str, b: str, nbytes: int = 1 << 20) -> None:
         size = 64 << 10
         chunks = max(1, nbytes // size)
-        out = self.lab.exec(a, [PY, "-c", SOURCE, self.ips[b], str(chunks), str(size), "0"], timeout=60).stdout
+        argv = [PY, "-c", SOURCE, self.ips[b], str(TCP_PORT), str(chunks), str(size), "0"]
+        out = self.lab.exec(a, argv, timeout=60).stdout
         assert out.strip() == str(chunks * size), f"{a} -> {b}: sink saw {out.strip()!r}"
 
     def wait_path(self, a: str, b: str, kind: str, timeout: float) -> float:
@@ -123,7 +126,7 @@ def net(lab_sweep: list[str], tmp_path_factory: pytest.TempPathFactory) -> Itera
         names = list(lab.nodes)
         for n in names:
             tn.start_agent(n)
-            lab.spawn(n, [PY, "-c", SINK])
+            lab.spawn(n, [PY, "-c", SINK, str(TCP_PORT)])
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda n: tn.up(n, key), names))
         n = Net(lab, tn)
@@ -211,7 +214,8 @@ def test_6_udp_blocked_uses_derp_over_tcp(net: Net) -> None:
 def test_7_unblocked_upgrades_to_direct_without_dropping_tcp(net: Net) -> None:
     # a TCP stream through the tunnel for 25 s, across the switch from DERP to direct
     stream = subprocess.Popen(
-        ["ip", "netns", "exec", net.lab.ns("u1"), PY, "-c", SOURCE, net.ips["p1"], "100", str(16 << 10), "0.25"],
+        ["ip", "netns", "exec", net.lab.ns("u1"), PY, "-c", SOURCE, net.ips["p1"], str(TCP_PORT), "100",
+         str(16 << 10), "0.25"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(2)
