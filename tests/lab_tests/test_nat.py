@@ -129,9 +129,9 @@ def net(lab_sweep: list[str], tmp_path_factory: pytest.TempPathFactory) -> Itera
             lab.spawn(n, [PY, "-c", SINK, str(TCP_PORT)])
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda n: tn.up(n, key), names))
-        n = Net(lab, tn)
-        n.ips = {name: tn.ip(name) for name in names}
-        yield n
+        the_net = Net(lab, tn)
+        the_net.ips = {name: tn.ip(name) for name in names}
+        yield the_net
     finally:
         try:
             for name in list(tn.agents):
