@@ -398,8 +398,12 @@ class MagicSock:
                     log.warning("netcheck: %s", e)
             udp_ok = self.report.udp if self.report is not None else False
             self._restun.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._restun.wait(), netcheck.restun_delay(udp_ok))
+            # not asyncio.wait_for: on 3.11 it can swallow the cancel that close() sends
+            wake = self.loop.call_later(netcheck.restun_delay(udp_ok), self._restun.set)
+            try:
+                await self._restun.wait()
+            finally:
+                wake.cancel()
 
     # --- DERP --------------------------------------------------------------------------------------------
 
