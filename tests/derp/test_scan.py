@@ -80,7 +80,7 @@ def test_long_runs_with_a_stranger_at_every_chunk_boundary() -> None:
     # 1,000 equal frames exercise the chunked Struct check and the strided rewrite; one frame to another peer
     # (or of another size, or a control frame) at positions around the chunk edges must end the run exactly there.
     for odd in (send(KEYS[1], 100), send(KEYS[0], 101), f.encode_ping(b"abcdefgh")):
-        for at in (1, 2, 3, 9, 10, 11, 25, 26, 57, 58, 121, 122, 249, 250, 505, 506, 999):
+        for at in (1, 2, 3, 9, 10, 11, 25, 26, 27, 57, 58, 59, 121, 122, 123, 249, 250, 251, 505, 506, 507, 999):
             frames_ = [send(KEYS[0], 100, fill=i % 251) for i in range(1000)]
             frames_[at] = odd
             check(b"".join(frames_))
