@@ -475,9 +475,16 @@ class MagicSock:
             log.warning("DERP region %d: %s", region, ev.problem)
 
     def _wg_to_derp(self, node_key: bytes, packet: bytes) -> None:
-        if packet[:1] == bytes([WG_INITIATION]) and len(packet) == WG_INITIATION_LEN:
-            self._initiations[node_key] = (self.loop.time(), packet)
-        self._send_derp(node_key, packet)
+        peer = self.magic.peer_by_node(node_key)
+        if peer is not None and peer.endpoint is not None and self.raw is not None:
+            # The direct path is confirmed but the engine still (or again, after roaming) sends here: until the
+            # new endpoint is set, the packet goes direct from the WireGuard port rather than the long way.
+            self.raw.sendto(packet, peer.endpoint)
+            self.stats["derpsock_sent_direct"] += 1
+        else:
+            if packet[:1] == bytes([WG_INITIATION]) and len(packet) == WG_INITIATION_LEN:
+                self._initiations[node_key] = (self.loop.time(), packet)
+            self._send_derp(node_key, packet)
         now = self.loop.time()
         if now - self._last_activity.get(node_key, -1e9) >= ACTIVITY_EVERY:
             self._last_activity[node_key] = now

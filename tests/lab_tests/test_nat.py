@@ -161,7 +161,10 @@ def test_2_easy_and_easy_nat_go_direct(net: Net) -> None:
     took = net.wait_path("a1", "c1", "direct", 15)
     home, cafe = net.lab.routers["home"].wan_addr, net.lab.routers["cafe"].wan_addr
     assert net.path("a1", "c1")[1] == f"{cafe}:{PORT}"
-    assert net.path("c1", "a1")[1] == f"{home}:{PORT}"
+    # a1 shares its NAT with a2: whichever of them sent first kept port 41641, the other got another one
+    a1_public = net.tn.status("a1")["Magic"]["Netcheck"]["GlobalV4"]
+    assert a1_public.split(":")[0] == home
+    assert net.path("c1", "a1")[1] == a1_public
     net.transfer("a1", "c1")
     net.transfer("c1", "a1")
     print(f"a1<->c1 direct after {took:.1f}s")
@@ -241,6 +244,8 @@ def test_8_renumbered_nat_router_traffic_resumes(net: Net) -> None:
         assert time.monotonic() - t0 < 15, "c1 -> a1 did not resume within 15 s"
     resumed = time.monotonic() - t0
     print(f"traffic resumed {resumed:.1f}s after the renumbering")
+    # c1 saw its direct path miss the trust window: it re-STUNned and checked (or redialled) its home relay
+    assert net.tn.status("c1")["Magic"]["Counters"]["roam_checks"] >= 1
     assert net.ping("a1", "c1", count=2)
     net.transfer("c1", "a1")
     # the new outside address is found by STUN and the pair goes direct again
