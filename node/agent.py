@@ -615,6 +615,7 @@ class Agent:
 
     async def _apply(self, engine: Engine, key: PrivateKey) -> None:
         nm = self.netmap
+        fresh_engine = not self._engine_up
         if not self._engine_up:
             await engine.start()
             self._engine_up = True
@@ -634,7 +635,7 @@ class Agent:
         if first and ms.urls:
             await ms.wait_home(DERP_FIRST_WAIT)
         wg = compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive)
-        await engine.set(self._stagger_keepalive(wg) if ms.peers else wg)
+        await engine.set(self._stagger_keepalive(wg, fresh_engine) if ms.peers else wg)
         rc = compile.route_config(nm, self.cfg.iface)
         if rc != self._applied_routes:
             await self.routes.set(rc)
@@ -644,8 +645,10 @@ class Agent:
             await self.runner.run(["nft", "-f", "-"], input=script.encode())
             self._applied_nft = script
 
-    def _stagger_keepalive(self, cfg: WgConfig) -> WgConfig:
-        """A peer's persistent keepalive is switched on 0.05-1 s after the peer enters the engine.
+    def _stagger_keepalive(self, cfg: WgConfig, fresh_engine: bool) -> WgConfig:
+        """A peer's persistent keepalive is on at once when our engine is new (we joined or restarted: our peers
+        hold stale sessions until we initiate, and `up` returns with the handshakes on their way), and switched
+        on 1-1.5 s later when the peer is the new one (it initiates first).
 
         Setting it makes wireguard-go initiate a handshake at once (the first packet over DERP, and a restarted
         node re-keying its peers). Two nodes that learn of each other in the same netmap round would otherwise
@@ -653,13 +656,15 @@ class Agent:
         peers = []
         for p in cfg.peers:
             k = p.public_key.raw
+            if fresh_engine:
+                self._keepalive_on.add(k)
             if k in self._keepalive_on or not p.persistent_keepalive:
                 peers.append(p)
                 continue
             peers.append(replace(p, persistent_keepalive=0))
             if k not in self._keepalive_pending:
                 self._keepalive_pending.add(k)
-                asyncio.get_running_loop().call_later(random.uniform(0.05, 1.0), self._enable_keepalive, k)
+                asyncio.get_running_loop().call_later(random.uniform(1.0, 1.5), self._enable_keepalive, k)
         return replace(cfg, peers=tuple(peers))
 
     def _enable_keepalive(self, key: bytes) -> None:

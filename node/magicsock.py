@@ -484,6 +484,11 @@ class MagicSock:
         else:
             if packet[:1] == bytes([WG_INITIATION]) and len(packet) == WG_INITIATION_LEN:
                 self._initiations[node_key] = (self.loop.time(), packet)
+            if peer is not None and peer.best is not None and self.raw is not None:
+                # Tailscale's "DERP plus the stale address": the last path that worked may work again (a peer
+                # back after a restart answers there before any disco round; with no relay it is the only way)
+                self.raw.sendto(packet, peer.best)
+                self.stats["derpsock_sent_stale"] += 1
             self._send_derp(node_key, packet)
         now = self.loop.time()
         if now - self._last_activity.get(node_key, -1e9) >= ACTIVITY_EVERY:

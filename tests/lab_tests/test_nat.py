@@ -240,13 +240,13 @@ def test_8_renumbered_nat_router_traffic_resumes(net: Net) -> None:
     net.wait_path("c1", "a1", "direct", 15)
     net.lab.renumber("cafe", NEW_CAFE_WAN)
     t0 = time.monotonic()
-    while not net.ping("c1", "a1", wait=0.5):
-        assert time.monotonic() - t0 < 15, "c1 -> a1 did not resume within 15 s"
+    for a, b in (("c1", "a1"), ("a1", "c1")):
+        while not net.ping(a, b, wait=0.5):
+            assert time.monotonic() - t0 < 15, f"{a} -> {b} did not resume within 15 s"
     resumed = time.monotonic() - t0
     print(f"traffic resumed {resumed:.1f}s after the renumbering")
     # c1 saw its direct path miss the trust window: it re-STUNned and checked (or redialled) its home relay
     assert net.tn.status("c1")["Magic"]["Counters"]["roam_checks"] >= 1
-    assert net.ping("a1", "c1", count=2)
     net.transfer("c1", "a1")
     # the new outside address is found by STUN and the pair goes direct again
     net.wait_path("c1", "a1", "direct", 30)
