@@ -14,6 +14,7 @@ Safety rules this module keeps:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -378,3 +379,12 @@ def require_tools() -> None:
         raise LabError("the lab needs root (network namespaces, nftables)")
     if missing:
         raise LabError(f"the lab needs {', '.join(missing)} (run scripts/test, which installs them)")
+
+
+async def aping(lab: Lab, node: str, addr: str, count: int = 1, interval: float = 0.2) -> bool:
+    """``ping`` from a lab node without blocking the event loop: True if any reply came back."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", lab.ns(node), "ping", "-c", str(count), "-i", str(interval), "-W", "2", addr,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await proc.wait() == 0

@@ -14,6 +14,7 @@ from node.run import SubprocessRunner
 from node.wg.config import WgConfig, WgPeer
 from node.wg.go import GoEngine
 from tests.lab import Lab, one_lan
+from tests.lab.lab import aping
 
 pytestmark = pytest.mark.lab
 
@@ -25,11 +26,7 @@ def addrs(i: int) -> tuple[str, str]:
 
 
 async def ping(lab: Lab, node: str, addr: str, count: int = 1) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", lab.ns(node), "ping", "-c", str(count), "-W", "2", addr,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    return await proc.wait() == 0
+    return await aping(lab, node, addr, count)
 
 
 def test_two_wireguard_go_nodes_ping_over_tailnet(lab: Lab) -> None:

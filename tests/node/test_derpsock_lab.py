@@ -15,6 +15,7 @@ from node.wg.config import WgConfig, WgPeer
 from node.wg.go import GoEngine
 from tests.lab import Lab, one_lan
 from tests.lab.fixtures import lab, lab_sweep
+from tests.lab.lab import aping
 from tests.node.test_rawsock_lab import netns
 
 __all__ = ["lab", "lab_sweep"]
@@ -26,22 +27,7 @@ TUN = {"n1": "100.64.0.1", "n2": "100.64.0.2"}
 
 
 async def ping(lab: Lab, node: str, addr: str, count: int = 3) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "ip",
-        "netns",
-        "exec",
-        lab.ns(node),
-        "ping",
-        "-c",
-        str(count),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        addr,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    return await proc.wait() == 0
+    return await aping(lab, node, addr, count)
 
 
 def test_wireguard_go_over_derp_sockets(lab: Lab) -> None:

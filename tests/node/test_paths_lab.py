@@ -27,6 +27,7 @@ from node.wg.config import WgConfig, WgPeer
 from node.wg.go import GoEngine
 from tests.lab import Lab, Topology, easy_nat_pair
 from tests.lab.fixtures import lab, lab_sweep
+from tests.lab.lab import aping
 from tests.node.test_rawsock_lab import netns
 
 __all__ = ["lab", "lab_sweep"]
@@ -169,22 +170,7 @@ async def until(cond: Callable[[], bool], active: tuple[Mini, ...], timeout: flo
 
 
 async def ping(lab: Lab, node: str, addr: str, count: int = 2) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "ip",
-        "netns",
-        "exec",
-        lab.ns(node),
-        "ping",
-        "-c",
-        str(count),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        addr,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    return await proc.wait() == 0
+    return await aping(lab, node, addr, count)
 
 
 def test_derp_first_then_direct_through_easy_nats(lab: Lab) -> None:
