@@ -98,15 +98,16 @@ def bind_socket(path: Path) -> socket.socket:
 async def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise DaemonError(f"--port {args.port} is not a UDP port")
+    # Handlers first: once the socket exists a supervisor may signal us, and that must be a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     state_dir = Path(args.state_dir)
     lock = lock_state_dir(state_dir)
     sock_path = Path(args.socket)
     sock = bind_socket(sock_path)
     agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
         server = _Server(uvicorn.Config(create_app(agent), log_level="warning", lifespan="off"))

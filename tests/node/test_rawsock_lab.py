@@ -26,6 +26,7 @@ from node.wg.config import WgConfig, WgPeer
 from node.wg.go import GoEngine
 from tests.lab import Lab, one_lan
 from tests.lab.fixtures import lab, lab_sweep
+from tests.lab.lab import aping
 
 __all__ = ["lab", "lab_sweep"]
 
@@ -107,6 +108,12 @@ async def share_port(lab: Lab) -> None:
             peer_sock.bind(("0.0.0.0", 0))
             peer_sock.settimeout(2)
         src = (n2_addr, peer_sock.getsockname()[1])
+        # Handshake first: under load an initiation lost in the junk flood below is retried only after 5 s.
+        for _ in range(10):
+            if await aping(lab, "n2", tun["n1"]):
+                break
+        else:
+            raise AssertionError("the tunnel never came up")
         try:
             # Real WireGuard traffic through the tunnel, on the same UDP port.
             ping = await asyncio.create_subprocess_exec(
