@@ -35,6 +35,3 @@ class Change:
     def __bool__(self) -> bool:
         sets = (self.peers, self.patches, self.self_nodes, self.removed, self.visibility, self.close)
         return self.policy or any(sets)
-
-    def size(self) -> int:
-        return len(self.peers) + len(self.patches) + len(self.removed) + len(self.visibility) + len(self.self_nodes)

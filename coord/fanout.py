@@ -38,7 +38,6 @@ class Session:
     closed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     compressor: zstandard.ZstdCompressor = field(default_factory=lambda: zstandard.ZstdCompressor(level=3))
-    frames_sent: int = 0
 
     def push(self, change: Change) -> None:
         if self.full_needed:
@@ -57,7 +56,6 @@ class Session:
     def seal(self, msg: bytes) -> bytes:
         out = wire.seal_frame(self.box, self.request_id, self.seq, msg, os.urandom(24), self.compressor)
         self.seq += 1
-        self.frames_sent += 1
         return out
 
 

@@ -62,7 +62,6 @@ class Service:
     ephemeral_timeout: float
     batch_delay: float = 0.05
     keepalive: float = 50.0
-    visibility_factory: Callable[[State], Visibility] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: dict[str, Pending] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -133,9 +132,6 @@ class Service:
         self.policy_changed()
 
     def policy_changed(self) -> None:
-        if self.visibility_factory is not None:
-            self._visibility = self.visibility_factory(self.state)
-            return
         text = self.state.policy_text
         # Only a policy that passed `policy set` is in the log, so it parses; a failure here is a bug, not input.
         self._policy = policy.parse(text, "current policy") if text is not None else None

@@ -62,7 +62,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import struct
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -519,5 +519,3 @@ class NetMap:
             "Domain": self.domain,
         }
 
-
-RandBytes = Callable[[int], bytes]
