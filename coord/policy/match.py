@@ -48,28 +48,25 @@ class Verdict:
         return Verdict(value, [reason] if value is None and reason else [])
 
 
-def any_of(items: Iterable[Verdict]) -> Verdict:
+def _fold(items: Iterable[Verdict], decisive: bool) -> Verdict:
+    """Three-valued or (``decisive=True``) / and (``decisive=False``): unknowns carry their reasons."""
     unknown: list[str] = []
     saw_unknown = False
     for v in items:
-        if v.value is True:
-            return Verdict(True, [])
+        if v.value is decisive:
+            return Verdict(decisive, [])
         if v.value is None:
             saw_unknown = True
             unknown.extend(r for r in v.reasons if r not in unknown)
-    return Verdict(None, unknown) if saw_unknown else Verdict(False, [])
+    return Verdict(None, unknown) if saw_unknown else Verdict(not decisive, [])
+
+
+def any_of(items: Iterable[Verdict]) -> Verdict:
+    return _fold(items, True)
 
 
 def all_of(items: Iterable[Verdict]) -> Verdict:
-    unknown: list[str] = []
-    saw_unknown = False
-    for v in items:
-        if v.value is False:
-            return Verdict(False, [])
-        if v.value is None:
-            saw_unknown = True
-            unknown.extend(r for r in v.reasons if r not in unknown)
-    return Verdict(None, unknown) if saw_unknown else Verdict(True, [])
+    return _fold(items, False)
 
 
 def _overlaps(a: Iterable[IPNet], b: Iterable[IPNet]) -> bool:
