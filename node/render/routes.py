@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from node.errors import LocalError
+
 if TYPE_CHECKING:
     from node.run import Runner
 
@@ -31,7 +33,7 @@ MTU = 1280
 OWNED_PROTOCOLS = {None, "boot", "static"}
 
 
-class RouteStateError(ValueError):
+class RouteStateError(LocalError, ValueError):
     """`ip -j` output we cannot read, or the interface does not exist."""
 
 
