@@ -96,6 +96,14 @@ def _obj(v: object, where: str) -> JSON:
     return v
 
 
+def _fields(v: object, where: str, *required: str) -> JSON:
+    """An object that has every one of ``required``."""
+    d = _obj(v, where)
+    if any(k not in d for k in required):
+        raise WireError(f"{where}: missing {' or '.join(required)}")
+    return d
+
+
 def _list(v: object, where: str) -> list[Any]:
     if not isinstance(v, list):
         raise WireError(f"{where}: expected a list")
@@ -492,9 +500,7 @@ class PortRange:
 
     @classmethod
     def from_json(cls, v: object, where: str) -> PortRange:
-        d = _obj(v, where)
-        if "First" not in d or "Last" not in d:
-            raise WireError(f"{where}: missing First or Last")
+        d = _fields(v, where, "First", "Last")
         first = _int(d["First"], f"{where}.First", 0, 65535)
         last = _int(d["Last"], f"{where}.Last", 0, 65535)
         if first > last:
@@ -515,9 +521,7 @@ class NetPortRange:
 
     @classmethod
     def from_json(cls, v: object, where: str) -> NetPortRange:
-        d = _obj(v, where)
-        if "IP" not in d or "Ports" not in d:
-            raise WireError(f"{where}: missing IP or Ports")
+        d = _fields(v, where, "IP", "Ports")
         ip = d["IP"]
         if not isinstance(ip, str):
             raise WireError(f"{where}.IP: expected an address string")
@@ -535,9 +539,7 @@ class FilterRule:
 
     @classmethod
     def from_json(cls, v: object, where: str = "FilterRule") -> FilterRule:
-        d = _obj(v, where)
-        if "SrcIPs" not in d or "DstPorts" not in d:
-            raise WireError(f"{where}: missing SrcIPs or DstPorts")
+        d = _fields(v, where, "SrcIPs", "DstPorts")
         src = d["SrcIPs"]
         if not isinstance(src, list) or not all(isinstance(s, str) for s in src):
             raise WireError(f"{where}.SrcIPs: expected a list of address strings")
@@ -782,9 +784,7 @@ class Node:
     @classmethod
     def from_json(cls, v: object, where: str = "Node", problems: list[str] | None = None) -> Node:
         """Strict without ``problems``; with it, unreadable endpoints, addresses and prefixes are left out."""
-        d = _obj(v, where)
-        if "ID" not in d:
-            raise WireError(f"{where}.ID: missing")
+        d = _fields(v, where, "ID")
         user = d.get("User")
         hostinfo = d.get("Hostinfo")
         try:
@@ -886,9 +886,7 @@ class PeerChange:
 
     @classmethod
     def from_json(cls, v: object, where: str = "PeerChange", problems: list[str] | None = None) -> PeerChange:
-        d = _obj(v, where)
-        if "NodeID" not in d:
-            raise WireError(f"{where}.NodeID: missing")
+        d = _fields(v, where, "NodeID")
         kw: dict[str, Any] = {}
         if "Endpoints" in d:
             kw["endpoints"] = _items(d["Endpoints"], f"{where}.Endpoints", _endpoint, problems)

@@ -114,7 +114,7 @@ GOOD_PEER: dict[str, Any] = {"ID": 2, "Key": key("nodekey", 2), "Addresses": ["1
 @pytest.mark.parametrize(("msg", "error"), [
     ([], "MapResponse: expected an object"),
     ({"Peers": {}}, "MapResponse.Peers: expected a list"),
-    ({"Node": {"Name": "x"}}, "MapResponse.Node.ID: missing"),
+    ({"Node": {"Name": "x"}}, "MapResponse.Node: missing ID"),
     ({"Node": {"ID": "1"}}, "MapResponse.Node.ID: expected an integer"),
     ({"Node": {"ID": 1, "Key": "nodekey:12"}}, "MapResponse.Node.Key: expected 64 hex digits"),
     ({"Node": {"ID": 1, "Key": key("discokey", 1)}}, "MapResponse.Node.Key: expected prefix nodekey:"),
