@@ -318,7 +318,7 @@ class Agent:
                 "HostName": (node.short_name if node is not None else "") or self._hostname(),
                 "Addresses": node.ips() if node is not None else [],
                 "Key": str(self.node_key.public()),
-                "KeyExpiry": compile.time_json(node.key_expiry) if node is not None else None,
+                "KeyExpiry": wire.time_json(node.key_expiry) if node is not None else None,
                 "Endpoints": list(self.endpoints),
                 "Online": self.connected,
             },

@@ -16,7 +16,6 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from coord import wire
@@ -177,10 +176,6 @@ def self_expired(nm: NetMap, now: float) -> bool:
     return node.key_expiry is not None and now >= node.key_expiry.timestamp()
 
 
-def time_json(t: datetime | None) -> str | None:
-    return None if t is None else wire.time_text(t)
-
-
 def peer_rows(nm: NetMap, dev: DeviceState | None,
               paths: Mapping[bytes, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """`shoal status` rows: the netmap's view of each peer joined with the engine's counters, and (`paths`,
@@ -197,7 +192,7 @@ def peer_rows(nm: NetMap, dev: DeviceState | None,
             "HostName": p.short_name,
             "Addresses": p.ips(),
             "Online": p.online,
-            "LastSeen": time_json(p.last_seen),
+            "LastSeen": wire.time_json(p.last_seen),
             "Key": p.key_text,
             "Endpoint": endpoint,
             "Path": PathKind.DIRECT if endpoint else PathKind.NONE,

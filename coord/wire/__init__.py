@@ -59,6 +59,7 @@ from coord.wire.schema import (
     parse_filter,
     parse_time,
     rfc3339,
+    time_json,
     time_text,
 )
 from coord.wire.seal import (
@@ -139,6 +140,7 @@ __all__ = [
     "seal_frame",
     "seal_request",
     "seal_response",
+    "time_json",
     "time_text",
     "unseal",
 ]

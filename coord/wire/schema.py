@@ -220,7 +220,7 @@ def _time(v: object, where: str) -> datetime | None:
         raise WireError(f"{where}: {v[:40]!r} is not an RFC 3339 time") from None
 
 
-def _time_json(dt: datetime | None) -> str | None:
+def time_json(dt: datetime | None) -> str | None:
     return None if dt is None else time_text(dt)
 
 
@@ -823,7 +823,7 @@ class Node:
             "Name": self.name,
             "User": self.user,
             "Key": _key_json("nodekey", self.key),
-            "KeyExpiry": _time_json(self.key_expiry),
+            "KeyExpiry": time_json(self.key_expiry),
             "Machine": _key_json("mkey", self.machine),
             "DiscoKey": _key_json("discokey", self.disco_key),
             "Addresses": [str(a) for a in self.addresses],
@@ -831,11 +831,11 @@ class Node:
             "Endpoints": [str(e) for e in self.endpoints],
             "HomeDERP": self.home_derp,
             "Online": self.online,
-            "LastSeen": _time_json(self.last_seen),
+            "LastSeen": time_json(self.last_seen),
             "Tags": list(self.tags),
             "Hostinfo": {"Hostname": self.hostinfo.hostname, "OS": self.hostinfo.os,
                          "RoutableIPs": list(self.hostinfo.routable_ips)},
-            "Created": _time_json(self.created),
+            "Created": time_json(self.created),
             "Expired": self.expired,
         }
         if self.hostinfo.request_tags:
@@ -913,13 +913,13 @@ class PeerChange:
         if self.online is not KEEP:
             out["Online"] = self.online
         if self.last_seen is not KEEP:
-            out["LastSeen"] = _time_json(self.last_seen)
+            out["LastSeen"] = time_json(self.last_seen)
         if self.disco_key is not KEEP:
             out["DiscoKey"] = _key_json("discokey", self.disco_key)
         if self.key is not KEEP:
             out["Key"] = _key_json("nodekey", self.key)
         if self.key_expiry is not KEEP:
-            out["KeyExpiry"] = _time_json(self.key_expiry)
+            out["KeyExpiry"] = time_json(self.key_expiry)
         return out
 
     def apply(self, peer: Node) -> Node:
