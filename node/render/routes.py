@@ -155,7 +155,9 @@ def parse_state(addr_json: str, route4_json: str, route6_json: str) -> LinkState
 def _routes(entries: Iterable[dict[str, Any]]) -> list[str]:
     out = []
     for r in entries:
-        foreign = r.get("protocol") not in OWNED_PROTOCOLS or "gateway" in r
+        proto = r.get("protocol")
+        owned = proto is None or (isinstance(proto, str) and proto in OWNED_PROTOCOLS)
+        foreign = not owned or "gateway" in r
         if foreign or r.get("type", "unicast") != "unicast":
             continue
         dst = r.get("dst")
