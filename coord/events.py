@@ -4,7 +4,7 @@ Stored form (one row of the ``events`` table, see migrations/)::
 
     seq        INTEGER  1, 2, 3, ... with no gaps
     time       TEXT     RFC 3339 UTC with microseconds, e.g. 2026-11-25T12:00:00.000001Z
-    actor      TEXT     "admin", "node:<id>", "system" or "policy-tests"
+    actor      TEXT     "admin", "system", "node:<id>" or "machine:<12 hex digits of its machine key>"
     type       TEXT     the class name below, e.g. "NodeRegistered"
     schema     INTEGER  the version of that type's data layout
     data       TEXT     canonical JSON of the fields (sorted keys, no spaces)
@@ -23,9 +23,26 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
 GENESIS = "0" * 64
+
+
+class Actor(StrEnum):
+    """Who caused an event, when it is not a node (``node_actor``) or a machine still registering."""
+
+    ADMIN = "admin"
+    SYSTEM = "system"
+
+
+def node_actor(node_id: int) -> str:
+    return f"node:{node_id}"
+
+
+def machine_actor(machine_key_text: str) -> str:
+    """``machine:`` and the first 12 hex digits of an ``mkey:...`` text."""
+    return f"machine:{machine_key_text[5:17]}"
 
 
 def canonical_json(obj: Any) -> str:
