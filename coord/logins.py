@@ -68,6 +68,12 @@ def node_for_map(state: State, machine_key: bytes, req: wire.MapRequest) -> int:
     return nid
 
 
+def active_node_key(state: State, node_key_text: str) -> bool:
+    """Whether a node key belongs to a node its peers see (neither expired nor logged out): relays admit those."""
+    nid = state.by_node_key.get(node_key_text)
+    return nid is not None and state.nodes[nid].active
+
+
 @dataclass
 class Logins:
     service: Service
