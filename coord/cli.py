@@ -22,7 +22,7 @@ import httpx
 
 from coord import admin, policy, views
 from coord import events as ev
-from coord.config import Config, load, parse_duration
+from coord.config import Config, LogLevel, load, parse_duration
 from coord.errors import CoordError, LocalError
 from coord.lock import ServerLock
 from coord.state import fold
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key-expiry", help="e.g. 180d, or 0 for never")
     serve.add_argument("--batch-delay", help="fan-out tick, e.g. 50ms")
     serve.add_argument("--keepalive", help="map stream keep-alive, e.g. 50s")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=[str(level) for level in LogLevel])
 
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser

@@ -23,26 +23,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, ClassVar
 
 GENESIS = "0" * 64
-
-
-class Actor(StrEnum):
-    """Who caused an event, when it is not a node (``node_actor``) or a machine still registering."""
-
-    ADMIN = "admin"
-    SYSTEM = "system"
-
-
-def node_actor(node_id: int) -> str:
-    return f"node:{node_id}"
-
-
-def machine_actor(machine_key_text: str) -> str:
-    """``machine:`` and the first 12 hex digits of an ``mkey:...`` text."""
-    return f"machine:{machine_key_text[5:17]}"
 
 
 def canonical_json(obj: Any) -> str:

@@ -14,8 +14,7 @@ from typing import Any
 from coord import decide
 from coord import events as ev
 from coord.errors import DomainError
-from coord.events import Actor, node_actor
-from coord.service import Service
+from coord.service import Actor, Service, node_actor
 from coord.state import State
 
 log = logging.getLogger("shoal.lifecycle")

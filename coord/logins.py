@@ -16,9 +16,8 @@ from typing import Any
 from coord import decide, views, wire
 from coord.authkey import hash_secret, split_auth_key
 from coord.errors import DomainError, NotFound, Unauthorized
-from coord.events import Actor, machine_actor, node_actor
 from coord.lifecycle import Lifecycle
-from coord.service import Service
+from coord.service import Actor, Service, machine_actor, node_actor
 from coord.state import State
 
 PENDING_TTL = 1800.0

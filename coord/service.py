@@ -15,19 +15,35 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from coord import access, decide, policy, views, wire
 from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
-from coord.errors import Conflict, DomainError, NotFound, Unauthorized
-from coord.events import Actor, node_actor
+from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import State, User, apply
 from coord.store import Filter, Store, load_state
 
 log = logging.getLogger("shoal.service")
+
+
+class Actor(StrEnum):
+    """Who caused an event (the log's ``actor``), when it is not a node (``node_actor``) or a machine registering."""
+
+    ADMIN = "admin"
+    SYSTEM = "system"
+
+
+def node_actor(node_id: int) -> str:
+    return f"node:{node_id}"
+
+
+def machine_actor(machine_key_text: str) -> str:
+    """``machine:`` and the first 12 hex digits of an ``mkey:...`` text."""
+    return f"machine:{machine_key_text[5:17]}"
 
 
 def _discard(change: Change) -> None:
@@ -240,5 +256,3 @@ class Service:
             node_actor(nid),
         )
 
-
-__all__ = ["Conflict", "DomainError", "NotFound", "Service", "Unauthorized"]
