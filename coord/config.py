@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-# Re-exported: configuration problems raise coord.config.ConfigError (a coord.errors.LocalError).
-from coord.errors import ConfigError as ConfigError
+from coord.errors import ConfigError
 
 
 class LogLevel(StrEnum):
