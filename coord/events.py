@@ -4,7 +4,7 @@ Stored form (one row of the ``events`` table, see migrations/)::
 
     seq        INTEGER  1, 2, 3, ... with no gaps
     time       TEXT     RFC 3339 UTC with microseconds, e.g. 2026-11-25T12:00:00.000001Z
-    actor      TEXT     "admin", "node:<id>", "system" or "policy-tests"
+    actor      TEXT     "admin", "system", "node:<id>" or "machine:<12 hex digits of its machine key>"
     type       TEXT     the class name below, e.g. "NodeRegistered"
     schema     INTEGER  the version of that type's data layout
     data       TEXT     canonical JSON of the fields (sorted keys, no spaces)
