@@ -11,7 +11,9 @@ Usage: ``receive_data(bytes)``, then drain ``next_event()`` until it returns ``N
 Time is passed in: ``next_timer()`` is the handshake deadline (10 s), ``handle_timer(now)`` expires it.
 
 Errors: a bad peer raises ``RemoteProtocolError`` (the connection is then in ``State.ERROR`` and must be closed);
-misuse raises ``LocalProtocolError``.
+misuse raises ``LocalProtocolError``. Before the connection is open every remote error is a ``HandshakeError``
+(``ForgedClientInfo`` when the ClientInfo box does not open, ``HandshakeTimeout`` past the deadline), so the glue
+reads the close reason off the error's class (``e.reason``, see derp.errors).
 """
 
 from __future__ import annotations
@@ -26,10 +28,27 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
 from derp import frames
+from derp.errors import CloseReason
 from derp.frames import FrameType, LocalFrameError, RemoteFrameError
 
 RemoteProtocolError = RemoteFrameError
 LocalProtocolError = LocalFrameError
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer broke the handshake (any remote error before the connection is open)."""
+
+    reason = CloseReason.HANDSHAKE_ERROR
+
+
+class ForgedClientInfo(HandshakeError):
+    """The ClientInfo box does not open: the client does not hold the key it claims."""
+
+    reason = CloseReason.FORGED_CLIENT_INFO
+
+
+class HandshakeTimeout(HandshakeError):
+    reason = CloseReason.HANDSHAKE_TIMEOUT
 
 
 class Role(Enum):
@@ -152,8 +171,8 @@ class DerpConnection:
             raise LocalProtocolError("connection is in the ERROR state")
         try:
             self._buf.feed(data)
-        except RemoteProtocolError:
-            self.state = State.ERROR
+        except RemoteProtocolError as e:
+            self._fail(e)
             raise
 
     def next_event(self) -> Event | _NeedData:
@@ -167,8 +186,8 @@ class DerpConnection:
             if got is None:
                 return NEED_DATA
             return self._handle(*got)
-        except RemoteProtocolError:
-            self.state = State.ERROR
+        except RemoteProtocolError as e:
+            self._fail(e)
             raise
 
     def next_timer(self) -> float | None:
@@ -178,7 +197,13 @@ class DerpConnection:
         if self._deadline is not None and now >= self._deadline:
             self.state = State.ERROR
             self._deadline = None
-            raise RemoteProtocolError("handshake did not finish within the deadline")
+            raise HandshakeTimeout("handshake did not finish within the deadline")
+
+    def _fail(self, e: RemoteProtocolError) -> None:
+        """Enter ERROR. Before the connection opened, a plain remote error is re-raised as a HandshakeError."""
+        was_open, self.state = self.state is State.OPEN, State.ERROR
+        if not was_open and not isinstance(e, HandshakeError):
+            raise HandshakeError(str(e)) from e
 
     # Outputs
 
@@ -253,7 +278,7 @@ class DerpConnection:
             try:
                 raw = box.decrypt(ci.box, ci.nonce)
             except CryptoError:
-                raise RemoteProtocolError("ClientInfo box does not open: the client does not hold its key") from None
+                raise ForgedClientInfo("ClientInfo box does not open: the client does not hold its key") from None
             info = ClientInfoJSON.from_json(raw)
             self.peer_key, self._box = ci.key, box
             self.state = State.AWAIT_ACCEPT

@@ -34,6 +34,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from derp.errors import LocalError, RemoteError
+
 MAGIC_COOKIE = 0x2112A442
 COOKIE = struct.pack(">I", MAGIC_COOKIE)
 HEADER_LEN = 20
@@ -51,7 +53,7 @@ _HDR = struct.Struct(">HH")
 _ATTR = struct.Struct(">HH")
 
 
-class StunError(ValueError):
+class StunError(RemoteError, ValueError):
     """The datagram is not a STUN message we handle; ``str()`` says why."""
 
 
@@ -155,7 +157,7 @@ def build_request(txid: bytes | None = None, software: bytes = b"tailnode", fing
     """A binding request in Tailscale's form (SOFTWARE + FINGERPRINT), which every STUN server answers."""
     txid = new_txid() if txid is None else txid
     if len(txid) != 12:
-        raise ValueError("transaction ID must be 12 bytes")
+        raise LocalError("transaction ID must be 12 bytes")
     body = _attr(ATTR_SOFTWARE, software) if software else b""
     if not fingerprint:
         return _HDR.pack(BINDING_REQUEST, len(body)) + COOKIE + txid + body
