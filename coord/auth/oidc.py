@@ -44,7 +44,7 @@ from joserfc.errors import (
 from joserfc.jwk import KeySet
 
 from coord.auth.config import OidcConfig
-from coord.auth.logins import Transaction
+from coord.auth.flow import Transaction
 
 DISCOVERY_RETRY = 10.0
 JWKS_REFRESH = 60.0

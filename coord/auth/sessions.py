@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from coord.auth.claims import Profile
-from coord.auth.logins import digest
+from coord.auth.flow import digest
 
 SESSION_COOKIE = "shoal_session"
 LOGIN_COOKIE = "shoal_login"

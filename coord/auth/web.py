@@ -1,4 +1,4 @@
-"""Sign-in routes (the thin shell over logins, sessions, the relying party and the pages).
+"""Sign-in routes (the thin shell over login flows, sessions, the relying party and the pages).
 
     GET  /login/<token>   a login URL from `shoal up`: used up, then 302 to the IdP (state, nonce, PKCE S256)
     GET  /oidc/callback   the IdP's redirect: validates everything, then the confirm page (sets the session)
@@ -25,7 +25,7 @@ from starlette.routing import Route
 from coord.auth import pages
 from coord.auth.claims import Identity, Profile, Refused, map_claims
 from coord.auth.config import OidcConfig
-from coord.auth.logins import LOGIN_TTL, LoginError, Logins
+from coord.auth.flow import LOGIN_TTL, LoginError, LoginFlows
 from coord.auth.oidc import IdpUnavailable, Provider, TokenRefused, new_transaction_secrets
 from coord.auth.sessions import LOGIN_COOKIE, SESSION_COOKIE, CookieSpec, Sessions, csrf_ok
 
@@ -67,7 +67,7 @@ class SignIn:
         server_url: str,
         clock: Callable[[], float],
         *,
-        logins: Logins | None = None,
+        flows: LoginFlows | None = None,
         sessions: Sessions | None = None,
         token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
     ) -> None:
@@ -76,7 +76,7 @@ class SignIn:
         self.host = host
         self.base = server_url.rstrip("/")
         self.clock = clock
-        self.logins = logins or Logins()
+        self.flows = flows or LoginFlows()
         self.sessions = sessions or Sessions()
         self.cookie = CookieSpec.for_server(server_url)
         self.token = token
@@ -90,11 +90,11 @@ class SignIn:
 
     def login_url(self, pending_id: str) -> str:
         """The login URL for a pending node (the live one, or a fresh one)."""
-        login = self.logins.issue(pending_id, self.clock(), self.token())
+        login = self.flows.issue(pending_id, self.clock(), self.token())
         return f"{self.base}/login/{login.token}"
 
     def forget(self, pending_id: str) -> None:
-        self.logins.forget_pending(pending_id)
+        self.flows.forget_pending(pending_id)
 
     # --- responses --------------------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class SignIn:
             return await self._refuse(503, "Identity provider unreachable", "idp_unavailable", str(e),
                                       "The machine stays pending. Try the same link again in a minute.")
         try:
-            txn = self.logins.start(token, now, state=s["state"], nonce=s["nonce"], verifier=s["verifier"],
+            txn = self.flows.start(token, now, state=s["state"], nonce=s["nonce"], verifier=s["verifier"],
                                     browser=s["browser"])
         except LoginError as e:
             return await self._refuse(410 if e.code != "unknown_login" else 404, "This login link does not work",
@@ -152,7 +152,7 @@ class SignIn:
         state = q.get("state", "")
         now = self.clock()
         try:
-            txn = self.logins.finish(state, now, request.cookies.get(LOGIN_COOKIE))
+            txn = self.flows.finish(state, now, request.cookies.get(LOGIN_COOKIE))
         except LoginError as e:
             return await self._refuse(400, "Sign-in not accepted", e.code, e.message)
         if q.get("error"):
@@ -192,7 +192,7 @@ class SignIn:
         session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         session = self.sessions.create(profile, now, session_id=session_id, csrf=csrf)
         cid = secrets.token_urlsafe(24)
-        self.logins.confirm_later(txn, profile, session.id_hash, now, cid)
+        self.flows.confirm_later(txn, profile, session.id_hash, now, cid)
         body = pages.confirm(machine, profile, action=f"{self.cookie.path}oidc/confirm", confirm_id=cid, csrf=csrf)
         resp = self._html(body)
         self._set_cookie(resp, SESSION_COOKIE, session_id, int(self.sessions.ttl))
@@ -215,7 +215,7 @@ class SignIn:
                                       "Open the login link from `shoal up` again and use its Approve button.")
         assert session is not None
         try:
-            c = self.logins.confirm(form.get("confirm", ""), session.id_hash, now)
+            c = self.flows.confirm(form.get("confirm", ""), session.id_hash, now)
         except LoginError as e:
             return await self._refuse(400, "Approval not accepted", e.code, e.message,
                                       identity=session.profile.identity)

@@ -13,7 +13,7 @@ from joserfc import jwt
 from joserfc.jwk import OctKey, RSAKey
 
 from coord.auth.config import parse
-from coord.auth.logins import Transaction
+from coord.auth.flow import Transaction
 from coord.auth.oidc import IdpUnavailable, Provider, TokenRefused
 
 pytestmark = pytest.mark.anyio

@@ -173,7 +173,7 @@ async def test_oidc_login_url_is_single_use_and_expires(rig: Rig) -> None:
         assert first.status_code == 302 and first.headers["location"].startswith(rig.idp.issuer)
         again = await c.get(url)
         assert again.status_code == 410 and 'id="code">login_used<' in again.text
-        rig.signin.logins.ttl = 0.0
+        rig.signin.flows.ttl = 0.0
         stale = rig.signin.login_url("p2")
         time.sleep(0.01)
         late = await c.get(stale)

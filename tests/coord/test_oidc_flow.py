@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from coord.auth.claims import Identity, Profile
-from coord.auth.logins import LoginError, Logins, digest
+from coord.auth.flow import LoginError, LoginFlows, digest
 from coord.auth.refusals import Refusals
 from coord.auth.sessions import CookieSpec, Sessions, csrf_ok
 
 PROFILE = Profile(Identity("https://idp", "u1"), "alice", "alice@x.example", True, "Alice", (), (), None)
 
 
-def start(lg: Logins, token: str, now: float, n: str = "1", browser: str = "b") -> object:
+def start(lg: LoginFlows, token: str, now: float, n: str = "1", browser: str = "b") -> object:
     return lg.start(token, now, state=f"state{n}", nonce=f"nonce{n}", verifier=f"v{n}", browser=browser)
 
 
@@ -23,7 +23,7 @@ def code(fn: object) -> str:
 
 
 def test_oidc_login_url_single_use() -> None:
-    lg = Logins()
+    lg = LoginFlows()
     login = lg.issue("p1", 0.0, "tok1")
     assert lg.issue("p1", 5.0, "tok2").token == "tok1"  # the live link is reused while it is unused
     txn = lg.start("tok1", 10.0, state="s", nonce="n", verifier="v", browser="b")
@@ -36,7 +36,7 @@ def test_oidc_login_url_single_use() -> None:
 
 
 def test_oidc_login_url_expires_after_ten_minutes() -> None:
-    lg = Logins()
+    lg = LoginFlows()
     lg.issue("p1", 0.0, "tok1")
     assert code(lambda: start(lg, "tok1", 600.5)) == "login_expired"
     lg.issue("p2", 0.0, "tok2")
@@ -46,7 +46,7 @@ def test_oidc_login_url_expires_after_ten_minutes() -> None:
 
 
 def test_oidc_callback_state_single_use_and_browser_bound() -> None:
-    lg = Logins()
+    lg = LoginFlows()
     lg.issue("p1", 0.0, "tok1")
     start(lg, "tok1", 1.0)
     assert code(lambda: lg.finish("state1x", 2.0, "b")) == "unknown_state"  # tampered
@@ -57,7 +57,7 @@ def test_oidc_callback_state_single_use_and_browser_bound() -> None:
 
 
 def test_oidc_confirmation_bound_to_the_session() -> None:
-    lg = Logins()
+    lg = LoginFlows()
     lg.issue("p1", 0.0, "tok1")
     start(lg, "tok1", 1.0)
     txn = lg.finish("state1", 2.0, "b")
@@ -68,7 +68,7 @@ def test_oidc_confirmation_bound_to_the_session() -> None:
 
 
 def test_oidc_tables_are_bounded() -> None:
-    lg = Logins(capacity=3)
+    lg = LoginFlows(capacity=3)
     for i in range(10):
         lg.issue(f"p{i}", float(i), f"t{i}")
     assert lg.counts()["logins"] == 3

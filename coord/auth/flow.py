@@ -97,7 +97,7 @@ class _Bounded(Generic[K, V]):
         return len(self.items)
 
 
-class Logins:
+class LoginFlows:
     def __init__(self, ttl: float = LOGIN_TTL, capacity: int = MAX_LOGINS) -> None:
         self.ttl = ttl
         self._logins: _Bounded[str, Login] = _Bounded(capacity)
