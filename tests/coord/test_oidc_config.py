@@ -119,3 +119,31 @@ def test_oidc_http_server_url_only_on_loopback_or_in_a_lab() -> None:
     with pytest.raises(ConfigError, match="sign-in cookies need https"):
         check_server_url(c, "http://198.51.100.1:8080")
     check_server_url(cfg(allow_http=True), "http://198.51.100.1:8080")
+
+
+def test_oidc_server_config_file_env_and_flags(tmp_path: Path) -> None:
+    from coord import config
+
+    f = tmp_path / "shoal.toml"
+    f.write_text('server_url = "https://vpn.example.com"\n[oidc]\nissuer = "https://idp.example.com"\n'
+                 'client_id = "shoal"\nclient_secret_env = "S"\nallowed_domains = ["example.com"]\n'
+                 '[oidc.group_map]\n"shoal-admins" = "group:admins"\n')
+    c = config.load(str(f), env={"S": "x", "SHOAL_OIDC_USER_NAME": "sub"},
+                    overrides={"oidc_allowed_groups": "eng,ops", "oidc_group_map": ["eng=group:eng"]})
+    o = c.oidc_config({"S": "x"})
+    assert o is not None
+    assert o.issuer == "https://idp.example.com" and o.allowed_domains == ("example.com",)
+    assert o.user_name == "sub" and o.allowed_groups == ("eng", "ops")
+    assert o.policy_groups == {"eng": "group:eng"}  # a flag replaces the file's table
+    hash(c)
+    o2 = config.load(str(f), env={}).oidc_config({"S": "y"})
+    assert o2 is not None and o2.policy_groups == {"shoal-admins": "group:admins"}
+    assert config.load(None, env={}).oidc_config({}) is None
+    with pytest.raises(ConfigError, match="oidc: set issuer"):
+        config.load(None, env={}, overrides={"oidc_client_id": "x"}).oidc_config({})
+    with pytest.raises(ConfigError, match=r"oidc\.group_map: 'eng' is not IDP_GROUP=group:name"):
+        config.load(None, env={}, overrides={"oidc_group_map": "eng"})
+    with pytest.raises(ConfigError, match="sign-in cookies need https"):
+        config.load(None, env={}, overrides={"server_url": "http://198.51.100.1:8080",
+                                             "oidc_issuer": "https://idp", "oidc_client_id": "x",
+                                             "oidc_client_secret_env": "S"}).oidc_config({"S": "x"})
