@@ -154,6 +154,10 @@ def parse(
     if not issuer:
         raise ConfigError(f"{where}.issuer: required (the identity provider's issuer URL)")
     issuer = _url(issuer, "issuer", where)
+    allow_http = _bool(data, "allow_http", where)
+    if issuer.startswith("http://") and not allow_http and not is_loopback(urlsplit(issuer).hostname or ""):
+        raise ConfigError(f"{where}.issuer: {issuer!r} is http:// off loopback; identity providers speak https "
+                          "(set oidc.allow_http = true only in a lab)")
     client_id = _str(data, "client_id", where)
     if not client_id:
         raise ConfigError(f"{where}.client_id: required")
@@ -204,7 +208,7 @@ def parse(
     return OidcConfig(
         issuer=issuer, client_id=client_id, client_secret=secret, scopes=scopes, allowed_domains=domains,
         allowed_users=users, allowed_groups=groups, groups_claim=path, user_name=strategy,
-        expiry_from_token=_bool(data, "expiry_from_token", where), allow_http=_bool(data, "allow_http", where),
+        expiry_from_token=_bool(data, "expiry_from_token", where), allow_http=allow_http,
         group_map=tuple(sorted(pairs)),
     )
 

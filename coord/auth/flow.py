@@ -129,6 +129,12 @@ class LoginFlows:
             return None
         return token
 
+    def pending_for(self, token: str) -> str | None:
+        """The pending node a login URL was issued for, used or not, until the URL is forgotten: how a node's
+        follow-up request (which carries the URL) finds its pending registration."""
+        login = self._logins.items.get(digest(token))
+        return login.pending_id if login is not None else None
+
     def start(self, token: str, now: float, *, state: str, nonce: str, verifier: str, browser: str) -> Transaction:
         login = self._logins.items.get(digest(token))
         if login is None:

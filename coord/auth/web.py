@@ -28,6 +28,7 @@ from coord.auth.config import OidcConfig
 from coord.auth.flow import LOGIN_TTL, LoginError, LoginFlows
 from coord.auth.oidc import IdpUnavailable, Provider, TokenRefused, new_transaction_secrets
 from coord.auth.sessions import LOGIN_COOKIE, SESSION_COOKIE, CookieSpec, Sessions, csrf_ok
+from coord.errors import DomainError
 
 log = logging.getLogger("shoal.auth")
 
@@ -50,7 +51,7 @@ class Host(Protocol):
     def check(self, profile: Profile) -> None:
         """Raises Refused if the state refuses this sign-in (its name belongs to another identity, ...)."""
 
-    async def approve(self, pending_id: str, profile: Profile) -> Approved:
+    async def approve_signed_in(self, pending_id: str, profile: Profile) -> Approved:
         """Creates or updates the user from the profile and registers the node: one decide, one append.
         Raises Refused (or a DomainError) to refuse."""
 
@@ -92,6 +93,10 @@ class SignIn:
         """The login URL for a pending node (the live one, or a fresh one)."""
         login = self.flows.issue(pending_id, self.clock(), self.token())
         return f"{self.base}/login/{login.token}"
+
+    def resolve(self, token: str) -> str | None:
+        """The pending id behind a login URL's token (see LoginFlows.pending_for)."""
+        return self.flows.pending_for(token)
 
     def forget(self, pending_id: str) -> None:
         self.flows.forget_pending(pending_id)
@@ -220,11 +225,15 @@ class SignIn:
             return await self._refuse(400, "Approval not accepted", e.code, e.message,
                                       identity=session.profile.identity)
         try:
-            done = await self.host.approve(c.pending_id, c.profile)
+            done = await self.host.approve_signed_in(c.pending_id, c.profile)
         except Refused as e:
             return await self._refuse(403, "You cannot join this tailnet", e.code, e.message,
                                       "Ask an admin of this tailnet if you think you should.", e.identity,
                                       c.pending_id)
+        except DomainError as e:
+            return await self._refuse(409 if e.status == 400 else e.status, "The machine was not approved",
+                                      "not_approved", e.message, "Run `shoal up` again.",
+                                      c.profile.identity, c.pending_id)
         return self._html(pages.approved(done.hostname, done.user, done.address))
 
 

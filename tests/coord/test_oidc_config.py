@@ -147,3 +147,9 @@ def test_oidc_server_config_file_env_and_flags(tmp_path: Path) -> None:
         config.load(None, env={}, overrides={"server_url": "http://198.51.100.1:8080",
                                              "oidc_issuer": "https://idp", "oidc_client_id": "x",
                                              "oidc_client_secret_env": "S"}).oidc_config({"S": "x"})
+
+
+def test_oidc_http_issuer_only_on_loopback_or_in_a_lab() -> None:
+    assert "identity providers speak https" in err(issuer="http://idp.example.com")
+    assert cfg(issuer="http://127.0.0.1:9000").issuer == "http://127.0.0.1:9000"
+    assert cfg(issuer="http://203.0.113.1:9000", allow_http=True).allow_http

@@ -43,7 +43,7 @@ class Host:
             raise Refused("name_taken", f"the user name {profile.name} belongs to another identity",
                           profile.identity)
 
-    async def approve(self, pending_id: str, profile: Profile) -> Approved:
+    async def approve_signed_in(self, pending_id: str, profile: Profile) -> Approved:
         self.check(profile)
         m = self.pending.pop(pending_id)
         self.names[profile.name] = profile.identity
