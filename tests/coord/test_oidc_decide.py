@@ -117,3 +117,17 @@ def test_oidc_refused_sign_in_folds_to_no_change() -> None:
     change = apply(s, ev.SignInRefused(ISS, "sub-x", "domain_not_allowed"), 1.0)
     assert dataclasses.asdict(s) == before
     assert not (change.peers or change.removed or change.visibility or change.policy)
+
+
+def test_oidc_policy_check_reports_tests_a_membership_change_made_false() -> None:
+    text = """{"groups": {"group:admins": []},
+     "acls": [{"action": "accept", "src": ["group:admins"], "dst": ["group:admins:*"]}],
+     "tests": [{"src": "alice@example.com", "accept": ["100.64.0.1:22"]}]}"""
+    s = State()
+    run(s, decide.approve_sign_in(s, b"\x01" * 32, req(1), ALICE, RULES, 1000.0))
+    assert s.nodes[1].ipv4 == "100.64.0.1"
+    assert policy.check(text, access.tailnet(s))["ok"]
+    gone = dataclasses.replace(ALICE, groups=(), idp_groups=())
+    run(s, decide.approve_sign_in(s, b"\x02" * 32, req(2, "desktop"), gone, RULES, 1001.0))
+    result = policy.check(text, access.tailnet(s))
+    assert not result["ok"] and result["failed"][0]["src"] == "alice@example.com"
