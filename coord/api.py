@@ -4,7 +4,8 @@ Public routes (the control protocol is documented in coord/wire.py):
     GET  /key                          server public key (pinned by nodes)
     POST /machine/<mkey hex>/register  sealed RegisterRequest -> sealed RegisterResponse
     POST /machine/<mkey hex>/map       sealed MapRequest -> sealed response, or a stream of sealed frames
-    GET  /register/<id>                the page a login URL opens
+    GET  /register/<id>                the page a login URL opens (without sign-in: how an admin approves)
+    GET  /login/<token>, /oidc/...     sign-in with OpenID Connect, when configured (coord/auth/web.py)
     POST /derp/admit                   {"NodePublic": "nodekey:..", "Source": ip} -> {"Allow": bool}, for relays
     GET  /health
 Admin route (served by coord/serve.py on ``<data dir>/admin.sock``, mode 0600): POST /admin {"command", "args"}.
@@ -116,7 +117,7 @@ class Api:
     async def register(self, request: Request) -> Response:
         mkey, box, opened = await self._open(request)
         req = wire.RegisterRequest.from_json(opened.body)
-        resp = await self.logins.register(mkey, req)
+        resp = await self.logins.register(mkey, req, request.client.host if request.client else "")
         return Response(wire.seal_response(box, opened.request_id, resp, os.urandom(24)),
                         media_type="application/octet-stream")
 

@@ -1,8 +1,10 @@
-"""Node registration: auth keys, key rotation, logout, and interactive logins waiting for an admin's approval.
+"""Node registration: auth keys, key rotation, logout, and interactive logins waiting for approval.
 
-A node without an auth key gets a login URL (``/register/<id>``) and waits on a follow-up request until an admin
-runs ``nodes approve <id>``. Pending logins live in memory only: bounded (``MAX_PENDING``), forgotten after
-``PENDING_TTL``, and gone with a restart (the node asks again).
+A node without an auth key gets a login URL and waits on a follow-up request until it is approved. Without
+sign-in configured the URL is ``/register/<id>`` and an admin runs ``nodes approve <id>``; with OIDC (coord.auth)
+it is a single-use ``/login/<token>`` from `links`, and the person approves in the browser after signing in at the
+identity provider (the `coord.auth.web.Host` methods below). Pending logins live in memory only: bounded
+(``MAX_PENDING``), forgotten after ``PENDING_TTL``, and gone with a restart (the node asks again).
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from coord import decide, views, wire
+from coord import events as ev
+from coord.auth import pages
+from coord.auth.claims import Identity, Profile
+from coord.auth.refusals import Refusals
+from coord.auth.web import Approved
 from coord.authkey import hash_secret, split_auth_key
 from coord.errors import DomainError, NotFound, Unauthorized
 from coord.lifecycle import Lifecycle
@@ -23,6 +30,16 @@ from coord.state import State
 PENDING_TTL = 1800.0
 MAX_PENDING = 10_000
 FOLLOWUP_WAIT = 60.0
+
+
+class LoginLinks(Protocol):
+    """Where login URLs come from when sign-in is on (coord.auth.web.SignIn)."""
+
+    def login_url(self, pending_id: str) -> str: ...
+
+    def resolve(self, token: str) -> str | None: ...
+
+    def forget(self, pending_id: str) -> None: ...
 
 
 class LoginState(StrEnum):
@@ -39,6 +56,7 @@ class Pending:
     created: float
     done: asyncio.Future[int]
     state: LoginState = LoginState.WAITING
+    source: str = ""  # the address the registration came from (shown on the sign-in confirm page)
 
 
 def authorized(state: State, nid: int) -> dict[str, Any]:
@@ -73,14 +91,20 @@ def active_node_key(state: State, node_key_text: str) -> bool:
     return nid is not None and state.nodes[nid].active
 
 
+def now_expired(p: Pending, now: float) -> bool:
+    return now - p.created > PENDING_TTL
+
+
 @dataclass
 class Logins:
     service: Service
     lifecycle: Lifecycle
     server_url: str
     pending: dict[str, Pending] = field(default_factory=dict)
+    links: LoginLinks | None = None
+    refusals: Refusals = field(default_factory=Refusals)
 
-    async def register(self, machine_key: bytes, req: wire.RegisterRequest) -> dict[str, Any]:
+    async def register(self, machine_key: bytes, req: wire.RegisterRequest, source: str = "") -> dict[str, Any]:
         svc = self.service
         now = svc.clock()
         mkey = wire.key_text("mkey", machine_key)
@@ -105,12 +129,16 @@ class Logins:
             recs = await svc.execute(lambda s: decide.register(s, machine_key, req, owner, svc.rules, now), actor)
             self.lifecycle.registered(recs)
             return authorized(svc.state, svc.state.by_machine[mkey])
-        return await self._interactive(machine_key, req, now)
+        return await self._interactive(machine_key, req, now, source)
 
-    async def _interactive(self, machine_key: bytes, req: wire.RegisterRequest, now: float) -> dict[str, Any]:
+    async def _interactive(
+        self, machine_key: bytes, req: wire.RegisterRequest, now: float, source: str
+    ) -> dict[str, Any]:
         self._expire(now)
         if req.followup:
             auth_id = req.followup.rstrip("/").rsplit("/", 1)[-1]
+            if self.links is not None:
+                auth_id = self.links.resolve(auth_id) or ""
             p = self.pending.get(auth_id)
             if p is None or p.machine_key != machine_key:
                 raise Unauthorized("unknown or expired login; start again")
@@ -123,20 +151,26 @@ class Logins:
         for p in self.pending.values():
             if p.machine_key == machine_key:
                 p.request = req
+                p.source = source or p.source
                 return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(p.auth_id)}
         if len(self.pending) >= MAX_PENDING:
             raise DomainError("too many pending registrations; try again later")
         auth_id = secrets.token_urlsafe(12)
-        self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future())
+        self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future(),
+                                        source=source)
         return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(auth_id)}
 
     def _auth_url(self, auth_id: str) -> str:
+        if self.links is not None:
+            return self.links.login_url(auth_id)
         return f"{self.server_url.rstrip('/')}/register/{auth_id}"
 
     def _expire(self, now: float) -> None:
         for auth_id, p in list(self.pending.items()):
             if now - p.created > PENDING_TTL:
                 del self.pending[auth_id]
+                if self.links is not None:
+                    self.links.forget(auth_id)
                 p.state = LoginState.EXPIRED
                 if not p.done.done():
                     p.done.cancel()
@@ -157,13 +191,52 @@ class Logins:
         recs = await svc.execute(
             lambda s: decide.register(s, p.machine_key, p.request, owner, svc.rules, svc.clock()), Actor.ADMIN
         )
-        nid = svc.state.by_machine[wire.key_text("mkey", p.machine_key)]
-        self.pending.pop(auth_id, None)
+        return views.node(svc.state.nodes[self._approved(p, recs)])
+
+    def _approved(self, p: Pending, recs: list[ev.Record]) -> int:
+        nid = self.service.state.by_machine[wire.key_text("mkey", p.machine_key)]
+        self.pending.pop(p.auth_id, None)
+        if self.links is not None:
+            self.links.forget(p.auth_id)
         p.state = LoginState.APPROVED
         if not p.done.done():
             p.done.set_result(nid)
         self.lifecycle.registered(recs)
-        return views.node(svc.state.nodes[nid])
+        return nid
+
+    # --- sign-in side (coord.auth.web.Host) ----------------------------------------------------------------
+
+    def machine(self, pending_id: str) -> pages.Machine | None:
+        p = self.waiting(pending_id)
+        if p is None or now_expired(p, self.service.clock()):
+            return None
+        hi = p.request.hostinfo
+        return pages.Machine(hi.hostname, hi.os, p.source, self.service.clock() - p.created)
+
+    def check(self, profile: Profile) -> None:
+        decide.sign_in_user(self.service.state, profile)
+
+    async def approve_signed_in(self, pending_id: str, profile: Profile) -> Approved:
+        svc = self.service
+        p = self.waiting(pending_id)
+        if p is None:
+            raise NotFound("the machine is no longer waiting (approved, expired or removed); run `shoal up` again")
+        recs = await svc.execute(
+            lambda s: decide.approve_sign_in(s, p.machine_key, p.request, profile, svc.rules, svc.clock()),
+            machine_actor(wire.key_text("mkey", p.machine_key)),
+        )
+        n = svc.state.nodes[self._approved(p, recs)]
+        return Approved(n.given_name, profile.name, n.ipv4)
+
+    async def refused(self, code: str, identity: Identity | None, pending_id: str | None) -> None:
+        """Counted always; an audit event only for a known person, at most once per person per minute, so an
+        IdP account cannot grow the log at will (and an anonymous caller cannot at all)."""
+        now = self.service.clock()
+        key = identity.key if identity is not None else "-"
+        if self.refusals.count(key, code, now) and identity is not None:
+            await self.service.execute(
+                lambda s: [ev.SignInRefused(identity.issuer, identity.subject, code)], Actor.SYSTEM
+            )
 
     def pending_json(self) -> list[dict[str, Any]]:
         return [
