@@ -124,7 +124,7 @@ def sign(key: SigningKey, seq: int, head: str, time: str) -> Checkpoint:
 
 
 def sign_head(key: SigningKey, last: tuple[int, str], now: float) -> Checkpoint:
-    """The checkpoint of a log whose last event is ``last`` = (seq, hash), (0, GENESIS) when empty, signed at ``now``."""
+    """The checkpoint of a log whose last event is ``last`` = (seq, hash) ((0, GENESIS): empty), signed at ``now``."""
     return sign(key, last[0], last[1], ev.rfc3339(now))
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import zlib
@@ -229,7 +230,7 @@ def bucket(t: float, now: float, tiers: tuple[tuple[float, float], ...] = TIERS)
     and as ``now`` grows a bucket only merges into a wider one.
     """
     width = tiers[0][1]
-    for (age, _), (_, wider) in zip(tiers, tiers[1:], strict=False):
+    for (age, _), (_, wider) in itertools.pairwise(tiers):
         end = (t // wider + 1) * wider
         if now - end < age:
             break

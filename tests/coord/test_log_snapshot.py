@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_log_retention_thins_with_age_and_is_stable() -> None:
     assert sum(a < HOUR for a in ages) >= 5 and sum(HOUR <= a < DAY for a in ages) >= 20
     # no gap wider than two buckets of the tier the older side is in
     times = sorted(kept.values())
-    for a, b in zip(times, times[1:], strict=False):
+    for a, b in itertools.pairwise(times):
         width, _ = snap.bucket(a, now)
         assert b - a <= 2 * width + 120
 
