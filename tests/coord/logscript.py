@@ -105,7 +105,7 @@ class PureLog:
         for e in events:
             r = ev.seal_record(self.state.last_hash, self.state.last_seq + 1, t, actor, e)
             apply(self.state, e, r.ts)
-            self.state.last_seq, self.state.last_hash = r.seq, r.hash
+            self.state.last_seq, self.state.last_hash, self.state.last_time = r.seq, r.hash, r.time
             self.records.append(r)
 
     def decide(self, fn: Any) -> None:
