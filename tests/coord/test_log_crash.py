@@ -223,10 +223,10 @@ def test_log_crash_check_catches_a_split_transaction(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     ack = tmp_path / "acked.txt"
-    run_child(data, "insert", 4, ack, mode="split")
+    run_child(data, "split", 4, ack, mode="split")
     bad = asyncio.run(check(data, ack))
     assert bad == ["replay differs from the live projections"]
-    # and the same kill on the real (atomic) store is fine
+    # and a kill at the same step (the events inserted, their rows not yet) of the real store is fine
     data2 = tmp_path / "atomic" / "data"
     data2.mkdir(parents=True)
     run_child(data2, "insert", 4, tmp_path / "atomic" / "acked.txt")
