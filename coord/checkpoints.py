@@ -6,9 +6,11 @@ and the next checkpoint covers everything the failed one would have.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nacl.signing import SigningKey
 
@@ -29,6 +31,8 @@ class Checkpointer:
     last_seq: int = -1
     last_time: float = 0.0
     written: int = 0
+    poll: float = 1.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def due(self) -> bool:
         seq, _ = self.head()
@@ -39,6 +43,18 @@ class Checkpointer:
             or (self.every > 0 and seq - self.last_seq >= self.every)
             or self.clock() - self.last_time >= self.interval
         )
+
+    def appended(self, state: object) -> None:
+        """After each append (Service.appended): wake the loop when a checkpoint is due by count."""
+        if self.sink.enabled and self.due():
+            self.wake.set()
+
+    async def wait_and_tick(self) -> None:
+        """One step of the server's checkpoint loop: wait for an append (or ``poll`` seconds), then ``tick``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), self.poll)
+        self.wake.clear()
+        await self.tick()
 
     async def tick(self) -> None:
         if not self.sink.enabled or not self.due():

@@ -165,7 +165,7 @@ async def run_script(data: Path, script: list[tuple[Any, ...]]) -> None:
         for r in records[:: max(1, len(records) // 12)]:
             want = max(x.seq for x in records if x.time <= r.time)
             assert await admin_mod.resolve_at(app.service, {"at": r.time}) == want
-            users = await app.admin.run("users.list", {"at": r.time})
+            users = await admin_mod.run(app.admin, "users.list", {"at": r.time})
             assert [u["id"] for u in users] == sorted(fold(records[:want]).users)
     finally:
         await app.close()
