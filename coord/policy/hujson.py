@@ -1,12 +1,22 @@
-"""HuJSON reading: values from the json5 library, source positions from a small index.
+"""HuJSON reading: one pass decides both the value and where every value and key starts.
 
-HuJSON is JSON plus `//` and `/* */` comments and trailing commas (tailscale.com/kb/1337). The json5
-library parses a superset of it; we take values from json5 and refuse the json5-only syntax Tailscale
-refuses (single quotes, unquoted keys, hex numbers, NaN/Infinity, leading `+`).
+Grammar, as tailscale/hujson (the reader Tailscale uses for policy files) defines it: JSON (RFC 8259) plus
+- `//` comments, which end at the next `\\n` and nowhere else: a `\\r`, U+2028 or U+2029 inside one is part of
+  the comment, and a `//` comment with no newline after it is an error;
+- `/* */` comments (not nested);
+- a comma after the last member of an object or element of an array (not `[,]` or `{,}`).
+Nothing else: no single quotes, unquoted keys, hex, NaN/Infinity, leading `+` or `.`; whitespace is space, tab,
+CR and LF only. Literals are read as hujson reads them (the longest run of `[-+.A-Za-z0-9]`, which must be
+`true`, `false`, `null` or a JSON number), so `1x` or `nulls` is one bad literal, not a value and junk.
 
-json5 gives neither positions for values nor duplicate-key errors, so `index()` walks the same text once
-more with a tokenizer that knows strings and comments and records where every value and key starts.
-Errors found later (a bad selector at `acls[3].dst[1]`) are mapped back to a line and column with it.
+Values decode as Go's encoding/json decodes them (what Tailscale then applies): an escaped surrogate pair is one
+character and a lone escaped surrogate becomes U+FFFD. Integers become `int`, other numbers `float`, as in
+Python's json. Where we are stricter than hujson: the file must be UTF-8, a key may not repeat in an object
+(Go keeps the last silently; a repeat is how a rule hides), nesting stops at 64 levels and files at 4 MiB.
+A leading byte-order mark is dropped.
+
+Positions are 1-based line and column (columns count characters; lines end at `\\n` only, as in hujson).
+Errors found later (a bad selector at `acls[3].dst[1]`) are mapped back to a position through `Doc`.
 
 A path is a tuple of keys and indexes, e.g. ("acls", 3, "dst", 1); `fmt_path` renders it as
 `acls[3].dst[1]`.
@@ -18,8 +28,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import json5
 
 Path = tuple[str | int, ...]
 
@@ -62,221 +70,220 @@ def fmt_path(path: Sequence[str | int]) -> str:
     return out
 
 
+def line_col(text: str, i: int) -> tuple[int, int]:
+    """1-based line and column of offset `i`; only `\\n` ends a line."""
+    return text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+
+
 @dataclass(frozen=True)
 class Doc:
-    """A parsed document: its value and where each path starts (1-based line and column)."""
+    """A parsed document: its value and the offset where each value (`starts`) and key (`key_starts`) begins."""
 
     value: Any
-    positions: dict[Path, tuple[int, int]]
-    keys: dict[Path, tuple[int, int]]
+    text: str
+    starts: dict[Path, int]
+    key_starts: dict[Path, int]
     filename: str
 
     def where(self, path: Path) -> tuple[int, int]:
         """Position of the value at `path`, or of its nearest ancestor that exists."""
         p = tuple(path)
-        while p:
-            if p in self.positions:
-                return self.positions[p]
+        while p and p not in self.starts:
             p = p[:-1]
-        return self.positions.get((), (1, 1))
+        return line_col(self.text, self.starts.get(p, 0))
 
     def error(self, path: Path, reason: str, *, at_key: bool = False) -> PolicyError:
-        pos = self.keys.get(tuple(path)) if at_key else None
-        line, col = pos or self.where(path)
+        k = self.key_starts.get(tuple(path)) if at_key else None
+        line, col = line_col(self.text, k) if k is not None else self.where(path)
         return PolicyError(reason, path=tuple(path), line=line, col=col, filename=self.filename)
 
 
 def load(text: str | bytes, filename: str = "policy.hujson") -> Doc:
-    if isinstance(text, bytes):
-        if len(text) > MAX_BYTES:
-            raise PolicyError(f"file is larger than {MAX_BYTES} bytes", filename=filename)
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PolicyError(f"not UTF-8: byte {e.start}", filename=filename) from None
     if len(text) > MAX_BYTES:
         raise PolicyError(f"file is larger than {MAX_BYTES} bytes", filename=filename)
+    if isinstance(text, bytes):
+        raw = text
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            good = raw[: e.start].decode("utf-8")
+            line, col = line_col(good, len(good))
+            raise PolicyError(f"not UTF-8: byte {e.start}", line=line, col=col, filename=filename) from None
+    else:
+        # A str can hold what no UTF-8 file can; such a value could not even be stored.
+        m = re.search("[\ud800-\udfff]", text)
+        if m:
+            line, col = line_col(text, m.start())
+            raise PolicyError("not valid Unicode: a lone surrogate", line=line, col=col, filename=filename)
     if text.startswith("\ufeff"):
         text = text[1:]
-    positions, keys = _Indexer(text, filename).run()
-    try:
-        value = json5.loads(text)
-    except (ValueError, RecursionError, OverflowError) as e:
-        # The indexer accepted the text, so json5 disagreeing is rare; keep its message.
-        m = re.match(r"<string>:(\d+) (.*) at column (\d+)", str(e))
-        if m:
-            raise PolicyError(m.group(2), line=int(m.group(1)), col=int(m.group(3)), filename=filename) from None
-        raise PolicyError(f"invalid HuJSON: {e}", filename=filename) from None
-    return Doc(value, positions, keys, filename)
+    r = _Reader(text, filename)
+    return Doc(r.document(), text, r.starts, r.key_starts, filename)
 
 
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
-_WORDS = ("true", "false", "null")
+# Whitespace and comments as hujson has them; `[^\n]*\n` is the whole of the line-comment rule.
+_EXTRA = re.compile(r"(?:[ \t\r\n]+|//[^\n]*\n|/\*(?s:.*?)\*/)*")
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]*')
+_LITERAL = re.compile(r"[-+.A-Za-z0-9]+")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_WORDS: dict[str, Any] = {"true": True, "false": False, "null": None}
+_VALUE = "expected a value (object, array, string, number, true, false or null)"
 
 
-class _Indexer:
-    """Strict HuJSON tokenizer recording positions; raises PolicyError with line/column on bad syntax."""
-
+class _Reader:
     def __init__(self, text: str, filename: str) -> None:
         self.s = text
-        self.i = 0
+        self.n = len(text)
         self.filename = filename
-        self.positions: dict[Path, tuple[int, int]] = {}
-        self.keys: dict[Path, tuple[int, int]] = {}
-        # Line starts, so a position is a bisect rather than a count.
-        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.starts: dict[Path, int] = {}
+        self.key_starts: dict[Path, int] = {}
 
-    def pos(self, i: int) -> tuple[int, int]:
-        lo, hi = 0, len(self.starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.starts[mid] <= i:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo + 1, i - self.starts[lo] + 1
-
-    def fail(self, reason: str, i: int | None = None, path: Path = ()) -> PolicyError:
-        line, col = self.pos(self.i if i is None else i)
+    def fail(self, reason: str, i: int, path: Path = ()) -> PolicyError:
+        line, col = line_col(self.s, i)
         return PolicyError(reason, path=path, line=line, col=col, filename=self.filename)
 
-    def run(self) -> tuple[dict[Path, tuple[int, int]], dict[Path, tuple[int, int]]]:
-        self.skip()
-        if self.i >= len(self.s):
-            raise self.fail("empty document: expected a JSON object")
-        self.value((), 0)
-        self.skip()
-        if self.i < len(self.s):
-            raise self.fail(f"unexpected {self.s[self.i]!r} after the end of the document")
-        return self.positions, self.keys
+    def document(self) -> Any:
+        i = self.skip(0)
+        if i >= self.n:
+            raise self.fail("empty document: expected a JSON object", i)
+        value, i = self.value(i, (), 0)
+        i = self.skip(i)
+        if i < self.n:
+            raise self.fail(f"unexpected {self.s[i]!r} after the end of the document", i)
+        return value
 
-    def skip(self) -> None:
-        s, n = self.s, len(self.s)
-        while self.i < n:
-            c = s[self.i]
-            if c in " \t\r\n":
-                self.i += 1
-            elif s.startswith("//", self.i):
-                j = s.find("\n", self.i)
-                self.i = n if j < 0 else j + 1
-            elif s.startswith("/*", self.i):
-                j = s.find("*/", self.i + 2)
-                if j < 0:
-                    raise self.fail("unterminated /* comment")
-                self.i = j + 2
-            else:
-                return
+    def skip(self, i: int) -> int:
+        m = _EXTRA.match(self.s, i)
+        i = m.end() if m else i
+        if self.s.startswith("//", i):
+            raise self.fail("unterminated // comment: a line comment ends with a newline", i)
+        if self.s.startswith("/*", i):
+            raise self.fail("unterminated /* comment", i)
+        return i
 
-    def value(self, path: Path, depth: int) -> None:
+    def value(self, i: int, path: Path, depth: int) -> tuple[Any, int]:
         if depth > MAX_DEPTH:
-            raise self.fail(f"nested deeper than {MAX_DEPTH} levels", path=path)
-        if self.i >= len(self.s):
-            raise self.fail("unexpected end of file: expected a value", path=path)
-        self.positions[path] = self.pos(self.i)
-        c = self.s[self.i]
+            raise self.fail(f"nested deeper than {MAX_DEPTH} levels", i, path)
+        if i >= self.n:
+            raise self.fail(f"unexpected end of file: {_VALUE}", i, path)
+        self.starts[path] = i
+        c = self.s[i]
+        if c == '"':
+            return self.string(i, path)
         if c == "{":
-            self.obj(path, depth)
-        elif c == "[":
-            self.arr(path, depth)
-        elif c == '"':
-            self.string(path)
-        else:
-            m = _NUMBER.match(self.s, self.i)
-            word = next((w for w in _WORDS if self.s.startswith(w, self.i)), None)
-            if word:
-                self.i += len(word)
-            elif m and m.end() > self.i:
-                self.i = m.end()
-            else:
-                what = "a single-quoted string" if c == "'" else repr(c)
-                raise self.fail(f"unexpected {what}: expected a value (object, array, string, number)", path=path)
-            if self.i < len(self.s) and (self.s[self.i].isalnum() or self.s[self.i] in "_.$"):
-                raise self.fail(f"unexpected {self.s[self.i]!r} in a literal", path=path)
+            return self.obj(i, path, depth)
+        if c == "[":
+            return self.arr(i, path, depth)
+        m = _LITERAL.match(self.s, i)
+        if m is None:
+            hint = "; strings take double quotes" if c == "'" else ""
+            raise self.fail(f"unexpected {c!r}: {_VALUE}{hint}", i, path)
+        tok = m.group()
+        if tok in _WORDS:
+            return _WORDS[tok], m.end()
+        num = _NUMBER.fullmatch(tok)
+        if num is None:
+            raise self.fail(f"invalid literal {tok!r}: expected a JSON number, true, false or null", i, path)
+        if num.group(1) or num.group(2):
+            return float(tok), m.end()
+        try:
+            return int(tok), m.end()
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise self.fail(f"number with {len(tok)} digits is too long", i, path) from None
 
-    def string(self, path: Path) -> str:
-        s, start = self.s, self.i
-        j = start + 1
-        out: list[str] = []
+    def string(self, i: int, path: Path) -> tuple[str, int]:
+        s, n = self.s, self.n
+        j = _PLAIN.match(s, i + 1).end()  # type: ignore[union-attr]  # `*` always matches
+        if j < n and s[j] == '"':
+            return s[i + 1 : j], j + 1
+        parts = [s[i + 1 : j]]
         while True:
-            if j >= len(s):
-                raise self.fail("unterminated string", start, path)
+            if j >= n:
+                raise self.fail("unterminated string", i, path)
             c = s[j]
             if c == '"':
-                break
+                return "".join(parts), j + 1
             if c == "\\":
-                if j + 1 >= len(s):
-                    raise self.fail("unterminated string", start, path)
-                e = s[j + 1]
+                e = s[j + 1 : j + 2]
                 if e == "u":
-                    hx = s[j + 2 : j + 6]
-                    if not re.fullmatch(r"[0-9A-Fa-f]{4}", hx):
-                        raise self.fail("bad \\u escape", j, path)
-                    out.append(chr(int(hx, 16)))
-                    j += 6
-                    continue
-                if e not in '"\\/bfnrt':
-                    raise self.fail(f"bad escape \\{e}", j, path)
-                out.append(e)
-                j += 2
-                continue
-            if c == "\n" or ord(c) < 0x20:
-                raise self.fail("control character in string", j, path)
-            out.append(c)
-            j += 1
-        self.i = j + 1
-        return "".join(out)
+                    ch, j = self.unicode_escape(j, path)
+                    parts.append(ch)
+                elif e in _ESCAPES:
+                    parts.append(_ESCAPES[e])
+                    j += 2
+                elif not e:
+                    raise self.fail("unterminated string", i, path)
+                else:
+                    raise self.fail(f"bad escape {s[j : j + 2]!r} in a string", j, path)
+            elif c == "\n":
+                raise self.fail("unterminated string: it runs past the end of the line (write \\n)", i, path)
+            else:
+                raise self.fail(f"control character {c!r} in a string: write it as an escape", j, path)
+            k = _PLAIN.match(s, j).end()  # type: ignore[union-attr]
+            parts.append(s[j:k])
+            j = k
 
-    def obj(self, path: Path, depth: int) -> None:
-        self.i += 1
-        seen: set[str] = set()
+    def unicode_escape(self, j: int, path: Path) -> tuple[str, int]:
+        s = self.s
+        if not _HEX4.fullmatch(s, j + 2, j + 6):
+            raise self.fail("bad \\u escape: expected 4 hex digits", j, path)
+        cp = int(s[j + 2 : j + 6], 16)
+        if not 0xD800 <= cp <= 0xDFFF:
+            return chr(cp), j + 6
+        # As Go's encoding/json: a high surrogate escape then a low one is one character; any other is U+FFFD.
+        if cp <= 0xDBFF and s.startswith("\\u", j + 6) and _HEX4.fullmatch(s, j + 8, j + 12):
+            lo = int(s[j + 8 : j + 12], 16)
+            if 0xDC00 <= lo <= 0xDFFF:
+                return chr(0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)), j + 12
+        return "\ufffd", j + 6
+
+    def obj(self, i: int, path: Path, depth: int) -> tuple[dict[str, Any], int]:
+        s, n = self.s, self.n
+        out: dict[str, Any] = {}
+        i = self.skip(i + 1)
         while True:
-            self.skip()
-            if self.i >= len(self.s):
-                raise self.fail("unexpected end of file: expected '\"key\"' or '}'", path=path)
-            if self.s[self.i] == "}":
-                self.i += 1
-                return
-            if self.s[self.i] != '"':
-                raise self.fail(f"unexpected {self.s[self.i]!r}: expected a double-quoted key or '}}'", path=path)
-            kstart = self.i
-            key = self.string(path)
+            if i >= n:
+                raise self.fail("unexpected end of file: expected a double-quoted key or '}'", i, path)
+            c = s[i]
+            if c == "}":
+                return out, i + 1
+            if c != '"':
+                raise self.fail(f"unexpected {c!r}: expected a double-quoted key or '}}'", i, path)
+            k = i
+            key, i = self.string(i, path)
             kpath = (*path, key)
-            if key in seen:
-                raise self.fail(f"duplicate key {key!r}", kstart, kpath)
-            seen.add(key)
-            self.keys[kpath] = self.pos(kstart)
-            self.skip()
-            if self.i >= len(self.s) or self.s[self.i] != ":":
-                raise self.fail(f"expected ':' after key {key!r}", path=kpath)
-            self.i += 1
-            self.skip()
-            self.value(kpath, depth + 1)
-            self.skip()
-            if self.i < len(self.s) and self.s[self.i] == ",":
-                self.i += 1
-                continue
-            if self.i < len(self.s) and self.s[self.i] == "}":
-                self.i += 1
-                return
-            raise self.fail("expected ',' or '}' after an object member", path=kpath)
+            if key in out:
+                raise self.fail(f"duplicate key {key!r}", k, kpath)
+            self.key_starts[kpath] = k
+            i = self.skip(i)
+            if i >= n or s[i] != ":":
+                raise self.fail(f"expected ':' after key {key!r}", i, kpath)
+            out[key], i = self.value(self.skip(i + 1), kpath, depth + 1)
+            i = self.skip(i)
+            if i < n and s[i] == ",":
+                i = self.skip(i + 1)
+            elif i < n and s[i] == "}":
+                return out, i + 1
+            else:
+                raise self.fail("expected ',' or '}' after an object member", i, kpath)
 
-    def arr(self, path: Path, depth: int) -> None:
-        self.i += 1
-        n = 0
+    def arr(self, i: int, path: Path, depth: int) -> tuple[list[Any], int]:
+        s, n = self.s, self.n
+        out: list[Any] = []
+        i = self.skip(i + 1)
         while True:
-            self.skip()
-            if self.i >= len(self.s):
-                raise self.fail("unexpected end of file: expected a value or ']'", path=path)
-            if self.s[self.i] == "]":
-                self.i += 1
-                return
-            self.value((*path, n), depth + 1)
-            n += 1
-            self.skip()
-            if self.i < len(self.s) and self.s[self.i] == ",":
-                self.i += 1
-                continue
-            if self.i < len(self.s) and self.s[self.i] == "]":
-                self.i += 1
-                return
-            raise self.fail("expected ',' or ']' after an array element", path=(*path, n - 1))
+            if i >= n:
+                raise self.fail("unexpected end of file: expected a value or ']'", i, path)
+            if s[i] == "]":
+                return out, i + 1
+            v, i = self.value(i, (*path, len(out)), depth + 1)
+            out.append(v)
+            i = self.skip(i)
+            if i < n and s[i] == ",":
+                i = self.skip(i + 1)
+            elif i < n and s[i] == "]":
+                return out, i + 1
+            else:
+                raise self.fail("expected ',' or ']' after an array element", i, (*path, len(out) - 1))

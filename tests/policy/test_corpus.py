@@ -3,10 +3,12 @@
 assertion passes or is skipped for a stated lack of tailnet state (listed below). None may fail.
 
 Tailnet state for a file, where its own comments make it plain, lives in tests/policy_tailnets/<file>.json.
+The corpus is external (tests/policy/corpus.py says where and how a missing one is handled).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 
 from coord.policy import PolicyError, check, parse
 
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "policies"
+from . import corpus
+
 TAILNETS = Path(__file__).resolve().parents[1] / "policy_tailnets"
 
 # Files Tailscale itself would refuse, with the precise error we give.
@@ -180,21 +183,22 @@ SKIPPED: dict[str, list[tuple[int, str, str, str]]] = {
 }
 
 
-def files() -> list[Path]:
-    if not CORPUS.is_dir():
-        raise RuntimeError(f"policy corpus missing: {CORPUS} (a sibling 'shared/' folder of the repo root)")
-    return sorted(CORPUS.glob("*.hujson"))
-
-
+@pytest.mark.corpus
 def test_corpus_is_complete() -> None:
-    fs = files()
-    assert len(fs) == 66
-    with_tests = [f for f in fs if f.stem not in REFUSED and parse(f.read_bytes(), f.name).tests]
+    want = corpus.manifest()
+    got = {p.name: p for p in corpus.path(".").glob("*.hujson")}
+    assert sorted(got) == sorted(want)
+    for name, p in got.items():
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == want[name], f"{name} differs from corpus.sha256"
+    assert len(want) == 66
+    with_tests = [n for n in want if corpus.stem(n) not in REFUSED and parse(got[n].read_bytes(), n).tests]
     assert len(with_tests) == 33
 
 
-@pytest.mark.parametrize("path", files(), ids=lambda p: p.stem)
-def test_parses_or_refused_precisely(path: Path) -> None:
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", corpus.NAMES, ids=corpus.stem)
+def test_parses_or_refused_precisely(name: str) -> None:
+    path = corpus.path(name)
     if path.stem in REFUSED:
         with pytest.raises(PolicyError) as e:
             parse(path.read_bytes(), path.name)
@@ -203,9 +207,11 @@ def test_parses_or_refused_precisely(path: Path) -> None:
         parse(path.read_bytes(), path.name)
 
 
+@pytest.mark.corpus
 def test_all_assertions_pass_or_are_listed_skips() -> None:
     total = passed = 0
-    for path in files():
+    for name in corpus.NAMES:
+        path = corpus.path(name)
         if path.stem in REFUSED:
             continue
         tn_file = TAILNETS / f"{path.stem}.json"
@@ -222,6 +228,8 @@ def test_all_assertions_pass_or_are_listed_skips() -> None:
     assert passed == 526 - sum(len(v) for v in SKIPPED.values())
 
 
-def test_tailnet_files_match_corpus() -> None:
+def test_tailnet_files_and_tables_match_the_manifest() -> None:
+    stems = {corpus.stem(n) for n in corpus.NAMES}
     for f in TAILNETS.glob("*.json"):
-        assert (CORPUS / f"{f.stem}.hujson").exists(), f.name
+        assert f.stem in stems, f.name
+    assert set(REFUSED) <= stems and set(SKIPPED) <= stems

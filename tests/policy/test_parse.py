@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +11,9 @@ from hypothesis import strategies as st
 
 from coord.policy import PolicyError, check, parse
 
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "policies"
-SAMPLES = sorted(CORPUS.glob("*.hujson"))[:12]
+from . import corpus
+
+SAMPLES = corpus.NAMES[:12]
 
 
 @pytest.mark.parametrize(
@@ -99,9 +99,11 @@ def test_fuzz_random_input(data: str | bytes) -> None:
         parse(data)
 
 
+@pytest.mark.corpus
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(SAMPLES), st.integers(min_value=0, max_value=20000), st.integers(0, 40), st.text(max_size=8))
-def test_fuzz_mutated_corpus(path: Path, at: int, cut: int, insert: str) -> None:
+def test_fuzz_mutated_corpus(name: str, at: int, cut: int, insert: str) -> None:
+    path = corpus.path(name)
     text = path.read_text()
     at %= max(len(text), 1)
     mutated = text[:at] + insert + text[at + cut :]
