@@ -120,7 +120,7 @@ class Sim:
             return
         req = wire.MapRequest(node_key=bytes.fromhex(n.node_key.removeprefix("nodekey:")), stream=True)
         try:
-            node_for_map(self.state, self.machines[nid], req)
+            node_for_map(self.state, self.machines[nid], req, self.now)
         except DomainError:
             return
         s, _old = self.fanout.open(nid)
