@@ -99,7 +99,7 @@ async def main():
 
     run = len(list(data.parent.glob("run-*")))
     nodes = []
-    for i in range(60):
+    for i in range(200):
         tag = f"r{run}i{i}"
         u = f"{tag}@example.com"
         await svc.create_user(u)
@@ -197,7 +197,7 @@ async def check(data: Path, ack: Path) -> list[str]:
 
 
 POINTS = ("insert", "batch", "snapshot", "checkpoint")
-HITS = (1, 2, 3, 5, 8, 13, 21, 34)
+HITS = (1, 2, 3, 5, 8, 13, 21, 29)
 
 
 def test_log_crash_matrix(tmp_path: Path) -> None:
