@@ -63,4 +63,4 @@ class Checkpointer:
         await self.sink.put(cp)
         self.last_seq, self.last_time = cp.seq, self.clock()
         self.written += 1
-        log.info("checkpoint at seq %d written", cp.seq)
+        log.debug("checkpoint at seq %d written", cp.seq)

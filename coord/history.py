@@ -91,7 +91,7 @@ class History:
         self.snapshots.clean_temporaries()
         loaded = await self.load()
         self.last_snapshot = loaded.snapshot_seq
-        log.info("state loaded: snapshot at seq %d plus %d events", loaded.snapshot_seq, loaded.folded)
+        log.debug("state loaded: snapshot at seq %d plus %d events", loaded.snapshot_seq, loaded.folded)
         return loaded.state
 
     # --- writing ----------------------------------------------------------------------------------------

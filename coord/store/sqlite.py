@@ -7,6 +7,7 @@ connection, for the CLI's maintenance commands (``events replay``) and the migra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -338,6 +339,9 @@ class SqliteStore:
             await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
         else:
             self._append_txn(self.writer, rows, ops, len(records) > 1)
+            # An append no longer waits for a thread: yield once, or a caller appending in a loop would starve
+            # every other task (snapshot writes, checkpoints, streams).
+            await asyncio.sleep(0)
 
     def _append_txn(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]], ops: list[tuple[str, tuple[Any, ...]]],
                     batch: bool) -> None:
