@@ -14,10 +14,10 @@ from typing import Any
 from coord import access, decide, views
 from coord import events as ev
 from coord.errors import DomainError
+from coord.history import History
 from coord.logins import Logins
 from coord.service import Service
 from coord.state import State
-from coord.store import Filter, load_state
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Admin:
     service: Service
     logins: Logins
     has_session: Callable[[int], bool]
+    history: History | None = None
 
 
 Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
@@ -55,24 +56,44 @@ def _tags(args: dict[str, Any]) -> tuple[str, ...]:
     return tuple(v)
 
 
-async def _state_at(svc: Service, args: dict[str, Any]) -> State:
-    at = args.get("at")
+async def resolve_at(svc: Service, args: dict[str, Any]) -> int | None:
+    """The seq a view of the past ends at: ``at_seq``, or the last event at or before the time ``at``; None: now."""
+    at, at_seq = args.get("at"), args.get("at_seq")
+    if at and at_seq is not None:
+        raise DomainError("--at and --at-seq: give one of them")
+    last = svc.state.last_seq
+    if at_seq is not None:
+        if isinstance(at_seq, bool) or not isinstance(at_seq, int) or at_seq < 0:
+            raise DomainError(f"--at-seq: {at_seq!r} is not a sequence number (0 or more)")
+        if at_seq > last:
+            raise DomainError(f"--at-seq: no event {at_seq}: the log has {last}")
+        return at_seq
     if not at:
-        return svc.state
+        return None
     try:
         until = ev.rfc3339(ev.parse_time(str(at)))
     except ValueError:
         raise DomainError(f"--at: {at!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
-    return await load_state(svc.store, Filter(until_time=until))
+    # Event times never go back, so "everything up to this time" is a prefix of the log: up to this seq.
+    return await svc.store.last_at(until)
+
+
+async def _state_at(a: Admin, args: dict[str, Any]) -> State:
+    seq = await resolve_at(a.service, args)
+    if seq is None:
+        return a.service.state
+    if a.history is None:
+        raise DomainError("views of the past need the server's snapshot history")
+    return await a.history.state_at(seq)
 
 
 async def users_list(a: Admin, args: dict[str, Any]) -> Any:
-    st = await _state_at(a.service, args)
+    st = await _state_at(a, args)
     return [views.user(u) for u in sorted(st.users.values(), key=lambda u: u.id)]
 
 
 async def nodes_list(a: Admin, args: dict[str, Any]) -> Any:
-    st = await _state_at(a.service, args)
+    st = await _state_at(a, args)
     return [views.node_with_user(st, n) for n in sorted(st.nodes.values(), key=lambda n: n.id)]
 
 

@@ -124,7 +124,7 @@ class Api:
     async def map(self, request: Request) -> Response:
         mkey, box, opened = await self._open(request)
         req = wire.MapRequest.from_json(opened.body)
-        nid = node_for_map(self.service.state, mkey, req)
+        nid = node_for_map(self.service.state, mkey, req, self.clock())
         await self.service.map_update(nid, req)
         if not req.stream:
             return Response(wire.seal_response(box, opened.request_id, {}, os.urandom(24)),

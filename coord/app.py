@@ -8,12 +8,13 @@ coord/api.py). ``App.start()`` starts what runs in the background; ``App.close()
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,21 +23,25 @@ import httpx
 from nacl.public import PrivateKey
 from starlette.applications import Starlette
 
-from coord import admin, api, decide, wire
+from coord import admin, api, decide, logfiles, wire
+from coord import events as ev
 from coord.api import Api
 from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
+from coord.checkpoints import Checkpointer
 from coord.config import Config, parse_hostport
 from coord.errors import ConfigError, DomainError
 from coord.fanout import Fanout
+from coord.history import History
 from coord.ipam import Pool
 from coord.lifecycle import Lifecycle
 from coord.logins import Logins, active_node_key
 from coord.netmap import Settings, default_dns
 from coord.poll import Poll
 from coord.service import Service
-from coord.store import load_state
+from coord.store import Filter
 from coord.store.sqlite import SqliteStore
+from coord.supervise import Supervisor
 from derp.server import DerpServer
 from derp.stunserver import StunServer, start_stun_server
 
@@ -109,13 +114,17 @@ class App:
     fanout: Poll
     lifecycle: Lifecycle
     logins: Logins
+    history: History
+    checkpointer: Checkpointer
+    supervisor: Supervisor
     relay: DerpServer | None = None
     stun: StunServer | None = None
     signin: SignIn | None = None
     started: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session)
+        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.history)
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
                        self.clock)
         self.http = self._public_app()
@@ -127,6 +136,9 @@ class App:
         """Start the background: node timers (after marking every node offline) and the embedded relay."""
         self.started = True
         await self.lifecycle.start()
+        self.tasks.append(asyncio.create_task(
+            self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
+        ))
         if self.relay is not None:
             await self.relay.start()
             if self.config.stun_listen:
@@ -143,6 +155,10 @@ class App:
             await self.signin.provider.http.aclose()
         self.fanout.close_all()
         await self.lifecycle.stop()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.history.flush()
         await self.service.store.close()
 
     def _public_app(self) -> Starlette:
@@ -177,16 +193,31 @@ async def create_app(
     private_key = load_or_create_key(config.data_path / "server.key")
     settings = Settings(config.base_domain, derp_map(config), default_dns(config.base_domain))
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
-    store = await SqliteStore.open(config.data_path / "shoal.db")
+    checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
+    store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
+
+    async def read(after: int, until: int | None) -> AsyncIterator[ev.Record]:
+        async for r in store.read(Filter(since_seq=after, until_seq=until)):
+            yield r
+
+    history = History(logfiles.SnapshotDir(config.data_path / "snapshots"), read, config.snapshot_every_n)
     try:
-        state = await load_state(store)
+        state = await history.startup()
     except BaseException:
         await store.close()
         raise
     service = Service(store, state, rules, settings, clock)
+    service.appended.append(history.maybe_snapshot)
+    supervisor = Supervisor()
+    checkpointer = Checkpointer(
+        checkpoint_key, logfiles.CheckpointSink(config.checkpoint_file, config.checkpoint_command),
+        lambda: (service.state.last_seq, service.state.last_hash), clock,
+        config.checkpoint_every_n, config.checkpoint_interval_s,
+    )
+    service.appended.append(checkpointer.appended)
     fanout = Poll(Fanout(service, config.batch_delay_s, config.keepalive_s), clock)
     service.publish = fanout.submit
-    lifecycle = Lifecycle(service, fanout.has_session, config.ephemeral_timeout_s)
+    lifecycle = Lifecycle(service, fanout.has_session, config.ephemeral_timeout_s, supervisor=supervisor)
     logins = Logins(service, lifecycle, config.server_url)
     signin = None
     if oidc is not None:
@@ -194,7 +225,8 @@ async def create_app(
         http = oidc_http or httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
         signin = SignIn(oidc, Provider(oidc, f"{base}/oidc/callback", http, clock), logins, config.server_url, clock)
         logins.links = signin
-    app = App(config, private_key, clock, service, fanout, lifecycle, logins, signin=signin)
+    app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
+              signin=signin)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.
         async def admit(node_key: bytes, source: str) -> bool:

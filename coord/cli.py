@@ -20,15 +20,11 @@ from typing import Any, NoReturn
 
 import httpx
 
-from coord import admin, policy, views
+from coord import admin, logcmd, policy, views
 from coord import events as ev
 from coord.config import Config, LogLevel, load, parse_duration
 from coord.errors import CoordError, LocalError
 from coord.lock import ServerLock
-from coord.state import fold
-from coord.store import ChainBroken, Filter, Store
-from coord.store import sqlite as db
-from coord.store.sqlite import SqliteStore
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -83,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow an http:// server URL off loopback (labs)")
     o.add_argument("--oidc-group-map", action="append", metavar="IDP_GROUP=group:NAME",
                    help="IdP group -> policy group (repeatable)")
+    serve.add_argument("--durability", choices=["normal", "full"],
+                       help="normal: commits survive a process crash; full: also an OS crash or power loss")
 
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -90,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = users.add_parser("create", parents=[common])
     u.add_argument("name")
     u = users.add_parser("list", parents=[common])
-    u.add_argument("--at", help="show users as they were at this time (RFC 3339)")
+    g = u.add_mutually_exclusive_group()
+    g.add_argument("--at", help="show users as they were at this time (RFC 3339)")
+    g.add_argument("--at-seq", type=int, metavar="N", help="show users as they were right after event N")
     u = users.add_parser("rename", parents=[common])
     u.add_argument("user")
     u.add_argument("name")
@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True, parser_class=Parser
     )
     n = nodes.add_parser("list", parents=[common])
-    n.add_argument("--at", help="show nodes as they were at this time (RFC 3339)")
+    g = n.add_mutually_exclusive_group()
+    g.add_argument("--at", help="show nodes as they were at this time (RFC 3339)")
+    g.add_argument("--at-seq", type=int, metavar="N", help="show nodes as they were right after event N")
     for name in ("show", "expire", "delete"):
         nodes.add_parser(name, parents=[common]).add_argument("node", help="node id or name")
     n = nodes.add_parser("rename", parents=[common])
@@ -147,20 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = pol.add_parser("diff", parents=[common], help="what a file would change against the current tailnet")
     x.add_argument("file")
 
-    events = sub.add_parser("events", parents=[common], help="read the event log").add_subparsers(
-        dest="cmd", required=True, parser_class=Parser
-    )
-    e = events.add_parser("tail", parents=[common])
-    e.add_argument("--follow", "-f", action="store_true")
-    e.add_argument("--type", action="append", default=[], help="only this event type (repeatable)")
-    e.add_argument("--node", type=int, help="only events about this node id")
-    e.add_argument("--since", help="only events at or after this time (RFC 3339)")
-    e.add_argument("-n", type=int, default=20, help="without --since: the last N events (default 20)")
-    e = events.add_parser("show", parents=[common])
-    e.add_argument("seq", type=int)
-    events.add_parser("verify", parents=[common], help="check the hash chain")
-    e = events.add_parser("replay", parents=[common], help="rebuild projections from the log into a new database")
-    e.add_argument("--into", required=True, help="path of the new database (must not exist)")
+    logcmd.add_parsers(sub, common, Parser)
     return p
 
 
@@ -171,7 +160,7 @@ def config_from(args: argparse.Namespace) -> Config:
             listen=args.listen, server_url=args.server_url, stun_listen=args.stun_listen,
             derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
             key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
-            log_level=args.log_level, derp=False if args.no_derp else None,
+            log_level=args.log_level, derp=False if args.no_derp else None, durability=args.durability,
         )
         overrides.update({k: v for k, v in vars(args).items() if k.startswith("oidc_") and v is not None})
     return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
@@ -187,7 +176,7 @@ def _split_tags(text: str) -> list[str]:
 def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     g, c = args.group, args.cmd
     if g == "users":
-        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at")}
+        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq")}
     if g == "keys":
         if c == "create":
             return "keys.create", {
@@ -196,7 +185,7 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             }
         return f"keys.{c}", {"key": getattr(args, "key", None)}
     if g == "nodes":
-        a: dict[str, Any] = {k: getattr(args, k, None) for k in ("node", "name", "at", "id", "user")}
+        a: dict[str, Any] = {k: getattr(args, k, None) for k in ("node", "name", "at", "at_seq", "id", "user")}
         if c == "tag":
             a["tags"] = _split_tags(args.tags)
         if c == "expiry":
@@ -339,89 +328,6 @@ def render(command: str, result: Any) -> str:
     return json.dumps(result, indent=2)
 
 
-# --- events ---------------------------------------------------------------------------------------------
-
-
-def _record_line(r: ev.Record) -> str:
-    data = ev.canonical_json(r.event.data())
-    if len(data) > 160:
-        data = data[:157] + "..."
-    return f"{r.seq:>6}  {r.time}  {r.actor:<16} {r.event.type:<22} {data}"
-
-
-async def _open_store(config: Config) -> SqliteStore:
-    path = config.data_path / "shoal.db"
-    if not path.exists():
-        raise CliError(f"no database at {path}")
-    return await SqliteStore.open(path)
-
-
-async def events_cmd(config: Config, args: argparse.Namespace) -> int:
-    store = await _open_store(config)
-    try:
-        if args.cmd == "verify":
-            try:
-                n = await store.verify()
-            except ChainBroken as e:
-                out({"ok": False, "first_bad_seq": e.seq, "reason": e.reason}, args,
-                    f"chain broken at event {e.seq}: {e.reason}")
-                return EXIT_ERROR
-            out({"ok": True, "events": n}, args, f"ok: {n} events, hash chain intact")
-            return 0
-        if args.cmd == "show":
-            async for r in store.read(Filter(since_seq=args.seq - 1)):
-                if r.seq == args.seq:
-                    out(r.as_json(), args, json.dumps(r.as_json(), indent=2))
-                    return 0
-                break
-            raise CliError(f"no event {args.seq}")
-        if args.cmd == "replay":
-            return await replay(store, Path(args.into), args)
-        return await tail(store, args)
-    finally:
-        await store.close()
-
-
-async def tail(store: Store, args: argparse.Namespace) -> int:
-    try:
-        since_time = ev.rfc3339(ev.parse_time(args.since)) if args.since else None
-    except ValueError:
-        raise CliError(f"--since: {args.since!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
-    start = 0
-    if since_time is None:
-        last, _ = await store.last()
-        start = max(0, last - args.n)
-    f = Filter(since_seq=start, since_time=since_time, types=tuple(args.type), node_id=args.node)
-    while True:
-        async for r in store.read(f):
-            out(r.as_json(), args, _record_line(r))
-            f = Filter(since_seq=r.seq, types=f.types, node_id=f.node_id)
-        sys.stdout.flush()
-        if not args.follow:
-            return 0
-        await asyncio.sleep(0.5)
-
-
-async def replay(store: SqliteStore, into: Path, args: argparse.Namespace) -> int:
-    if into.exists():
-        raise CliError(f"{into} exists; replay writes a new database")
-    records = [r async for r in store.read()]
-    state = fold(records)
-    new = await db.connect(into)
-    try:
-        await new.execute("BEGIN IMMEDIATE")
-        await db.insert(new, records)
-        await db.write_all_projections(new, state)
-        await new.execute("COMMIT")
-        same = await db.dump_projections(new) == await db.dump_projections(store.conn)
-    finally:
-        await new.close()
-    out({"events": len(records), "into": str(into), "projections_equal_live": same}, args,
-        f"replayed {len(records)} events into {into}; projections "
-        + ("equal the live ones" if same else "DIFFER from the live ones"))
-    return 0 if same else EXIT_ERROR
-
-
 def out(obj: Any, args: argparse.Namespace, text: str) -> None:
     print(json.dumps(obj) if args.json else text, flush=True)
 
@@ -441,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve(config)
         if args.group == "events":
-            return asyncio.run(events_cmd(config, args))
+            return asyncio.run(logcmd.events_cmd(config, args, lambda obj, text: out(obj, args, text)))
+        if args.group == "info":
+            return logcmd.info(config, lambda obj, text: out(obj, args, text))
         if args.group == "policy" and args.cmd == "check":
             return policy_check(config, args)
         command, cmd_args = admin_request(args)

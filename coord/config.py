@@ -16,6 +16,12 @@ Every key, with its default::
     stun_listen       = "0.0.0.0:3478"            # embedded STUN server ("" = off)
     derp_map_file     = ""                        # JSON: extra regions and relays
     log_level         = "info"
+    durability        = "normal"                  # "full": fsync every commit (survives power loss; docs/control.md)
+    snapshot_every    = 10000                     # events between projection snapshots (0 = none)
+    checkpoint_every  = 1000                      # events between the server's signed checkpoints ...
+    checkpoint_interval = "10m"                   # ... or this long, when the log grew
+    checkpoint_file   = ""                        # replaced with each checkpoint line (0600)
+    checkpoint_command = ""                       # run by the shell with each checkpoint line on stdin
     [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
 
 The ``[oidc]`` table's keys come also from SHOAL_OIDC_<KEY> variables and ``--oidc-<key>`` flags (lists comma-
@@ -58,6 +64,13 @@ def parse_duration(text: str, key: str = "duration") -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def _count(text: str, key: str) -> int:
+    t = str(text).strip()
+    if not t.isdigit():
+        raise ConfigError(f"{key}: {text!r} is not a whole number of events (0 = never)")
+    return int(t)
+
+
 def parse_hostport(text: str, key: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -81,6 +94,12 @@ class Config:
     stun_listen: str = "0.0.0.0:3478"
     derp_map_file: str = ""
     log_level: str = "info"
+    durability: str = "normal"
+    snapshot_every: str = "10000"
+    checkpoint_every: str = "1000"
+    checkpoint_interval: str = "10m"
+    checkpoint_file: str = ""
+    checkpoint_command: str = ""
     # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
     oidc: tuple[tuple[str, Any], ...] = ()
 
@@ -120,6 +139,17 @@ class Config:
         cfg = auth_config.parse(table, env=env if env is not None else os.environ)
         auth_config.check_server_url(cfg, self.server_url)
         return cfg
+    @property
+    def snapshot_every_n(self) -> int:
+        return _count(self.snapshot_every, "snapshot_every")
+
+    @property
+    def checkpoint_every_n(self) -> int:
+        return _count(self.checkpoint_every, "checkpoint_every")
+
+    @property
+    def checkpoint_interval_s(self) -> float:
+        return parse_duration(self.checkpoint_interval, "checkpoint_interval")
 
     def validate(self) -> Config:
         u = urlsplit(self.server_url)
@@ -128,8 +158,12 @@ class Config:
         self.listen_addr  # noqa: B018 - validates
         if self.stun_listen:
             parse_hostport(self.stun_listen, "stun_listen")
-        for key in ("key_expiry", "ephemeral_timeout", "batch_delay", "keepalive"):
+        for key in ("key_expiry", "ephemeral_timeout", "batch_delay", "keepalive", "checkpoint_interval"):
             parse_duration(getattr(self, key), key)
+        self.snapshot_every_n  # noqa: B018 - validates
+        self.checkpoint_every_n  # noqa: B018 - validates
+        if self.durability not in ("normal", "full"):
+            raise ConfigError(f"durability: {self.durability!r} is not normal or full")
         for key, version in (("prefix_v4", 4), ("prefix_v6", 6)):
             try:
                 net = ipaddress.ip_network(getattr(self, key))

@@ -46,7 +46,9 @@ class Event:
         return type(self).__name__
 
     def data(self) -> dict[str, Any]:
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+        """The fields as JSON values (a fresh dict each call). Fields are flat values and tuples of them, so this
+        skips ``dataclasses.asdict``'s deep copy, which was a quarter of the cost of an append."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _jsonable(v: Any) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 from coord import decide
 from coord import events as ev
-from coord.errors import DomainError
 from coord.service import Actor, Service, node_actor
 from coord.state import State
+from coord.supervise import Supervisor
 
 log = logging.getLogger("shoal.lifecycle")
 
@@ -26,6 +26,7 @@ class Lifecycle:
     has_session: Callable[[int], bool]
     ephemeral_timeout: float
     expiry_interval: float = 1.0
+    supervisor: Supervisor = field(default_factory=Supervisor)
     _timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -37,7 +38,8 @@ class Lifecycle:
         for n in self.service.state.nodes.values():
             if n.ephemeral:
                 self._schedule_ephemeral(n.id)
-        self.spawn(self.expiry_loop())
+        # Supervised: a locked database or a bug in one sweep is logged and retried, never the end of expiry.
+        self.spawn(self.supervisor.periodic("expiry", self.expiry_interval, self.expiry_sweep))
 
     async def stop(self) -> None:
         for t in self._timers.values():
@@ -82,7 +84,10 @@ class Lifecycle:
         old = self._timers.pop(nid, None)
         if old is not None:
             old.cancel()
-        self._timers[nid] = loop.call_later(self.ephemeral_timeout, lambda: self.spawn(self._ephemeral_gc(nid)))
+        self._timers[nid] = loop.call_later(
+            self.ephemeral_timeout,
+            lambda: self.spawn(self.supervisor.restarting("ephemeral-gc", lambda: self._ephemeral_gc(nid))),
+        )
 
     async def _ephemeral_gc(self, nid: int) -> None:
         self._timers.pop(nid, None)
@@ -97,10 +102,5 @@ class Lifecycle:
 
     # --- key expiry ---------------------------------------------------------------------------------------
 
-    async def expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.expiry_interval)
-            try:
-                await self.service.execute(lambda s: decide.expire_due(s, self.service.clock()), Actor.SYSTEM)
-            except DomainError:
-                log.exception("expiry sweep failed")
+    async def expiry_sweep(self) -> None:
+        await self.service.execute(lambda s: decide.expire_due(s, self.service.clock()), Actor.SYSTEM)

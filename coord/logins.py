@@ -72,8 +72,8 @@ def authorized(state: State, nid: int) -> dict[str, Any]:
     }
 
 
-def node_for_map(state: State, machine_key: bytes, req: wire.MapRequest) -> int:
-    """The node a map request speaks for, or Unauthorized."""
+def node_for_map(state: State, machine_key: bytes, req: wire.MapRequest, now: float) -> int:
+    """The node a map request speaks for, or Unauthorized (also once its key expired, before the sweep records it)."""
     nid = state.by_machine.get(wire.key_text("mkey", machine_key))
     if nid is None:
         raise Unauthorized("unknown machine; register first")
@@ -82,6 +82,8 @@ def node_for_map(state: State, machine_key: bytes, req: wire.MapRequest) -> int:
         raise Unauthorized("node key is not current; register again")
     if n.logged_out:
         raise Unauthorized("node is logged out; register again")
+    if n.expired or (n.key_expiry is not None and now >= n.key_expiry):
+        raise Unauthorized("node key has expired; register again")
     return nid
 
 

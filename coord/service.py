@@ -60,6 +60,8 @@ class Service:
     # Where each committed Change goes: the fan-out (create_app connects it).
     publish: Callable[[Change], None] = _discard
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Called with the state after each committed append (snapshots, checkpoints); they must not block.
+    appended: list[Callable[[State], object]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.builder = Builder(self.state, self.settings)
@@ -82,7 +84,9 @@ class Service:
             return await self._append(events, actor)
 
     async def _append(self, events: list[ev.Event], actor: str) -> list[ev.Record]:
-        time_text = ev.rfc3339(self.clock())
+        # Never earlier than the event before (the clock may step back): the log is ordered by time as by seq, so
+        # a point in time is a prefix of the log (`--at`).
+        time_text = max(ev.rfc3339(self.clock()), self.state.last_time)
         seq, prev = self.state.last_seq, self.state.last_hash
         records = []
         for e in events:
@@ -94,7 +98,7 @@ class Service:
         for r in records:
             # r.ts (the stored time, to the microsecond), not now: a replay of the log must fold the same values.
             change.merge(apply(self.state, r.event, r.ts))
-        self.state.last_seq, self.state.last_hash = seq, prev
+        self.state.last_seq, self.state.last_hash, self.state.last_time = seq, prev, time_text
         try:
             await self.store.append(records, self.state, change.policy)
         except BaseException:
@@ -103,6 +107,12 @@ class Service:
             self._replace_state(await load_state(self.store))
             raise
         self._after(change, records)
+        for hook in self.appended:
+            try:
+                hook(self.state)
+            except Exception:
+                # The command committed; a snapshot or checkpoint that failed to start is retried later.
+                log.exception("after-append hook %r failed", hook)
         return records
 
     def _replace_state(self, fresh: State) -> None:

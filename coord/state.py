@@ -127,6 +127,8 @@ class State:
     policy_sha256: str | None = None
     last_seq: int = 0
     last_hash: str = ev.GENESIS
+    # The time of event last_seq: the next event's time is never earlier (see Service._append).
+    last_time: str = ""
 
     def user_by_name(self, name: str) -> User | None:
         for u in self.users.values():
@@ -283,5 +285,5 @@ def fold(records: list[ev.Record], state: State | None = None) -> State:
     st = state or State()
     for r in records:
         apply(st, r.event, r.ts)
-        st.last_seq, st.last_hash = r.seq, r.hash
+        st.last_seq, st.last_hash, st.last_time = r.seq, r.hash, r.time
     return st

@@ -20,6 +20,7 @@ from coord.state import State, fold
 @dataclass(frozen=True)
 class Filter:
     since_seq: int = 0
+    until_seq: int | None = None  # inclusive
     until_time: str | None = None  # inclusive, RFC 3339
     since_time: str | None = None
     types: tuple[str, ...] = ()
@@ -27,7 +28,7 @@ class Filter:
 
     def matches(self, r: ev.Record) -> bool:
         """The same selection a SQL store makes with WHERE clauses, for stores that filter in Python."""
-        if r.seq <= self.since_seq:
+        if r.seq <= self.since_seq or (self.until_seq is not None and r.seq > self.until_seq):
             return False
         if self.until_time and r.time > self.until_time:
             return False
@@ -54,6 +55,10 @@ class Store(Protocol):
 
     async def last(self) -> tuple[int, str]:
         """(seq, hash) of the last stored event; (0, GENESIS) for an empty log."""
+        ...
+
+    async def last_at(self, time: str) -> int:
+        """The seq of the last event whose time is at or before ``time`` (0: none)."""
         ...
 
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:

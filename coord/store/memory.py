@@ -22,6 +22,9 @@ class MemoryStore:
     async def last(self) -> tuple[int, str]:
         return (self.records[-1].seq, self.records[-1].hash) if self.records else (0, ev.GENESIS)
 
+    async def last_at(self, time: str) -> int:
+        return max((r.seq for r in self.records if r.time <= time), default=0)
+
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
         seq = self.records[-1].seq if self.records else 0
         if records and records[0].seq != seq + 1:

@@ -7,9 +7,11 @@ connection, for the CLI's maintenance commands (``events replay``) and the migra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,19 @@ from coord.store import ChainBroken, Filter
 MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-async def connect(path: str | Path) -> aiosqlite.Connection:
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+
+
+async def connect(path: str | Path, durability: str = "normal") -> aiosqlite.Connection:
+    """``durability``: "normal" keeps every acknowledged commit across a process crash (an OS crash or power loss
+    may drop the last ones, never half of one); "full" fsyncs each commit, so it survives those too (docs/control.md).
+    """
+    if durability not in DURABILITY:
+        raise ValueError(f"durability: {durability!r} is not one of {', '.join(DURABILITY)}")
     conn = await aiosqlite.connect(str(path), isolation_level=None)
-    # WAL: readers (the CLI, `events tail --follow`) never block the server. synchronous=NORMAL in WAL mode keeps
-    # every acknowledged commit across a process crash (only an OS crash or power loss can drop the last ones).
+    # WAL: readers (the CLI, `events tail --follow`) never block the server.
     await conn.execute("PRAGMA journal_mode=WAL")
-    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
     await conn.execute("PRAGMA busy_timeout=5000")
     await conn.execute("PRAGMA foreign_keys=ON")
     await migrate(conn)
@@ -97,35 +106,38 @@ def _j(v: Any) -> str:
     return json.dumps(list(v), separators=(",", ":"))
 
 
-async def write_projections(
-    conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
-) -> None:
+def projection_ops(
+    state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements that bring the projection rows of these ids up to ``state`` (built on the event loop, where
+    the state is consistent; run in the connection's thread)."""
+    ops: list[tuple[str, tuple[Any, ...]]] = []
     for uid in users:
         u = state.users.get(uid)
         if u is None:
-            await conn.execute("DELETE FROM users WHERE id = ?", (uid,))
+            ops.append(("DELETE FROM users WHERE id = ?", (uid,)))
         else:
-            await conn.execute(
+            ops.append((
                 "INSERT INTO users (id, name, created) VALUES (?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET name = excluded.name",
                 (u.id, u.name, u.created),
-            )
+            ))
     for kid in keys:
         k = state.keys[kid]
-        await conn.execute(
+        ops.append((
             "INSERT OR REPLACE INTO auth_keys (id, prefix, hash, user_id, reusable, ephemeral, expiration, tags, "
             "created, revoked, used_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (k.id, k.prefix, k.hash, k.user_id, k.reusable, k.ephemeral, k.expiration, _j(k.tags), k.created,
              k.revoked, _j(k.used_by)),
-        )
+        ))
     for nid in nodes:
         # Delete first so that UNIQUE columns (names, keys) moving between nodes never collide mid-batch.
-        await conn.execute("DELETE FROM nodes WHERE id = ?", (nid,))
+        ops.append(("DELETE FROM nodes WHERE id = ?", (nid,)))
     for nid in sorted(nodes):
         n = state.nodes.get(nid)
         if n is None:
             continue
-        await conn.execute(
+        ops.append((
             "INSERT INTO nodes (id, machine_key, node_key, disco_key, user_id, tags, hostname, os, given_name, "
             "name_by_admin, ipv4, ipv6, ephemeral, key_expiry, created, auth_key_id, routes, endpoints, "
             "endpoint_types, home_derp, online, last_seen, expired, logged_out) "
@@ -133,12 +145,22 @@ async def write_projections(
             (n.id, n.machine_key, n.node_key, n.disco_key, n.user_id, _j(n.tags), n.hostname, n.os, n.given_name,
              n.name_by_admin, n.ipv4, n.ipv6, n.ephemeral, n.key_expiry, n.created, n.auth_key_id, _j(n.routes),
              _j(n.endpoints), _j(n.endpoint_types), n.home_derp, n.online, n.last_seen, n.expired, n.logged_out),
-        )
+        ))
     if policy:
-        await conn.execute(
-            "INSERT OR REPLACE INTO policy (id, text, sha256) VALUES (1, ?, ?)",
-            (state.policy_text, state.policy_sha256),
-        )
+        # The row exists exactly when a policy is in force, live and in a replay alike.
+        if state.policy_text is None:
+            ops.append(("DELETE FROM policy WHERE id = 1", ()))
+        else:
+            ops.append(("INSERT OR REPLACE INTO policy (id, text, sha256) VALUES (1, ?, ?)",
+                        (state.policy_text, state.policy_sha256)))
+    return ops
+
+
+async def write_projections(
+    conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
+) -> None:
+    for sql, params in projection_ops(state, users, keys, nodes, policy):
+        await conn.execute(sql, params)
 
 
 async def write_all_projections(conn: aiosqlite.Connection, state: State) -> None:
@@ -182,6 +204,9 @@ async def last(conn: aiosqlite.Connection) -> tuple[int, str]:
 def _where(f: Filter) -> tuple[str, list[object]]:
     clauses: list[str] = ["seq > ?"]
     args: list[object] = [f.since_seq]
+    if f.until_seq is not None:
+        clauses.append("seq <= ?")
+        args.append(f.until_seq)
     if f.until_time:
         clauses.append("time <= ?")
         args.append(f.until_time)
@@ -250,15 +275,50 @@ async def verify(conn: aiosqlite.Connection) -> int:
 # --- the Store ----------------------------------------------------------------------------------------------
 
 
-class SqliteStore:
-    """One connection, in autocommit mode; ``append`` opens its own transaction."""
+def event_rows(records: list[ev.Record]) -> list[tuple[Any, ...]]:
+    return [
+        (r.seq, r.time, r.actor, r.event.type, r.event.SCHEMA, ev.canonical_json(r.event.data()), r.prev_hash,
+         r.hash)
+        for r in records
+    ]
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+
+INSERT_EVENTS = (
+    "INSERT INTO events (seq, time, actor, type, schema, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _no_failpoint(where: str) -> None:
+    pass
+
+
+class SqliteStore:
+    """One connection, in autocommit mode; ``append`` opens its own transaction.
+
+    ``failpoint(name)`` is called at each step of an append ("insert": events inserted, no projection row yet;
+    "batch": half the projection rows of a multi-event batch written), inside the transaction; the crash tests
+    kill the process there. ``split_commit`` commits the events and their projection rows in two transactions:
+    wrong, and only there so that a test can show the crash tests catch it.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, writer: sqlite3.Connection | None = None) -> None:
         self.conn = conn
+        self.writer = writer
+        self.failpoint: Callable[[str], None] = _no_failpoint
+        self.split_commit = False
 
     @classmethod
-    async def open(cls, path: str | Path) -> SqliteStore:
-        return cls(await connect(path))
+    async def open(cls, path: str | Path, durability: str = "normal") -> SqliteStore:
+        conn = await connect(path, durability)
+        # Appends run on their own connection, on the event loop: with WAL and synchronous=NORMAL a commit is a
+        # few tens of microseconds, less than the two thread switches an aiosqlite call costs (those were most of
+        # the time of an append). Reads stay on the aiosqlite connection, off the loop.
+        writer = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
+        writer.execute("PRAGMA busy_timeout=5000")
+        writer.execute("PRAGMA foreign_keys=ON")
+        return cls(conn, writer)
 
     def read(self, f: Filter = Filter()) -> AsyncIterator[ev.Record]:
         return read(self.conn, f)
@@ -266,19 +326,54 @@ class SqliteStore:
     async def last(self) -> tuple[int, str]:
         return await last(self.conn)
 
+    async def last_at(self, time: str) -> int:
+        async with self.conn.execute("SELECT MAX(seq) FROM events WHERE time <= ?", (time,)) as cur:
+            row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
         users, keys, nodes = touched([r.event for r in records])
-        await self.conn.execute("BEGIN IMMEDIATE")
+        rows = event_rows(records)
+        ops = projection_ops(state, users, keys, nodes, policy)
+        if self.writer is None:
+            await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
+        else:
+            self._append_txn(self.writer, rows, ops, len(records) > 1)
+            # An append no longer waits for a thread: yield once, or a caller appending in a loop would starve
+            # every other task (snapshot writes, checkpoints, streams).
+            await asyncio.sleep(0)
+
+    def _append_txn(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]], ops: list[tuple[str, tuple[Any, ...]]],
+                    batch: bool) -> None:
+        c.execute("BEGIN IMMEDIATE")
         try:
-            await insert(self.conn, records)
-            await write_projections(self.conn, state, users, keys, nodes, policy)
-            await self.conn.execute("COMMIT")
+            c.executemany(INSERT_EVENTS, rows)
+            self.failpoint("insert")
+            if self.split_commit:
+                c.execute("COMMIT")
+                self.failpoint("split")
+                c.execute("BEGIN IMMEDIATE")
+            half = len(ops) // 2 if batch else len(ops)
+            for sql, params in ops[:half]:
+                c.execute(sql, params)
+            if batch:
+                self.failpoint("batch")
+            for sql, params in ops[half:]:
+                c.execute(sql, params)
+            c.execute("COMMIT")
         except BaseException:
-            await self.conn.execute("ROLLBACK")
+            c.execute("ROLLBACK")
             raise
+
+    async def event_at(self, seq: int) -> ev.Record | None:
+        async for r in self.read(Filter(since_seq=seq - 1, until_seq=seq)):
+            return r if r.seq == seq else None
+        return None
 
     async def verify(self) -> int:
         return await verify(self.conn)
 
     async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         await self.conn.close()

@@ -1,13 +1,14 @@
 """Incremental netmaps equal fresh ones.
 
-Random command sequences (register, re-auth, rename, hostinfo, tag, endpoints, disco key, connect, disconnect,
-expire, key expiry, logout, delete, policy set/clear) are decided with ``decide.*`` and run through the real write
+Random command sequences (users created, renamed and deleted; register with advertised routes, re-auth, rename,
+hostinfo with routes, tag, endpoints with their types, disco key, connect, disconnect, expire, key expiry, logout,
+delete, three policies set and cleared) are decided with ``decide.*`` and run through the real write
 path (``Service.execute`` on an in-memory store, so the real fold, visibility hook and publish), into the real
 sans-IO fan-out core (``coord.fanout.Fanout``). Time is stepped by hand: ticks (``flush``) and stream drains
 (``next_frame``) interleave with later events, as they do on the event loop. Streams open and end through the
 real ``node_for_map`` check and ``Lifecycle.connected``/``disconnected``. At the end every live session's first
 full map with all its deltas applied through ``wire.NetMap`` must equal a full map computed fresh (ControlTime
-aside).
+aside). Every key a command uses is drawn by hypothesis (or the seeded generator), so a failure replays exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ from coord.state import State
 from coord.store.memory import MemoryStore
 from tests.coord.util import DAY, POOL
 
-USERS = ("alice@example.com", "bob@example.com")
+USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
 POLICIES = (
     # user devices reach servers, servers reach databases, bob's devices reach each other
     """{"tagOwners": {"tag:srv": ["alice@example.com"], "tag:db": ["alice@example.com"]},
@@ -48,10 +48,18 @@ POLICIES = (
     # everyone reaches servers only
     """{"tagOwners": {"tag:srv": ["alice@example.com"], "tag:db": ["alice@example.com"]},
         "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:srv:*"]}]}""",
+    # carol (while she exists) reaches everything, databases reach each other
+    """{"tagOwners": {"tag:db": ["carol@example.com", "bob@example.com"]},
+        "acls": [{"action": "accept", "src": ["carol@example.com"], "dst": ["*:*"]},
+                 {"action": "accept", "src": ["tag:db"], "dst": ["tag:db:*"]}]}""",
 )
 TAG_SETS = ((), ("tag:srv",), ("tag:db",), ("tag:db", "tag:srv"))
 HOSTS = ("laptop", "Laptop.local", "db", "srv", "")
 ENDPOINTS = ((), ("192.0.2.1:41641",), ("192.0.2.2:41641", "[2001:db8::1]:41641"))
+# Tailscale's endpoint types: 1 local, 2 STUN, 3 port-mapped, 4 STUN4LocalPort
+ENDPOINT_TYPES = ((), (1,), (2, 1), (3, 4))
+ROUTES = ((), ("10.1.0.0/16",), ("10.1.0.0/16", "192.168.7.0/24"), ("0.0.0.0/0", "::/0"))
+KEY = st.binary(min_size=32, max_size=32)
 
 
 def strip(msg: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +128,7 @@ class Sim:
             return
         req = wire.MapRequest(node_key=bytes.fromhex(n.node_key.removeprefix("nodekey:")), stream=True)
         try:
-            node_for_map(self.state, self.machines[nid], req)
+            node_for_map(self.state, self.machines[nid], req, self.now)
         except DomainError:
             return
         s, _old = self.fanout.open(nid)
@@ -136,34 +144,39 @@ class Sim:
 
     # --- commands ---------------------------------------------------------------------------------------
 
-    async def register(self, user: int, tags: tuple[str, ...], host: str, requested: tuple[str, ...]) -> None:
+    async def register(self, user: int, tags: tuple[str, ...], host: str, requested: tuple[str, ...],
+                       keys: bytes, routes: tuple[str, ...] = ()) -> None:
+        """``keys``: 96 bytes drawn by the test (machine, node and disco key), so an example replays exactly."""
         name = USERS[user]
         u = self.state.user_by_name(name)
-        assert u is not None
+        if u is None:
+            return
         owner = decide.Owner(u, tags, False, None)
-        machine = os.urandom(32)
+        machine = keys[:32]
         req = wire.RegisterRequest(
-            node_key=os.urandom(32), disco_key=os.urandom(32),
-            hostinfo=wire.Hostinfo(hostname=host, request_tags=requested),
+            node_key=keys[32:64], disco_key=keys[64:96],
+            hostinfo=wire.Hostinfo(hostname=host, request_tags=requested, routable_ips=routes),
         )
         before = set(self.state.nodes)
         await self.decide(lambda s: decide.register(s, machine, req, owner, self.svc.rules, self.now))
         for nid in set(self.state.nodes) - before:
             self.machines[nid] = machine
 
-    async def reauth(self, nid: int, user: int, tags: tuple[str, ...]) -> None:
+    async def reauth(self, nid: int, user: int, tags: tuple[str, ...], node_key: bytes) -> None:
         u = self.state.user_by_name(USERS[user])
-        assert u is not None
-        req = wire.RegisterRequest(node_key=os.urandom(32), hostinfo=wire.Hostinfo(hostname="re"))
+        if u is None:
+            return
+        req = wire.RegisterRequest(node_key=node_key, hostinfo=wire.Hostinfo(hostname="re"))
         owner = decide.Owner(u, tags, False, None)
         await self.decide(lambda s: decide.register(s, self.machines[nid], req, owner, self.svc.rules, self.now))
 
-    async def map_update(self, nid: int, endpoints: int, home: int, host: str | None, disco: bool) -> None:
+    async def map_update(self, nid: int, endpoints: int, home: int, host: str | None, disco: bytes | None,
+                         types: int = 0, routes: tuple[str, ...] | None = None) -> None:
         n = self.state.nodes[nid]
+        eps = ENDPOINTS[endpoints]
         await self.decide(lambda s: decide.map_update(
-            s, n, disco_key=os.urandom(32) if disco else None, endpoints=ENDPOINTS[endpoints],
-            endpoint_types=(), home_derp=home, hostname=host, os="linux" if host is not None else None,
-            routes=None,
+            s, n, disco_key=disco, endpoints=eps, endpoint_types=ENDPOINT_TYPES[types][: len(eps)], home_derp=home,
+            hostname=host, os="linux" if host is not None else None, routes=routes if host is not None else None,
         ))
 
 
@@ -172,11 +185,16 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
     node = st.integers(0, 5)
     sched = st.lists(st.booleans(), min_size=1, max_size=8)
     return st.one_of(
-        st.tuples(st.just("register"), st.integers(0, 1), st.sampled_from(TAG_SETS), st.sampled_from(HOSTS),
-                  st.sampled_from(((), ("tag:srv",)))),
-        st.tuples(st.just("reauth"), node, st.integers(0, 1), st.sampled_from(TAG_SETS)),
+        st.tuples(st.just("register"), st.integers(0, len(USERS) - 1), st.sampled_from(TAG_SETS),
+                  st.sampled_from(HOSTS), st.sampled_from(((), ("tag:srv",))), st.binary(min_size=96, max_size=96),
+                  st.sampled_from(ROUTES)),
+        st.tuples(st.just("reauth"), node, st.integers(0, len(USERS) - 1), st.sampled_from(TAG_SETS), KEY),
         st.tuples(st.just("update"), node, st.integers(0, len(ENDPOINTS) - 1), st.integers(0, 3),
-                  st.one_of(st.none(), st.sampled_from(HOSTS)), st.booleans()),
+                  st.one_of(st.none(), st.sampled_from(HOSTS)), st.one_of(st.none(), KEY),
+                  st.integers(0, len(ENDPOINT_TYPES) - 1), st.sampled_from(ROUTES)),
+        st.tuples(st.just("user_create"), st.integers(0, len(USERS) - 1)),
+        st.tuples(st.just("user_rename"), st.integers(0, len(USERS) - 1), st.integers(0, len(USERS) - 1)),
+        st.tuples(st.just("user_delete"), st.integers(0, len(USERS) - 1)),
         st.tuples(st.just("rename"), node, st.sampled_from(("web", "db", "laptop", "x-1"))),
         st.tuples(st.just("tag"), node, st.sampled_from(TAG_SETS)),
         st.tuples(st.just("connect"), node),
@@ -200,16 +218,23 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
     kind = op[0]
     ids = sorted(sim.state.nodes)
     pick: Any
-    global_ops = ("register", "policy", "tick", "drain", "sweep")
+    global_ops = ("register", "policy", "tick", "drain", "sweep", "user_create", "user_rename", "user_delete")
     pick = ids[op[1] % len(ids)] if ids and kind not in global_ops else None
     if kind == "register":
-        await sim.register(op[1], op[2], op[3], op[4])
+        await sim.register(*op[1:])
+    elif kind == "user_create":
+        await sim.decide(lambda s: decide.create_user(s, USERS[op[1]]))
+    elif kind == "user_rename":
+        # a rename away and back: policies name users, so the name is what matters to visibility
+        await sim.decide(lambda s: decide.rename_user(s, USERS[op[1]], USERS[op[2]]))
+    elif kind == "user_delete":
+        await sim.decide(lambda s: decide.delete_user(s, USERS[op[1]]))
     elif pick is None and kind not in global_ops:
         return
     elif kind == "reauth":
-        await sim.reauth(pick, op[2], op[3])
+        await sim.reauth(pick, op[2], op[3], op[4])
     elif kind == "update":
-        await sim.map_update(pick, op[2], op[3], op[4], op[5])
+        await sim.map_update(pick, *op[2:])
     elif kind == "rename":
         await sim.decide(lambda s: decide.rename_node(s, str(pick), op[2]))
     elif kind == "tag":
@@ -245,7 +270,7 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
     elif kind == "burst":
         # many flushed changes with no drain in between: the session's pending list overflows
         for i in range(op[2]):
-            await sim.map_update(pick, i % len(ENDPOINTS), i % 4, None, False)
+            await sim.map_update(pick, i % len(ENDPOINTS), i % 4, None, None)
             await sim.flush()
 
 
@@ -272,7 +297,7 @@ async def seeded() -> Sim:
 async def play(script: list[tuple[Any, ...]]) -> None:
     sim = await seeded()
     for i in range(3):
-        await sim.register(i % 2, (), "seed", ())
+        await sim.register(i % 2, (), "seed", (), bytes([i + 1]) * 96)
         await sim.connect(i + 1)
     for op in script:
         await step(sim, op)
@@ -308,12 +333,12 @@ def test_long_random_histories() -> None:
 
 async def patch_before_unflushed_change() -> None:
     sim = await seeded()
-    for _ in range(3):
-        await sim.register(0, (), "seed", ())
+    for i in range(3):
+        await sim.register(0, (), "seed", (), bytes([i + 1]) * 96)
     await sim.connect(1)
     await sim.flush()
     sim.drain(1)
-    await sim.map_update(2, 1, 1, None, False)
+    await sim.map_update(2, 1, 1, None, None)
     await sim.flush()
     await sim.decide(lambda s: decide.rename_node(s, "2", "renamed"))
     sim.drain(1)
@@ -328,20 +353,28 @@ def test_patch_sent_before_an_unflushed_change_is_not_mistaken_for_the_whole_rec
 
 
 OPS = ["register", "reauth", "update", "rename", "tag", "connect", "disconnect", "expire", "expiry", "sweep", "logout",
-       "delete", "policy", "tick", "drain"]
-WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8]
+       "delete", "policy", "tick", "drain", "user_create", "user_rename", "user_delete"]
+WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8, 1, 1, 1]
 
 
 def _random_op(rnd: random.Random, weights: list[int] = WEIGHTS) -> tuple[Any, ...]:
     k = rnd.choices(OPS, weights=weights)[0]
     n = rnd.randrange(1000)
     if k == "register":
-        return (k, rnd.randrange(2), rnd.choice(TAG_SETS), rnd.choice(HOSTS), rnd.choice(((), ("tag:srv",))))
+        return (k, rnd.randrange(len(USERS)), rnd.choice(TAG_SETS), rnd.choice(HOSTS), rnd.choice(((), ("tag:srv",))),
+                rnd.randbytes(96), rnd.choice(ROUTES))
     if k == "reauth":
-        return (k, n, rnd.randrange(2), rnd.choice(TAG_SETS))
+        return (k, n, rnd.randrange(len(USERS)), rnd.choice(TAG_SETS), rnd.randbytes(32))
     if k == "update":
         return (k, n, rnd.randrange(len(ENDPOINTS)), rnd.randrange(4), rnd.choice((None, *HOSTS)),
-                rnd.random() < 0.2)
+                rnd.randbytes(32) if rnd.random() < 0.2 else None, rnd.randrange(len(ENDPOINT_TYPES)),
+                rnd.choice(ROUTES))
+    if k == "user_create":
+        return (k, rnd.randrange(len(USERS)))
+    if k == "user_rename":
+        return (k, rnd.randrange(len(USERS)), rnd.randrange(len(USERS)))
+    if k == "user_delete":
+        return (k, rnd.randrange(len(USERS)))
     if k == "rename":
         return (k, n, rnd.choice(("web", "db", "laptop", "x-1")))
     if k in ("tag",):

@@ -1,0 +1,262 @@
+"""Projection snapshots: the folded ``State`` as bytes and back, and which snapshots to keep as they age.
+
+A snapshot lets start-up (and a view of the tailnet at any past seq) fold only the events after it instead of the
+whole log. It is a cache of the fold, never a source of truth: a snapshot that does not decode, whose layout
+fingerprint differs from this code's, or whose (seq, hash) is not the log's, is ignored and the log is folded.
+
+Format (``encode``/``decode``)::
+
+    shoal-snapshot/1 <seq> <hash> <time> <layout> <sha256>\\n
+    <zlib-compressed canonical JSON of the state>
+
+    seq     decimal: the state is the fold of events 1..seq
+    hash    64 hex digits: the ``hash`` of event ``seq`` (``"0"*64`` for seq 0), checked against the log on load
+    time    RFC 3339 UTC with microseconds: the ``time`` of event ``seq`` (what the retention rule ages by)
+    layout  16 hex digits: a fingerprint of the State classes' field names (a code change that adds, drops or
+            renames a field invalidates older snapshots instead of misreading them)
+    sha256  64 hex digits: SHA-256 of the compressed body (a torn or bit-rotted file is caught before parsing)
+
+The JSON body is ``{"users": [...], "keys": [...], "nodes": [...], "state": {...}}``: each dataclass is a list of
+its field values in declaration order (dicts as ``[key, value]`` pairs in insertion order, so iteration order
+survives the round trip; sets sorted). Encoding the same state always gives the same bytes, and
+``decode(encode(s)) == s`` for every state the fold makes.
+
+Retention (``keep``): snapshots are taken every N events; as they age they are thinned to the *oldest* snapshot of
+each bucket. Buckets are aligned to the epoch, 5 minutes wide, then 1 hour once the whole hour ended more than an
+hour ago, 1 day once the day ended more than a day ago, 7 days once the week ended more than 30 days ago (``TIERS``;
+each width divides the next). All snapshots of one bucket are judged together and a bucket only ever merges into
+a wider one, so pruning as time passes keeps exactly what one pruning at the end would, and every period that had
+a snapshot keeps one. The newest snapshot is always kept.
+
+Pure: no file, no clock (``now`` is passed in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from coord import events as ev
+from coord.state import AuthKey, Node, State, User
+
+MAGIC = "shoal-snapshot/1"
+_HEADER = re.compile(
+    r"^shoal-snapshot/1 (0|[1-9][0-9]{0,18}) ([0-9a-f]{64}) "
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z) ([0-9a-f]{16}) ([0-9a-f]{64})$"
+)
+MAX_HEADER = 256
+
+_CLASSES: tuple[type[Any], ...] = (User, AuthKey, Node, State)
+# State fields that hold records or indexes, encoded by hand below; the rest are plain JSON values.
+_STATE_SPECIAL = {"users", "keys", "nodes", "by_machine", "by_node_key", "by_given_name", "keys_by_prefix",
+                  "used_ipv4"}
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a snapshot this code can read."""
+
+
+def layout() -> str:
+    names = ";".join(f"{c.__name__}:{','.join(f.name for f in dataclasses.fields(c))}" for c in _CLASSES)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _row(obj: Any) -> list[Any]:
+    return [_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+
+
+def _kinds(cls: type[Any]) -> list[tuple[str, str]]:
+    """(field name, "tuple" | "list" | "") for each field: how a JSON list comes back."""
+    out = []
+    for f in dataclasses.fields(cls):
+        t = str(f.type)
+        out.append((f.name, "tuple" if t.startswith("tuple") else "list" if t.startswith("list") else ""))
+    return out
+
+
+def _unrow(cls: type[Any], kinds: list[tuple[str, str]], row: list[Any]) -> Any:
+    if not isinstance(row, list) or len(row) != len(kinds):
+        raise SnapshotError(f"{cls.__name__}: expected {len(kinds)} fields")
+    kw: dict[str, Any] = {}
+    for (name, kind), v in zip(kinds, row, strict=True):
+        if kind and not isinstance(v, list):
+            raise SnapshotError(f"{cls.__name__}.{name}: expected a list")
+        kw[name] = tuple(_plain_tuple(x) for x in v) if kind == "tuple" else list(v) if kind == "list" else v
+    return cls(**kw)
+
+
+def _plain_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def body(state: State) -> dict[str, Any]:
+    rest = {
+        f.name: _plain(getattr(state, f.name)) for f in dataclasses.fields(State) if f.name not in _STATE_SPECIAL
+    }
+    return {
+        "users": [_row(u) for u in state.users.values()],
+        "keys": [_row(k) for k in state.keys.values()],
+        "nodes": [_row(n) for n in state.nodes.values()],
+        "index": {
+            "by_machine": list(state.by_machine.items()),
+            "by_node_key": list(state.by_node_key.items()),
+            "by_given_name": list(state.by_given_name.items()),
+            "keys_by_prefix": list(state.keys_by_prefix.items()),
+            "used_ipv4": sorted(state.used_ipv4),
+        },
+        "state": rest,
+    }
+
+
+def from_body(obj: Any) -> State:
+    try:
+        uk, kk, nk = _kinds(User), _kinds(AuthKey), _kinds(Node)
+        users = [_unrow(User, uk, r) for r in obj["users"]]
+        keys = [_unrow(AuthKey, kk, r) for r in obj["keys"]]
+        nodes = [_unrow(Node, nk, r) for r in obj["nodes"]]
+        idx = obj["index"]
+        rest = obj["state"]
+        plain = {f.name for f in dataclasses.fields(State)} - _STATE_SPECIAL
+        if not isinstance(rest, dict) or set(rest) != plain:
+            raise SnapshotError("state: fields do not match this code's State")
+        return State(
+            users={u.id: u for u in users},
+            keys={k.id: k for k in keys},
+            nodes={n.id: n for n in nodes},
+            by_machine={str(k): int(v) for k, v in idx["by_machine"]},
+            by_node_key={str(k): int(v) for k, v in idx["by_node_key"]},
+            by_given_name={str(k): int(v) for k, v in idx["by_given_name"]},
+            keys_by_prefix={str(k): int(v) for k, v in idx["keys_by_prefix"]},
+            used_ipv4={str(a) for a in idx["used_ipv4"]},
+            **rest,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, SnapshotError):
+            raise
+        raise SnapshotError(f"snapshot body: {type(e).__name__}: {e}") from None
+
+
+def encode(state: State, time: str, level: int = 1) -> bytes:
+    """The snapshot of ``state`` (the fold of events 1..state.last_seq); ``time`` is event last_seq's time."""
+    return seal(state.last_seq, state.last_hash, time, ev.canonical_json(body(state)).encode(), level)
+
+
+def seal(seq: int, hash_: str, time: str, json_body: bytes, level: int = 1) -> bytes:
+    """Compress and frame an encoded body (split from ``encode`` so the costly part can run off the event loop)."""
+    payload = zlib.compress(json_body, level)
+    digest = hashlib.sha256(payload).hexdigest()
+    head = f"{MAGIC} {seq} {hash_} {time} {layout()} {digest}\n"
+    if not _HEADER.match(head[:-1]):
+        raise SnapshotError(f"cannot frame a snapshot at seq {seq} with time {time!r}")
+    return head.encode() + payload
+
+
+@dataclass(frozen=True)
+class Header:
+    seq: int
+    hash: str
+    time: str
+    layout: str
+    sha256: str
+
+
+def header(data: bytes) -> Header:
+    """The header line alone (cheap: lists snapshots without decompressing them)."""
+    nl = data.find(b"\n", 0, MAX_HEADER)
+    if nl < 0:
+        raise SnapshotError("no snapshot header line")
+    m = _HEADER.match(data[:nl].decode("ascii", "replace"))
+    if m is None:
+        raise SnapshotError(f"not a {MAGIC} header")
+    return Header(int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5))
+
+
+def decode(data: bytes) -> State:
+    h = header(data)
+    if h.layout != layout():
+        raise SnapshotError(f"snapshot layout {h.layout} is not this code's {layout()} (written by another version)")
+    payload = data[data.index(b"\n") + 1:]
+    if hashlib.sha256(payload).hexdigest() != h.sha256:
+        raise SnapshotError("snapshot body does not match its sha256 (torn or corrupted file)")
+    try:
+        obj = json.loads(zlib.decompress(payload))
+    except (zlib.error, ValueError) as e:
+        raise SnapshotError(f"snapshot body: {e}") from None
+    state = from_body(obj)
+    if (state.last_seq, state.last_hash) != (h.seq, h.hash):
+        raise SnapshotError("snapshot header and body disagree on seq/hash")
+    return state
+
+
+# --- retention --------------------------------------------------------------------------------------------
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+
+# (age, bucket width): a bucket of the next tier's width applies once that whole bucket ended more than ``age`` ago;
+# the first width applies to everything younger. Widths nest: each divides the next.
+TIERS: tuple[tuple[float, float], ...] = (
+    (HOUR, 5 * MINUTE),
+    (DAY, HOUR),
+    (30 * DAY, DAY),
+    (float("inf"), 7 * DAY),
+)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A snapshot as the retention rule sees it: its seq and the time of event ``seq`` (seconds)."""
+
+    seq: int
+    time: float
+
+
+def bucket(t: float, now: float, tiers: tuple[tuple[float, float], ...] = TIERS) -> tuple[float, int]:
+    """(width, index) of the bucket a snapshot at ``t`` falls in at ``now``.
+
+    The widest tier whose whole bucket around ``t`` is old enough: all snapshots of one bucket get the same width,
+    and as ``now`` grows a bucket only merges into a wider one.
+    """
+    width = tiers[0][1]
+    for (age, _), (_, wider) in itertools.pairwise(tiers):
+        end = (t // wider + 1) * wider
+        if now - end < age:
+            break
+        width = wider
+    return width, int(t // width)
+
+
+def keep(snapshots: Iterable[Stored], now: float, tiers: tuple[tuple[float, float], ...] = TIERS) -> set[int]:
+    """The seqs to keep: the newest, and the oldest snapshot of each bucket."""
+    snaps = sorted(snapshots, key=lambda s: (s.time, s.seq))
+    if not snaps:
+        return set()
+    kept = {max(s.seq for s in snaps)}
+    seen: set[tuple[float, int]] = set()
+    for s in snaps:
+        b = bucket(s.time, now, tiers)
+        if b not in seen:
+            seen.add(b)
+            kept.add(s.seq)
+    return kept
+
+
+def nearest(seqs: Iterable[int], seq: int) -> int | None:
+    """The largest snapshot seq at or before ``seq``, or None."""
+    best = None
+    for s in seqs:
+        if s <= seq and (best is None or s > best):
+            best = s
+    return best
