@@ -43,7 +43,8 @@ class Answer(enum.Enum):
     AUTHORIZED = "authorized"  # open the map stream
     NEEDS_AUTH = "needs-auth"  # a login URL: wait for approval (follow it up)
     KEY_EXPIRED = "key-expired"  # this node key may not be used again: re-authenticate with a new one
-    REFUSED = "refused"  # an error, or nothing we can act on
+    REFUSED = "refused"  # the server said no (`Error`)
+    UNCLEAR = "unclear"  # neither authorized nor a login URL: nothing we can act on
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def read(resp: Registration) -> Reading:
         return Reading(Answer.AUTHORIZED)
     if resp.auth_url:
         return Reading(Answer.NEEDS_AUTH, auth_url=resp.auth_url)
-    return Reading(Answer.REFUSED, error="registration neither authorized nor gave a login URL")
+    return Reading(Answer.UNCLEAR, error="registration neither authorized nor gave a login URL")
 
 
 @dataclass
