@@ -44,6 +44,7 @@ from node.derpsock import DerpSockets
 from node.disco import AddrPort
 from node.netcheck import Report
 from node.paths import PathKind
+from node.status import PathView
 from node.wg.config import DeviceState
 
 log = logging.getLogger("shoald.magicsock")
@@ -128,6 +129,7 @@ class MagicSock:
         apply: Callable[[], Awaitable[None]],
         on_endpoints: Callable[[], None],
         poll_interval: float = POLL_INTERVAL,
+        held: Callable[[bytes], bool] = lambda _key: False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.port = port
@@ -138,6 +140,7 @@ class MagicSock:
         self.apply = apply
         self.on_endpoints = on_endpoints
         self.poll_interval = poll_interval
+        self.held = held  # peers the engine has without an endpoint for now (node/handshake.py)
         self.magic = paths.Magic(disco_private, node_public)
         self.derpsock = DerpSockets(port, self._wg_to_derp, loop=self.loop)
         self.raw: rawsock.RawPort | None = None
@@ -290,6 +293,26 @@ class MagicSock:
             out["Active"] = peer.active(now)
             out["Chosen"] = fmt_addr(peer.endpoint) if peer.endpoint else "derp"
         return out
+
+    def observe(self, node_key: bytes, endpoint: str | None) -> PathView | None:
+        """For `shoal status` and `shoal ping`: what we know of a peer's path, beside the engine's endpoint
+        for it read in the same snapshot. None for a peer without disco."""
+        info = self.peers.get(node_key)
+        if info is None:
+            return None
+        peer = self.magic.peer_by_node(node_key)
+        now = self.loop.time()
+        ap = parse_endpoint(endpoint) if endpoint else None
+        derp = ap is not None and self.derpsock.node_key_for(ap) == node_key
+        confirmed = None
+        fields: dict[str, Any] = {"PeerHomeDERP": info.region}
+        if peer is not None:
+            if peer.endpoint is not None and peer.trusted(now):
+                confirmed = fmt_addr(peer.endpoint)
+            fields.update(Best=fmt_addr(peer.best) if peer.best else None,
+                          BestLatency=peer.best_latency if peer.best else None, Trusted=peer.trusted(now),
+                          Active=peer.active(now), Chosen=fmt_addr(peer.endpoint) if peer.endpoint else "derp")
+        return PathView(derp, self._region_for(node_key), confirmed, fields)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -628,7 +651,7 @@ class MagicSock:
                 self._counters[key] = counters
                 self.magic.note_activity(key, now)
             want = self.endpoint_for(key)
-            if want is not None and st.endpoint != want:
+            if want is not None and st.endpoint != want and not self.held(key):
                 mismatch = True
         self._pump()
         if mismatch:
