@@ -28,12 +28,12 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coord import wire
-from node import compile, login, mapsession
+from node import compile, endpoints, login, mapsession
 from node import status as status_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.errors import LocalError
@@ -190,24 +190,11 @@ class Agent:
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float) -> dict[str, Any]:
-        server = (login_server or self.prefs.login_server).rstrip("/")
-        if not server:
-            raise AgentError(400, "no login server: pass --login-server URL")
-        if not server.startswith(("http://", "https://")):
-            raise AgentError(400, f"login server {server!r} must be an http:// or https:// URL")
-        have = self.prefs.login_server.rstrip("/")
-        if have and server != have and not self.prefs.logged_out:
-            raise AgentError(409, f"this node is registered with {have}; run `shoal logout` before switching "
-                                  f"to {server}")
-        # nothing changes until the server has answered: a failed `up` leaves the node as it was
-        prefs = replace(self.prefs, advertise_tags=list(self.prefs.advertise_tags))
-        if server != have:
-            prefs.server_key = ""
-        prefs.login_server = server
-        if hostname is not None:
-            prefs.hostname = hostname
-        if advertise_tags is not None:
-            prefs.advertise_tags = list(advertise_tags)
+        try:
+            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags)
+        except login.UpRefused as e:
+            raise AgentError(e.status, str(e)) from None
+        server = prefs.login_server
         # an expired or logged-out node key is never reused: re-authentication brings a new one
         renew = self.login.key_expired or self.prefs.logged_out
         client = self._new_client(prefs)
@@ -376,24 +363,14 @@ class Agent:
         ms = self.magicsock
         if ms is not None:
             report = await ms.netcheck()
-            regions, per_region, home = ms.regions, ms.region_endpoints(report), ms.home
+            regions, per_region, home = ms.regions, endpoints.region_endpoints(ms.regions, report), ms.home
         else:
             if self.netmap.derp_map is None:
                 raise AgentError(409, "no DERP map yet: run `shoal up` first")
             regions = nc.regions_from_derp_map(self.netmap.derp_map)
             report = await nc.netcheck_udp(regions)
-            by_addr = {s.addr: r.region_id for r in regions for s in r.servers}
-            per_region = {}
-            for server, seen in report.seen.items():
-                rid = by_addr.get(server)
-                if rid is not None:
-                    per_region.setdefault(rid, f"{seen[0]}:{seen[1]}")
-            home = report.preferred_derp
-        out = report.to_json()
-        out["RegionEndpoints"] = {str(k): v for k, v in sorted(per_region.items())}
-        out["RegionCodes"] = {str(r.region_id): r.code for r in regions}
-        out["HomeDERP"] = home
-        return out
+            per_region, home = endpoints.region_endpoints(regions, report), report.preferred_derp
+        return status_doc.netcheck(report, regions, per_region, home)
 
     # --- control loop -------------------------------------------------------------------------------------
 
@@ -529,41 +506,18 @@ class Agent:
         r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
         local, _ = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
         self.local_endpoints = local
-        fallback = compile.first_endpoint(compile.families_of(local) or (4, 6))
-        self.choose = self._chooser(fallback)
+        self.choose = endpoints.chooser(lambda: self.magicsock, local)
         if self.magicsock is not None:
             self.magicsock.set_local_endpoints([ap for e in local if (ap := parse_endpoint(e)) is not None])
         return self._combine_endpoints()
 
     def _combine_endpoints(self) -> bool:
-        if self.magicsock is not None:
-            eps, types = self.magicsock.endpoints()
-            # IPv6 interface addresses are reported too (the raw port is IPv4 only, but peers may use them)
-            for e in self.local_endpoints:
-                if e not in eps:
-                    eps.append(e)
-                    types.append(wire.EP_LOCAL)
-            eps, types = eps[: wire.MAX_ENDPOINTS], types[: wire.MAX_ENDPOINTS]
-        else:
-            eps, types = list(self.local_endpoints), [wire.EP_LOCAL] * len(self.local_endpoints)
+        ms = self.magicsock
+        eps, types = endpoints.combine(ms.endpoints() if ms is not None else None, self.local_endpoints)
         if eps == self.endpoints and types == self.endpoint_types:
             return False
         self.endpoints, self.endpoint_types = eps, types
         return True
-
-    def _chooser(self, fallback: compile.EndpointChooser) -> compile.EndpointChooser:
-        """A peer's WireGuard endpoint: MagicSock's choice (direct or DERP), else the first usable one it
-        reported (a peer without a disco key, or no MagicSock)."""
-        def choose(peer: wire.Node) -> str | None:
-            ms = self.magicsock
-            key = compile.peer_key(peer)
-            if ms is not None and key is not None:
-                ep = ms.endpoint_for(key.raw)
-                if ep is not None:
-                    return ep
-            return fallback(peer)
-
-        return choose
 
     def _on_magic_endpoints(self) -> None:
         """MagicSock learnt new STUN endpoints or a new home region: tell the server (coalesced)."""

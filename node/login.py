@@ -14,8 +14,10 @@ answer means for what the agent does next.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from node.state import Prefs
 
 
 class State(enum.StrEnum):
@@ -103,3 +105,31 @@ class Login:
     def logged_out(self) -> None:
         self.state = State.NEEDS_LOGIN
         self.auth_url = ""
+
+
+class UpRefused(Exception):
+    """A `shoal up` refused before anything is sent; `status` is the HTTP status the local API answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[str] | None) -> Prefs:
+    """The prefs a `shoal up` would leave, checked. A copy: nothing is kept until the server has answered."""
+    server = (login_server or prefs.login_server).rstrip("/")
+    if not server:
+        raise UpRefused(400, "no login server: pass --login-server URL")
+    if not server.startswith(("http://", "https://")):
+        raise UpRefused(400, f"login server {server!r} must be an http:// or https:// URL")
+    have = prefs.login_server.rstrip("/")
+    if have and server != have and not prefs.logged_out:
+        raise UpRefused(409, f"this node is registered with {have}; run `shoal logout` before switching to {server}")
+    out = replace(prefs, advertise_tags=list(prefs.advertise_tags), login_server=server)
+    if server != have:
+        out.server_key = ""
+    if hostname is not None:
+        out.hostname = hostname
+    if tags is not None:
+        out.advertise_tags = list(tags)
+    return out

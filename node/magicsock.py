@@ -340,16 +340,6 @@ class MagicSock:
         self._take_report(report)
         return report
 
-    def region_endpoints(self, report: Report) -> dict[int, str]:
-        """Public endpoint per region as its STUN server saw us."""
-        by_addr = {s.addr: r.region_id for r in self.regions for s in r.servers}
-        out: dict[int, str] = {}
-        for server, seen in report.seen.items():
-            rid = by_addr.get(server)
-            if rid is not None and rid not in out:
-                out[rid] = fmt_addr(seen)
-        return out
-
     def _take_report(self, report: Report) -> None:
         self.report = report
         self.last_netcheck = self.loop.time()

@@ -24,6 +24,7 @@ from coord import wire
 from node.compile import peer_key
 from node.login import Login, State
 from node.mapsession import NetMap
+from node.netcheck import Region, Report
 from node.paths import PathKind
 from node.state import Prefs
 from node.wg.config import DeviceState, PeerState
@@ -159,3 +160,12 @@ def document(*, login: Login, prefs: Prefs, connected: bool, health: Sequence[st
         "Peers": peers,
         "Magic": magic,
     }
+
+
+def netcheck(report: Report, regions: Sequence[Region], per_region: Mapping[int, str], home: int) -> dict[str, Any]:
+    """The `/netcheck` JSON: the report, our public endpoint and code per region, the home region."""
+    out = report.to_json()
+    out["RegionEndpoints"] = {str(k): v for k, v in sorted(per_region.items())}
+    out["RegionCodes"] = {str(r.region_id): r.code for r in regions}
+    out["HomeDERP"] = home
+    return out
