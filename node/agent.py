@@ -577,7 +577,7 @@ class Agent:
     async def _apply(self, rec: Reconciler) -> None:
         nm, key, initiator = self.netmap, self.node_key, self.initiator
         if await rec.wireguard.start():  # a new engine: a new interface, no sessions
-            rec.routes.forget()
+            rec.engine_new()
             initiator.engine_started()
         first = self.magicsock is None and self.cfg.nat_traversal
         if first:
@@ -590,7 +590,7 @@ class Agent:
         ms = self.magicsock
         if ms is not None:
             ms.set_derp_map(nm.derp_map)
-            ms.set_peers(nm.peers)
+            ms.set_peers(nm.peers, active=rec.installed)
             if first and ms.urls:
                 await ms.wait_home(DERP_FIRST_WAIT)
         try:
@@ -603,6 +603,8 @@ class Agent:
                        filter_error=script_error)
         loop = asyncio.get_running_loop()
         out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))
+        if ms is not None:
+            ms.set_peers(nm.peers, active=rec.installed)  # disco with the peers our engine now accepts
         self._arm_hold(loop)
         if out.errors != self.os_errors:
             for name, err in out.errors.items():
@@ -642,7 +644,7 @@ class Agent:
     async def _on_engine_restart(self) -> None:
         # a new wireguard-go child is a new interface: its addresses, routes and sessions are gone
         if self.reconciler is not None:
-            self.reconciler.routes.forget()
+            self.reconciler.engine_new()
         self.initiator.engine_started()
         await self._reconcile()
 

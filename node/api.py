@@ -20,8 +20,9 @@ Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL",
 "Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
 TxBytes, InEngine, Path "direct"|"derp"|"unconfirmed"|"connecting"|"stale"|"none" (node/status.py: direct only
 with the confirmed direct address and a handshake within 180 s), PathText (the CLI's words), and with NAT
-traversal: Confirmed, DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}], "Magic": {HomeDERP, DERPConnected,
-RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops, Netcheck, ...} | null}.
+traversal: Confirmed, DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}],
+"Magic": {HomeDERP, DERPConnected, RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops,
+Netcheck, ...} | null}.
 
 Errors are {"error": "<one line>"} with a 4xx/5xx status: 400 for a body that is not what the route takes
 (and, from uvicorn, for bytes that are not HTTP), 409 for a request that conflicts with the node's state,

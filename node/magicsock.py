@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,8 +219,13 @@ class MagicSock:
             self._self_endpoints_changed()
             self._restun.set()  # an address changed: the NAT mapping may have too
 
-    def set_peers(self, peers: Mapping[int, wire.Node]) -> None:
-        """The netmap's peers: disco key, node key, endpoints and home region of each."""
+    def set_peers(self, peers: Mapping[int, wire.Node], active: Collection[bytes] | None = None) -> None:
+        """The netmap's peers: disco key, node key, endpoints and home region of each.
+
+        Only `active` peers (default: all) take part in disco: the agent passes those its engine has, so a peer
+        learns a path to us (and replays its first handshake there) only once our WireGuard would accept it,
+        and a peer kept out of WireGuard (its filter not in place) gets no disco answer either. The others
+        still get their DERP socket, so the first handshake to them can go out over the relay."""
         now = self.loop.time()
         seen: set[bytes] = set()
         for p in peers.values():
@@ -235,6 +240,11 @@ class MagicSock:
                 info = _PeerInfo(disco_key, disco.box_for(self.disco_private, disco_key), region, ())
                 self.peers[node_key] = info
             info.region = region
+            if active is not None and node_key not in active:
+                if self.magic.peer_by_node(node_key) is not None:
+                    self.magic.remove_peer(info.disco_key)
+                info.endpoints = ()
+                continue
             if info.endpoints != eps or self.magic.peer_by_node(node_key) is None:
                 info.endpoints = eps
                 self.magic.upsert_peer(disco_key, node_key, eps, now)

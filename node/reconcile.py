@@ -124,7 +124,13 @@ class Reconciler:
         self.routes = RoutesApplier(runner)
         self.wireguard = WireGuardApplier(engine)
         self.admitted: dict[bytes, WgPeer] = {}  # peers of the last config whose filter went in
+        self.installed: set[bytes] = set()  # peers the engine was last given
         self.filter_ok = False
+
+    def engine_new(self) -> None:
+        """The engine is a new one (started, or wireguard-go restarted): a new interface, no peers."""
+        self.routes.forget()
+        self.installed = set()
 
     @property
     def appliers(self) -> list[Applier[str] | Applier[RouteConfig] | Applier[WgConfig]]:
@@ -157,6 +163,7 @@ class Reconciler:
             errors["routes"] = str(e)
         try:
             await self.wireguard.set(shape(wg) if shape is not None else wg)
+            self.installed = {p.public_key.raw for p in wg.peers}
         except Exception as e:
             errors["wireguard"] = str(e)
         return Outcome(errors, kept_out)
@@ -170,6 +177,7 @@ class Reconciler:
             except Exception as e:
                 failed.append(f"{applier.name}: {e}")
         self.admitted = {}
+        self.installed = set()
         self.filter_ok = False
         return failed
 
