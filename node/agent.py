@@ -1,47 +1,52 @@
-"""The node agent: registration, the map long-poll, and netmap -> OS reconciliation.
+"""The node agent: the asyncio shell of shoald. Commands from the local API, the control loop, endpoints, and
+the glue that turns each netmap into OS state; every decision is made in a pure module:
 
-One `Agent` per shoald. Its asyncio shell around the pure pieces in node/compile.py:
+    node/login.py      backend state (NeedsLogin, Starting, Running, ...), the reading of registration answers
+    node/compile.py    netmap -> WgConfig, RouteConfig, nft script; our endpoints from `ip -j addr`
+    node/reconcile.py  the appliers (filter, then routes, then WireGuard) run in order; the filter gates peers
+    node/handshake.py  who sends the first handshake to a new peer (no collision of two fresh engines)
+    node/status.py     the status document, and the path rule (direct only when observed)
+    node/magicsock.py  NAT traversal (raw port, disco, DERP), made once the engine is up
 
 - `up()` pins the server key and registers (auth key or interactive login URL), then starts the control loop;
   `down()` stops the loop and takes the tunnel down (the node stays registered); `logout()` sends a
-  RegisterRequest with an expiry in the past and forgets the netmap; `status()` joins the netmap with the
-  engine's counters.
+  RegisterRequest with an expiry in the past and forgets the netmap; `status()` reads the engine once and
+  builds the status from that snapshot.
 - The control loop keeps one map stream open. Each MapResponse (typed, parsed as it is read) is applied to the
-  netmap (node/mapsession.py), persisted to the
-  state dir, and reconciled into the OS: WireGuard peers (engine.set), addresses and routes (RouteApplier),
-  the packet filter (`nft -f -`). Every applier changes only what differs. When the stream breaks the last
-  netmap and every tunnel stay as they are; the loop retries with jittered exponential back-off.
-- Endpoints and paths (NAT traversal, node/magicsock.py): once the engine is up a `MagicSock` shares its UDP
-  port (raw socket + BPF), runs netcheck and keeps the DERP connections. The node reports its STUN endpoints
-  (type 2) and interface addresses (type 1) and its home region; each peer's WireGuard endpoint is its
-  confirmed direct path, else a loopback socket that carries the packets over DERP (`_choose`). The engine's
-  actual endpoints are polled and set back when wireguard-go roamed them elsewhere.
+  netmap (node/mapsession.py), reconciled into the OS and persisted to the state dir. When the stream breaks the
+  last netmap and every tunnel stay as they are; the loop retries with jittered exponential back-off.
+- Endpoints: the node reports its STUN endpoints (type 2, from MagicSock), interface addresses (type 1) and home
+  region; each peer's WireGuard endpoint is its confirmed direct path, else its DERP socket (`_chooser`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coord import wire
-from node import compile, mapsession
+from node import compile, endpoints, login, mapsession
+from node import status as status_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.errors import LocalError
+from node.handshake import Initiator
 from node.keys import KeyStore, PrivateKey
+from node.login import Answer, Login, State
 from node.magicsock import MagicSock, parse_endpoint
-from node.render.routes import RouteApplier, RouteConfig
-from node.run import CommandError, Runner, SubprocessRunner
+from node.paths import PathKind
+from node.reconcile import Desired, Reconciler
+from node.render import nft
+from node.run import Runner, SubprocessRunner
 from node.state import Prefs, StateDir
-from node.wg.config import WgConfig
+from node.wg.config import DeviceState
 from node.wg.engine import Engine, choose_engine
 
 log = logging.getLogger("shoald")
@@ -53,13 +58,7 @@ UP_WAIT = 20.0
 # On the first netmap, how long the tunnel waits for the home relay, so the first handshake is not lost.
 DERP_FIRST_WAIT = 2.0
 
-
-class BackendState(enum.StrEnum):
-    NO_STATE = "NoState"
-    NEEDS_LOGIN = "NeedsLogin"
-    STARTING = "Starting"
-    RUNNING = "Running"
-    STOPPED = "Stopped"
+BackendState = State  # the name the rest of node/ knew it by
 
 
 class AgentError(LocalError):
@@ -81,6 +80,7 @@ class AgentConfig:
     backoff_max: float = 10.0
     keepalive: int = compile.KEEPALIVE
     control_timeout: float = 10.0
+    nat_traversal: bool = True  # False: no MagicSock (peers get their first reported endpoint; unit tests)
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -105,35 +105,44 @@ class Agent:
     def __post_init__(self) -> None:
         self.state = StateDir(self.cfg.state_dir)
         self.keys = KeyStore(self.cfg.state_dir)
-        self.routes = RouteApplier(self.runner)
         self.prefs = Prefs()
         self.netmap = mapsession.NetMap()
-        self.backend = BackendState.NO_STATE
-        self.auth_url = ""
+        self.login = Login()
         self.last_error = ""
-        self.key_expired = False
+        self.os_errors: dict[str, str] = {}  # applier -> what failed in the last reconcile
+        self.kept_out = 0  # peers left out of WireGuard because their filter is not in place
         self.connected = False
         self.endpoints: list[str] = []
         self.endpoint_types: list[int] = []
         self.choose: compile.EndpointChooser = compile.first_endpoint()
         self.local_endpoints: list[str] = []
         self.magicsock: MagicSock | None = None
+        self.engine: Engine | None = None
+        self.reconciler: Reconciler | None = None
+        self.initiator = Initiator(b"")  # its key is ours once the keys are loaded
         self._push_task: asyncio.Task[None] | None = None
         self._pushed_home = 0
-        self._keepalive_on: set[bytes] = set()
-        self._keepalive_pending: set[bytes] = set()
-        self._bg: set[asyncio.Task[None]] = set()
         self._push_again = False
-        self.engine: Engine | None = None
-        self._engine_up = False
-        self._applied_routes: RouteConfig | None = None
-        self._applied_nft: str | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._apply_lock = asyncio.Lock()
         self._op_lock = asyncio.Lock()
         self._applied = asyncio.Event()
         self._control: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._client: ControlClient | None = None
+
+    @property
+    def backend(self) -> State:
+        return self.login.state
+
+    @property
+    def key_expired(self) -> bool:
+        return self.login.key_expired
+
+    @property
+    def auth_url(self) -> str:
+        return self.login.auth_url
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -147,19 +156,20 @@ class Agent:
         saved = self.state.load_netmap()
         factory = self.engine_factory or default_engine_factory(self.cfg)
         self.engine = factory(self.cfg.iface, self._on_engine_restart)
+        self.reconciler = Reconciler(self.runner, self.engine)
+        self.initiator.own = self.node_key.public().raw
         await self._discover_endpoints()
-        if self.prefs.want_running and self.prefs.login_server and not self.prefs.logged_out:
-            self.backend = BackendState.STARTING
+        logged_in = bool(self.prefs.login_server) and not self.prefs.logged_out
+        self.login.started(logged_in=logged_in, want_running=self.prefs.want_running)
+        if self.login.state is State.STARTING:
             if saved is not None and saved.node is not None:
-                # the server may be down: bring back the tunnels we had before asking it anything
+                # the server may be down: bring back the tunnels we had before asking it anything; those peers
+                # still hold sessions with our old engine, which only our initiation replaces
                 self.netmap = saved
-                self.key_expired = compile.self_expired(saved, self.clock())
+                self.initiator.remember(k.raw for p in saved.peers.values() if (k := compile.peer_key(p)))
+                self.login.key_expired = compile.self_expired(saved, self.clock())
                 await self._reconcile()
             self._start_control(registered=False)
-        elif self.prefs.login_server and not self.prefs.logged_out:
-            self.backend = BackendState.STOPPED
-        else:
-            self.backend = BackendState.NEEDS_LOGIN
         self._watcher = asyncio.create_task(self._watch_endpoints(), name="endpoints")
 
     async def stop(self) -> None:
@@ -180,37 +190,17 @@ class Agent:
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float) -> dict[str, Any]:
-        server = (login_server or self.prefs.login_server).rstrip("/")
-        if not server:
-            raise AgentError(400, "no login server: pass --login-server URL")
-        if not server.startswith(("http://", "https://")):
-            raise AgentError(400, f"login server {server!r} must be an http:// or https:// URL")
-        have = self.prefs.login_server.rstrip("/")
-        if have and server != have and not self.prefs.logged_out:
-            raise AgentError(409, f"this node is registered with {have}; run `shoal logout` before switching "
-                                  f"to {server}")
-        # nothing changes until the server has answered: a failed `up` leaves the node as it was
-        prefs = replace(self.prefs, advertise_tags=list(self.prefs.advertise_tags))
-        if server != have:
-            prefs.server_key = ""
-        prefs.login_server = server
-        if hostname is not None:
-            prefs.hostname = hostname
-        if advertise_tags is not None:
-            prefs.advertise_tags = list(advertise_tags)
+        try:
+            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags)
+        except login.UpRefused as e:
+            raise AgentError(e.status, str(e)) from None
+        server = prefs.login_server
+        # an expired or logged-out node key is never reused: re-authentication brings a new one
+        renew = self.login.key_expired or self.prefs.logged_out
         client = self._new_client(prefs)
-        node_key, old_key = self.node_key, None
-        if self.key_expired or self.prefs.logged_out:
-            # an expired or logged-out node key is never reused: re-authentication brings a new one
-            node_key, old_key = PrivateKey.generate("nodekey"), self.node_key.public().raw
         try:
             await self._pin(client, prefs)
-            resp = await client.login(self._register_request(auth_key=auth_key, old_key=old_key,
-                                                             node_key=node_key, prefs=prefs))
-            if resp.node_key_expired:
-                node_key, old_key = PrivateKey.generate("nodekey"), node_key.public().raw
-                resp = await client.login(self._register_request(auth_key=auth_key, old_key=old_key,
-                                                                 node_key=node_key, prefs=prefs))
+            node_key, reading = await self._register(client, prefs, auth_key, renew)
         except PinMismatch as e:
             raise AgentError(409, str(e)) from None
         except ControlError as e:
@@ -220,32 +210,44 @@ class Agent:
             raise AgentError(502, f"{server}: {e}") from None
         finally:
             await client.close()
-        if resp.error:
-            raise AgentError(403, f"{server}: {resp.error}")
+        if reading.answer in (Answer.REFUSED, Answer.UNCLEAR):
+            raise AgentError(403 if reading.answer is Answer.REFUSED else 502, f"{server}: {reading.error}")
         await self._stop_control()
         if node_key is not self.node_key:
             self.keys.save(node_key)
             self.node_key = node_key
+            self.initiator.own = node_key.public().raw
         self.prefs = prefs
         self.prefs.want_running = True
         self.prefs.logged_out = False
         self.state.save_prefs(self.prefs)
-        self.key_expired = False
+        self.login.key_expired = False
         self.last_error = ""
         self._applied.clear()
-        if resp.machine_authorized:
-            self.auth_url = ""
-            self.backend = BackendState.STARTING
+        self.login.registered(reading)
+        if reading.answer is Answer.AUTHORIZED:
             self._start_control(registered=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._applied.wait(), wait)
-        elif resp.auth_url:
-            self.auth_url = resp.auth_url
-            self.backend = BackendState.NEEDS_LOGIN
-            self._start_control(registered=False, followup=self.auth_url)
         else:
-            raise AgentError(502, f"{server}: registration neither authorized nor gave a login URL")
+            self._start_control(registered=False, followup=reading.auth_url)
         return await self.status()
+
+    async def _register(self, client: ControlClient, prefs: Prefs, auth_key: str,
+                        renew: bool) -> tuple[PrivateKey, login.Reading]:
+        """Registers with `shoal up`'s auth key; a key the server calls expired is replaced once."""
+        node_key, old_key = self.node_key, None
+        if renew:
+            node_key, old_key = PrivateKey.generate("nodekey"), self.node_key.public().raw
+        reading = login.read(await client.login(self._register_request(
+            auth_key=auth_key, old_key=old_key, node_key=node_key, prefs=prefs)))
+        if reading.answer is Answer.KEY_EXPIRED:
+            node_key, old_key = PrivateKey.generate("nodekey"), node_key.public().raw
+            reading = login.read(await client.login(self._register_request(
+                auth_key=auth_key, old_key=old_key, node_key=node_key, prefs=prefs)))
+            if reading.answer is Answer.KEY_EXPIRED:
+                reading = login.Reading(Answer.UNCLEAR, error="the server called a new node key expired")
+        return node_key, reading
 
     async def down(self) -> dict[str, Any]:
         async with self._op_lock:
@@ -254,8 +256,7 @@ class Agent:
                 self.state.save_prefs(self.prefs)
             await self._stop_control()
             await self._teardown_os()
-            self.backend = (BackendState.STOPPED if self.prefs.login_server and not self.prefs.logged_out
-                            else BackendState.NEEDS_LOGIN)
+            self.login.down(logged_in=bool(self.prefs.login_server) and not self.prefs.logged_out)
             return await self.status()
 
     async def logout(self) -> dict[str, Any]:
@@ -282,55 +283,42 @@ class Agent:
             self.prefs.want_running = False
             self.state.save_prefs(self.prefs)
             self.node_key = self.keys.replace("nodekey")
-            self.backend = BackendState.NEEDS_LOGIN
-            self.auth_url = ""
+            self.initiator.own = self.node_key.public().raw
+            self.login.logged_out()
             return await self.status()
 
     async def status(self) -> dict[str, Any]:
-        dev = None
-        if self.engine is not None and self._engine_up:
-            try:
-                dev = await self.engine.get()
-            except Exception as e:  # status must answer even when the engine is sick
-                self.last_error = f"engine: {e}"
-        node = self.netmap.node
-        health = []
-        if self.key_expired:
-            health.append("node key expired: run `shoal up` (with --auth-key or the login URL) to re-authenticate")
-        if self.prefs.want_running and not self.connected and self.backend != BackendState.NEEDS_LOGIN:
-            health.append("not connected to the coordination server; using the last network map")
-        if self.last_error:
-            health.append(self.last_error)
-        return {
-            "BackendState": self.backend,
-            "AuthURL": self.auth_url,
-            "LoginServer": self.prefs.login_server,
-            "Connected": self.connected,
-            "KeyExpired": self.key_expired,
-            "Engine": self.engine.name if self.engine is not None else "",
-            "Interface": self.cfg.iface,
-            "Port": self.cfg.port,
-            "Health": health,
-            "MagicDNSSuffix": self.netmap.domain,
-            "Self": {
-                "ID": node.id if node is not None else None,
-                "Name": node.name if node is not None else "",
-                "HostName": (node.short_name if node is not None else "") or self._hostname(),
-                "Addresses": node.ips() if node is not None else [],
-                "Key": str(self.node_key.public()),
-                "KeyExpiry": wire.time_json(node.key_expiry) if node is not None else None,
-                "Endpoints": list(self.endpoints),
-                "Online": self.connected,
-            },
-            "Peers": compile.peer_rows(self.netmap, dev, self._peer_paths()) if self.prefs.want_running else [],
-            "Magic": self.magicsock.status() if self.magicsock is not None else None,
-        }
+        dev = await self._engine_snapshot()
+        # no await from here on: the engine read and the path state are one snapshot
+        now = self.clock()
+        health = status_doc.health(self.login, want_running=self.prefs.want_running, connected=self.connected,
+                                   last_error=self.last_error, os_errors=self.os_errors, kept_out=self.kept_out)
+        peers = (status_doc.peer_rows(self.netmap, dev, self._observer(), now)
+                 if self.prefs.want_running else [])
+        return status_doc.document(
+            login=self.login, prefs=self.prefs, connected=self.connected, health=health,
+            engine=self.engine.name if self.engine is not None else "", iface=self.cfg.iface, port=self.cfg.port,
+            netmap=self.netmap, node_key=str(self.node_key.public()), hostname=self._hostname(),
+            endpoints=self.endpoints, peers=peers,
+            magic=self.magicsock.status() if self.magicsock is not None else None,
+        )
 
-    def _peer_paths(self) -> dict[bytes, dict[str, Any]]:
+    async def _engine_snapshot(self) -> DeviceState | None:
+        rec = self.reconciler
+        if self.engine is None or rec is None or not rec.wireguard.started:
+            return None
+        try:
+            return await self.engine.get()
+        except Exception as e:  # status must answer even when the engine is sick
+            self.last_error = f"engine: {e}"
+            return None
+
+    def _observer(self) -> status_doc.Observer:
+        """What path discovery knows of a peer, next to an engine snapshot (MagicSock's view, when it runs)."""
         ms = self.magicsock
         if ms is None:
-            return {}
-        return {k: ms.peer_path(k) for k in ms.peers}
+            return status_doc.no_magic
+        return ms.observe
 
     # --- NAT traversal commands -----------------------------------------------------------------------------
 
@@ -345,7 +333,8 @@ class Agent:
         raise AgentError(404, f"no peer named {name!r} in this node's network map")
 
     async def ping(self, peer: str, timeout: float = 5.0) -> dict[str, Any]:
-        """One disco ping to a peer on its current path (`shoal ping`)."""
+        """One disco ping to a peer on its current path (`shoal ping`); `Direct` only when the pong came from
+        a direct address and WireGuard's own path is direct by the status rule."""
         ms = self.magicsock
         if ms is None:
             raise AgentError(409, "not running: run `shoal up` first")
@@ -356,11 +345,15 @@ class Agent:
             raise AgentError(409, str(e)) from None
         except TimeoutError:
             raise AgentError(504, f"no pong from {record.short_name} in {timeout:g}s") from None
+        dev = await self._engine_snapshot()
+        row = status_doc.peer_row(record, dev, self._observer(), self.clock())
         return {
             "Peer": record.short_name,
             "Address": next(iter(record.ips()), ""),
             "Path": path,
-            "Direct": direct is not None,
+            "Direct": direct is not None and row["Path"] == PathKind.DIRECT,
+            "WireGuard": row["Path"],
+            "WireGuardText": row["PathText"],
             "LatencySeconds": took,
         }
 
@@ -370,24 +363,14 @@ class Agent:
         ms = self.magicsock
         if ms is not None:
             report = await ms.netcheck()
-            regions, per_region, home = ms.regions, ms.region_endpoints(report), ms.home
+            regions, per_region, home = ms.regions, endpoints.region_endpoints(ms.regions, report), ms.home
         else:
             if self.netmap.derp_map is None:
                 raise AgentError(409, "no DERP map yet: run `shoal up` first")
             regions = nc.regions_from_derp_map(self.netmap.derp_map)
             report = await nc.netcheck_udp(regions)
-            by_addr = {s.addr: r.region_id for r in regions for s in r.servers}
-            per_region = {}
-            for server, seen in report.seen.items():
-                rid = by_addr.get(server)
-                if rid is not None:
-                    per_region.setdefault(rid, f"{seen[0]}:{seen[1]}")
-            home = report.preferred_derp
-        out = report.to_json()
-        out["RegionEndpoints"] = {str(k): v for k, v in sorted(per_region.items())}
-        out["RegionCodes"] = {str(r.region_id): r.code for r in regions}
-        out["HomeDERP"] = home
-        return out
+            per_region, home = endpoints.region_endpoints(regions, report), report.preferred_derp
+        return status_doc.netcheck(report, regions, per_region, home)
 
     # --- control loop -------------------------------------------------------------------------------------
 
@@ -449,24 +432,19 @@ class Agent:
             try:
                 await self._pin(client)
                 if followup or not registered:
-                    resp = await client.login(self._register_request(followup=followup))
-                    if resp.node_key_expired:
-                        self.key_expired = True
-                        self.backend = BackendState.NEEDS_LOGIN
+                    reading = login.read(await client.login(self._register_request(followup=followup)))
+                    self.login.registered(reading)
+                    if reading.answer is Answer.KEY_EXPIRED:
                         log.warning("node key expired; waiting for `shoal up` to re-authenticate")
                         return
-                    if resp.machine_authorized:
-                        registered, followup = True, ""
-                        self.auth_url = ""
-                        self.backend = BackendState.STARTING
-                    elif resp.auth_url:
+                    if reading.answer is Answer.NEEDS_AUTH:
                         # the server held the followup until approval or its timeout: ask again at once
-                        followup = self.auth_url = resp.auth_url
-                        self.backend = BackendState.NEEDS_LOGIN
+                        followup = reading.auth_url
                         backoff.reset()
                         continue
-                    else:
-                        raise ControlError(0, f"registration refused: {resp.error or resp.to_json()}")
+                    if reading.answer in (Answer.REFUSED, Answer.UNCLEAR):
+                        raise ControlError(0, f"registration refused: {reading.error}")
+                    registered, followup = True, ""
                 self._client = client
                 await self._stream(client, backoff)
             except asyncio.CancelledError:
@@ -505,8 +483,7 @@ class Agent:
                 if msg.problems:
                     log.warning("map from %s: left out %s", self.prefs.login_server, "; ".join(msg.problems))
                 self.netmap = mapsession.apply(self.netmap, msg)
-                self.key_expired = compile.self_expired(self.netmap, self.clock())
-                self.backend = BackendState.NEEDS_LOGIN if self.key_expired else BackendState.RUNNING
+                self.login.netmap(compile.self_expired(self.netmap, self.clock()))
                 await self._reconcile()
                 self._persist()
         except StopAsyncIteration:
@@ -529,41 +506,18 @@ class Agent:
         r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
         local, _ = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
         self.local_endpoints = local
-        fallback = compile.first_endpoint(compile.families_of(local) or (4, 6))
-        self.choose = self._chooser(fallback)
+        self.choose = endpoints.chooser(lambda: self.magicsock, local)
         if self.magicsock is not None:
             self.magicsock.set_local_endpoints([ap for e in local if (ap := parse_endpoint(e)) is not None])
         return self._combine_endpoints()
 
     def _combine_endpoints(self) -> bool:
-        if self.magicsock is not None:
-            eps, types = self.magicsock.endpoints()
-            # IPv6 interface addresses are reported too (the raw port is IPv4 only, but peers may use them)
-            for e in self.local_endpoints:
-                if e not in eps:
-                    eps.append(e)
-                    types.append(wire.EP_LOCAL)
-            eps, types = eps[: wire.MAX_ENDPOINTS], types[: wire.MAX_ENDPOINTS]
-        else:
-            eps, types = list(self.local_endpoints), [wire.EP_LOCAL] * len(self.local_endpoints)
+        ms = self.magicsock
+        eps, types = endpoints.combine(ms.endpoints() if ms is not None else None, self.local_endpoints)
         if eps == self.endpoints and types == self.endpoint_types:
             return False
         self.endpoints, self.endpoint_types = eps, types
         return True
-
-    def _chooser(self, fallback: compile.EndpointChooser) -> compile.EndpointChooser:
-        """A peer's WireGuard endpoint: MagicSock's choice (direct or DERP), else the first usable one it
-        reported (a peer without a disco key, or no MagicSock)."""
-        def choose(peer: wire.Node) -> str | None:
-            ms = self.magicsock
-            key = compile.peer_key(peer)
-            if ms is not None and key is not None:
-                ep = ms.endpoint_for(key.raw)
-                if ep is not None:
-                    return ep
-            return fallback(peer)
-
-        return choose
 
     def _on_magic_endpoints(self) -> None:
         """MagicSock learnt new STUN endpoints or a new home region: tell the server (coalesced)."""
@@ -607,88 +561,91 @@ class Agent:
     # --- OS reconciliation --------------------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
-        """Netmap -> engine, routes, filter. Failures are reported in status and retried with the next map."""
+        """Netmap -> filter, routes, WireGuard. Failures go to status and are retried with the next map;
+        `up` returns once the first attempt is over, whatever it gave."""
         async with self._apply_lock:
-            if not self.prefs.want_running or self.netmap.node is None or self.engine is None:
+            if not self.prefs.want_running or self.netmap.node is None or self.reconciler is None:
                 return
             try:
-                await self._apply(self.engine, self.node_key)
-                self._applied.set()
-            except (CommandError, OSError, ValueError, RuntimeError) as e:
-                self.last_error = f"applying the network map: {e}"
-                log.error("%s", self.last_error)
-            except Exception as e:  # EngineError and friends: keep the agent alive, say what broke
-                self.last_error = f"applying the network map: {e}"
+                await self._apply(self.reconciler)
+            except Exception as e:  # engine start and friends: keep the agent alive, say what broke
+                self.os_errors = {"engine": str(e)}
                 log.exception("applying the network map failed")
+            finally:
+                self._applied.set()
 
-    async def _apply(self, engine: Engine, key: PrivateKey) -> None:
-        nm = self.netmap
-        fresh_engine = not self._engine_up
-        if not self._engine_up:
-            await engine.start()
-            self._engine_up = True
-            self._applied_routes = None
-        first = self.magicsock is None
+    async def _apply(self, rec: Reconciler) -> None:
+        nm, key, initiator = self.netmap, self.node_key, self.initiator
+        if await rec.wireguard.start():  # a new engine: a new interface, no sessions
+            rec.engine_new()
+            initiator.engine_started()
+        first = self.magicsock is None and self.cfg.nat_traversal
         if first:
             self.magicsock = MagicSock(
-                self.cfg.port, key.raw, key.public().raw, self.disco.raw, engine_get=engine.get,
-                apply=self._reconcile, on_endpoints=self._on_magic_endpoints,
+                self.cfg.port, key.raw, key.public().raw, self.disco.raw, engine_get=self._engine_read,
+                apply=self._reconcile, on_endpoints=self._on_magic_endpoints, held=initiator.held,
             )
             self.magicsock.set_local_endpoints(
                 [ap for e in self.local_endpoints if (ap := parse_endpoint(e)) is not None])
         ms = self.magicsock
-        assert ms is not None
-        ms.set_derp_map(nm.derp_map)
-        ms.set_peers(nm.peers)
-        if first and ms.urls:
-            await ms.wait_home(DERP_FIRST_WAIT)
-        wg = compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive)
-        await engine.set(self._stagger_keepalive(wg, fresh_engine) if ms.peers else wg)
-        rc = compile.route_config(nm, self.cfg.iface)
-        if rc != self._applied_routes:
-            await self.routes.set(rc)
-            self._applied_routes = rc
-        script = compile.filter_script(nm, self.cfg.iface)
-        if script != self._applied_nft:
-            await self.runner.run(["nft", "-f", "-"], input=script.encode())
-            self._applied_nft = script
+        if ms is not None:
+            ms.set_derp_map(nm.derp_map)
+            ms.set_peers(nm.peers, active=rec.installed)
+            if first and ms.urls:
+                await ms.wait_home(DERP_FIRST_WAIT)
+        try:
+            script, script_error = compile.filter_script(nm, self.cfg.iface), ""
+        except nft.RenderError as e:
+            script, script_error = None, str(e)
+        want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
+                       routes=compile.route_config(nm, self.cfg.iface),
+                       wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive),
+                       filter_error=script_error)
+        loop = asyncio.get_running_loop()
+        out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))
+        if ms is not None:
+            ms.set_peers(nm.peers, active=rec.installed)  # disco with the peers our engine now accepts
+        self._arm_hold(loop)
+        if out.errors != self.os_errors:
+            for name, err in out.errors.items():
+                log.error("applying the network map: %s: %s", name, err)
+            if out.kept_out:
+                log.error("%d peer(s) kept out of WireGuard until their filter is in place", len(out.kept_out))
+        self.os_errors, self.kept_out = out.errors, len(out.kept_out)
 
-    def _stagger_keepalive(self, cfg: WgConfig, fresh_engine: bool) -> WgConfig:
-        """A peer's persistent keepalive is on at once when our engine is new (we joined or restarted: our peers
-        hold stale sessions until we initiate, and `up` returns with the handshakes on their way), and switched
-        on 1-1.5 s later when the peer is the new one (it initiates first).
+    async def _engine_read(self) -> DeviceState:
+        """MagicSock's engine poll: a held peer with a completed handshake is released at once."""
+        assert self.engine is not None
+        dev = await self.engine.get()
+        if self.initiator.observe(dev):
+            self._spawn(self._reconcile())
+        return dev
 
-        Setting it makes wireguard-go initiate a handshake at once (the first packet over DERP, and a restarted
-        node re-keying its peers). Two nodes that learn of each other in the same netmap round would otherwise
-        initiate at the same instant, each void the other's handshake, and wait for the 5 s retry."""
-        peers = []
-        for p in cfg.peers:
-            k = p.public_key.raw
-            if fresh_engine:
-                self._keepalive_on.add(k)
-            if k in self._keepalive_on or not p.persistent_keepalive:
-                peers.append(p)
-                continue
-            peers.append(replace(p, persistent_keepalive=0))
-            if k not in self._keepalive_pending:
-                self._keepalive_pending.add(k)
-                asyncio.get_running_loop().call_later(random.uniform(1.0, 1.5), self._enable_keepalive, k)
-        return replace(cfg, peers=tuple(peers))
+    def _arm_hold(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        at = self.initiator.next_timer()
+        if at is not None:
+            self._hold_timer = loop.call_at(at, self._hold_over)
 
-    def _enable_keepalive(self, key: bytes) -> None:
-        if key not in self._keepalive_pending:
-            return  # the engine was restarted or torn down meanwhile
-        self._keepalive_pending.discard(key)
-        self._keepalive_on.add(key)
-        task = asyncio.create_task(self._reconcile())
+    def _hold_over(self) -> None:
+        self._hold_timer = None
+        if self.initiator.handle_timer(asyncio.get_running_loop().time()):
+            self._spawn(self._reconcile())
+        else:
+            self._arm_hold(asyncio.get_running_loop())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
     async def _on_engine_restart(self) -> None:
-        # a new wireguard-go child is a new interface: its addresses and routes are gone
-        self._keepalive_on.clear()
-        self._keepalive_pending.clear()
-        self._applied_routes = None
+        # a new wireguard-go child is a new interface: its addresses, routes and sessions are gone
+        if self.reconciler is not None:
+            self.reconciler.engine_new()
+        self.initiator.engine_started()
         await self._reconcile()
 
     async def _teardown_os(self) -> None:
@@ -696,16 +653,10 @@ class Agent:
             ms, self.magicsock = self.magicsock, None
             if ms is not None:
                 await ms.close()
-            self._keepalive_on.clear()
-            self._keepalive_pending.clear()
-            if self.engine is not None and self._engine_up:
-                try:
-                    await self.engine.stop()
-                except Exception as e:
-                    log.warning("stopping the engine: %s", e)
-                self._engine_up = False
-            self._applied_routes = None
-            if self._applied_nft is not None:
-                await self.runner.run(["nft", "-f", "-"], input=compile.delete_filter_script().encode(),
-                                      check=False)
-                self._applied_nft = None
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+                self._hold_timer = None
+            if self.reconciler is not None:
+                for failed in await self.reconciler.clear():
+                    log.warning("taking the tunnel down: %s", failed)
+            self.os_errors, self.kept_out = {}, 0

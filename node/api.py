@@ -6,7 +6,9 @@
     POST /down    {}                -> Status
     POST /logout  {}                -> Status
     POST /ping    {"peer": name|tailnet IP|nodekey, "timeout"?: seconds}
-                  -> {"Peer", "Address", "Path": "DERP(<region>)"|"ip:port", "Direct": bool, "LatencySeconds"}
+                  -> {"Peer", "Address", "Path": "DERP(<region>)"|"ip:port" (the pong's), "Direct": bool (the
+                  pong came direct and WireGuard's path is direct), "WireGuard": Path word, "WireGuardText",
+                  "LatencySeconds"}
                   (504 when no pong came in time)
     POST /netcheck {}               -> {"UDP", "IPv4", "IPv6", "GlobalV4", "GlobalV6", "MappingVariesByDestIP",
                   "PreferredDERP", "RegionLatency", "RegionV4Latency", "RegionV6Latency", "RegionEndpoints",
@@ -16,9 +18,11 @@ Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL",
 "KeyExpired", "Engine", "Interface", "Port", "Health": [str], "MagicDNSSuffix",
 "Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online},
 "Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
-TxBytes, InEngine, and with NAT traversal: Path "direct"|"derp"|"none" (from the engine's actual endpoint),
-DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}], "Magic": {HomeDERP, DERPConnected,
-RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops, Netcheck, ...} | null}.
+TxBytes, InEngine, Path "direct"|"derp"|"unconfirmed"|"connecting"|"stale"|"none" (node/status.py: direct only
+with the confirmed direct address and a handshake within 180 s), PathText (the CLI's words), and with NAT
+traversal: Confirmed, DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}],
+"Magic": {HomeDERP, DERPConnected, RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops,
+Netcheck, ...} | null}.
 
 Errors are {"error": "<one line>"} with a 4xx/5xx status: 400 for a body that is not what the route takes
 (and, from uvicorn, for bytes that are not HTTP), 409 for a request that conflicts with the node's state,

@@ -160,10 +160,7 @@ def render_status(st: dict[str, Any], now: float) -> str:
              "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", ""]]
     for p in st.get("Peers") or ():
         a = p.get("Addresses") or ["-"]
-        if p.get("Path") == "derp":
-            path = f"relay DERP({p.get('DERPRegion')})"
-        else:
-            path = f"direct {p['Endpoint']}" if p.get("Endpoint") else "no path"
+        path = str(p.get("PathText") or "no path")  # the agent's words: direct only when observed
         rows.append([a[0], " ".join(a[1:]), p.get("HostName") or "-", "online" if p.get("Online") else "offline",
                      path, f"handshake {_ago(p.get('LastHandshake'), now)}",
                      f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}"])
@@ -209,9 +206,8 @@ def cmd_ping(api: Api, args: argparse.Namespace) -> int:
             print(f"timeout: {e}", flush=True)
         else:
             got += 1
-            path = r["Path"] if r["Path"].startswith("DERP") else f"{r['Path']}"
-            print(f"pong from {r['Peer']} ({r['Address']}) via {path} in {r['LatencySeconds'] * 1000:.1f}ms",
-                  flush=True)
+            print(f"pong from {r['Peer']} ({r['Address']}) via {r['Path']} in {r['LatencySeconds'] * 1000:.1f}ms"
+                  + wireguard_note(r), flush=True)
             if r.get("Direct") and args.until_direct:
                 return 0
         if i + 1 < args.count:
@@ -222,6 +218,18 @@ def cmd_ping(api: Api, args: argparse.Namespace) -> int:
         print(f"direct connection not established after {args.count} pings", flush=True)
         return 1
     return 0
+
+
+def wireguard_note(r: dict[str, Any]) -> str:
+    """What WireGuard's own path is, when it is not the one the pong took (the status rule: a direct pong
+    is not a direct tunnel until the engine holds that address and a handshake happened)."""
+    text, kind = r.get("WireGuardText"), r.get("WireGuard")
+    if not text:
+        return ""
+    pong_direct = not str(r["Path"]).startswith("DERP")
+    if (pong_direct and kind == "direct") or (not pong_direct and kind == "derp"):
+        return ""
+    return f" (WireGuard: {text})"
 
 
 def render_netcheck(r: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Netmap -> OS configuration, without I/O: WireGuard peers, addresses and routes, the nft filter script.
 
 Also the other pure pieces of the agent: reading the node's own endpoints from `ip -j addr` output, the
-jittered back-off of the control connection, and the peer rows of `shoal status`. The netmap arrives parsed
+jittered back-off of the control connection (the status rows are node/status.py). The netmap arrives parsed
 (node/mapsession.py, coord/wire/schema.py): every key, address and endpoint here is already valid.
 
 Endpoints: a node reports its interface addresses with the WireGuard port (`local_endpoints`, type 1 "local");
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from coord import wire
 from node.keys import PrivateKey, PublicKey
 from node.mapsession import NetMap
-from node.paths import PathKind
 from node.render import nft
 from node.render.routes import TAILNET_V4, TAILNET_V6, RouteConfig
-from node.wg.config import ConfigError, DeviceState, WgConfig, WgPeer
+from node.wg.config import ConfigError, WgConfig, WgPeer
 
 KEEPALIVE = 25
 FILTER_TABLE = "shoal_filter"
@@ -151,17 +149,23 @@ def is_allow_all(rules: Sequence[wire.FilterRule]) -> bool:
 def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE) -> str:
     """The `nft -f -` script for the netmap's PacketFilter.
 
-    Allow-all drops our table, so nothing of ours filters (every protocol passes, not only the four the
-    renderer spells out). A missing filter blocks everything, as an empty one does. The renderer checks every
-    address again before it writes it into the script."""
+    Allow-all lets every protocol from the tailnet in (not only the four the renderer spells out) in a table
+    that keeps the always-on rules (tailnet sources only through the tunnel). A missing filter blocks
+    everything, as an empty one does. The renderer checks every address again before it writes it into the
+    script; it raises nft.RenderError."""
     rules = nm.packet_filter or ()
     if is_allow_all(rules):
-        return delete_filter_script(table)
+        return nft.render_allow_all(iface, self_addresses(nm), table=table)
     return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table)
 
 
+def closed_filter_script(iface: str, table: str = FILTER_TABLE) -> str:
+    """What goes in while the filter for the current netmap cannot: established flows only."""
+    return nft.render([], iface, table=table)
+
+
 def delete_filter_script(table: str = FILTER_TABLE) -> str:
-    return f"table inet {table} {{}}\ndelete table inet {table}\n"
+    return nft.delete_script(table)
 
 
 # --- expiry and status ----------------------------------------------------------------------------------
@@ -176,37 +180,6 @@ def self_expired(nm: NetMap, now: float) -> bool:
     return node.key_expiry is not None and now >= node.key_expiry.timestamp()
 
 
-def peer_rows(nm: NetMap, dev: DeviceState | None,
-              paths: Mapping[bytes, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """`shoal status` rows: the netmap's view of each peer joined with the engine's counters, and (`paths`,
-    by node key) what NAT traversal knows: Path "direct" | "derp" | "none" from the engine's actual endpoint,
-    DERPRegion, and the path state."""
-    rows = []
-    for p in nm.sorted_peers():
-        key = peer_key(p)
-        st = dev.peer(key) if (dev is not None and key is not None) else None
-        endpoint = st.endpoint if st is not None else None
-        rows.append({
-            "ID": p.id,
-            "Name": p.name,
-            "HostName": p.short_name,
-            "Addresses": p.ips(),
-            "Online": p.online,
-            "LastSeen": wire.time_json(p.last_seen),
-            "Key": p.key_text,
-            "Endpoint": endpoint,
-            "Path": PathKind.DIRECT if endpoint else PathKind.NONE,
-            "LastHandshake": st.last_handshake if st is not None else None,
-            "RxBytes": st.rx_bytes if st is not None else 0,
-            "TxBytes": st.tx_bytes if st is not None else 0,
-            "InEngine": st is not None,
-        })
-        extra = paths.get(key.raw) if paths is not None and key is not None else None
-        if extra:
-            rows[-1].update(extra)
-            if extra.get("Path") == PathKind.NONE and endpoint:
-                rows[-1]["Path"] = PathKind.DIRECT
-    return rows
 
 
 # --- back-off -------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from node.derpsock import DerpSockets
 from node.disco import AddrPort
 from node.netcheck import Report
 from node.paths import PathKind
+from node.status import PathView
 from node.wg.config import DeviceState
 
 log = logging.getLogger("shoald.magicsock")
@@ -128,6 +129,7 @@ class MagicSock:
         apply: Callable[[], Awaitable[None]],
         on_endpoints: Callable[[], None],
         poll_interval: float = POLL_INTERVAL,
+        held: Callable[[bytes], bool] = lambda _key: False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.port = port
@@ -138,6 +140,7 @@ class MagicSock:
         self.apply = apply
         self.on_endpoints = on_endpoints
         self.poll_interval = poll_interval
+        self.held = held  # peers the engine has without an endpoint for now (node/handshake.py)
         self.magic = paths.Magic(disco_private, node_public)
         self.derpsock = DerpSockets(port, self._wg_to_derp, loop=self.loop)
         self.raw: rawsock.RawPort | None = None
@@ -216,8 +219,13 @@ class MagicSock:
             self._self_endpoints_changed()
             self._restun.set()  # an address changed: the NAT mapping may have too
 
-    def set_peers(self, peers: Mapping[int, wire.Node]) -> None:
-        """The netmap's peers: disco key, node key, endpoints and home region of each."""
+    def set_peers(self, peers: Mapping[int, wire.Node], active: Collection[bytes] | None = None) -> None:
+        """The netmap's peers: disco key, node key, endpoints and home region of each.
+
+        Only `active` peers (default: all) take part in disco: the agent passes those its engine has, so a peer
+        learns a path to us (and replays its first handshake there) only once our WireGuard would accept it,
+        and a peer kept out of WireGuard (its filter not in place) gets no disco answer either. The others
+        still get their DERP socket, so the first handshake to them can go out over the relay."""
         now = self.loop.time()
         seen: set[bytes] = set()
         for p in peers.values():
@@ -232,6 +240,11 @@ class MagicSock:
                 info = _PeerInfo(disco_key, disco.box_for(self.disco_private, disco_key), region, ())
                 self.peers[node_key] = info
             info.region = region
+            if active is not None and node_key not in active:
+                if self.magic.peer_by_node(node_key) is not None:
+                    self.magic.remove_peer(info.disco_key)
+                info.endpoints = ()
+                continue
             if info.endpoints != eps or self.magic.peer_by_node(node_key) is None:
                 info.endpoints = eps
                 self.magic.upsert_peer(disco_key, node_key, eps, now)
@@ -291,6 +304,26 @@ class MagicSock:
             out["Chosen"] = fmt_addr(peer.endpoint) if peer.endpoint else "derp"
         return out
 
+    def observe(self, node_key: bytes, endpoint: str | None) -> PathView | None:
+        """For `shoal status` and `shoal ping`: what we know of a peer's path, beside the engine's endpoint
+        for it read in the same snapshot. None for a peer without disco."""
+        info = self.peers.get(node_key)
+        if info is None:
+            return None
+        peer = self.magic.peer_by_node(node_key)
+        now = self.loop.time()
+        ap = parse_endpoint(endpoint) if endpoint else None
+        derp = ap is not None and self.derpsock.node_key_for(ap) == node_key
+        confirmed = None
+        fields: dict[str, Any] = {"PeerHomeDERP": info.region}
+        if peer is not None:
+            if peer.endpoint is not None and peer.trusted(now):
+                confirmed = fmt_addr(peer.endpoint)
+            fields.update(Best=fmt_addr(peer.best) if peer.best else None,
+                          BestLatency=peer.best_latency if peer.best else None, Trusted=peer.trusted(now),
+                          Active=peer.active(now), Chosen=fmt_addr(peer.endpoint) if peer.endpoint else "derp")
+        return PathView(derp, self._region_for(node_key), confirmed, fields)
+
     def status(self) -> dict[str, Any]:
         return {
             "HomeDERP": self.home,
@@ -316,16 +349,6 @@ class MagicSock:
             report = await self.stun.run(self.regions, previous_home=self.home, timeout=timeout)
         self._take_report(report)
         return report
-
-    def region_endpoints(self, report: Report) -> dict[int, str]:
-        """Public endpoint per region as its STUN server saw us."""
-        by_addr = {s.addr: r.region_id for r in self.regions for s in r.servers}
-        out: dict[int, str] = {}
-        for server, seen in report.seen.items():
-            rid = by_addr.get(server)
-            if rid is not None and rid not in out:
-                out[rid] = fmt_addr(seen)
-        return out
 
     def _take_report(self, report: Report) -> None:
         self.report = report
@@ -628,7 +651,7 @@ class MagicSock:
                 self._counters[key] = counters
                 self.magic.note_activity(key, now)
             want = self.endpoint_for(key)
-            if want is not None and st.endpoint != want:
+            if want is not None and st.endpoint != want and not self.held(key):
                 mismatch = True
         self._pump()
         if mismatch:

@@ -52,10 +52,13 @@ DERP_MAGIC_IP: Final = "127.3.3.40"
 
 
 class PathKind(enum.StrEnum):
-    """What a peer's traffic rides on, as `shoal status` reports it."""
+    """What a peer's traffic rides on, as `shoal status` reports it (the rule: node/status.py)."""
 
     DIRECT = "direct"
     DERP = "derp"
+    UNCONFIRMED = "unconfirmed"
+    CONNECTING = "connecting"
+    STALE = "stale"
     NONE = "none"
 
 

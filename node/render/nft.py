@@ -16,8 +16,14 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
 
     table inet shoal_filter {
       counter dropped {}
-      chain input   { type filter hook input priority filter; policy accept; iifname "tail0" jump from_tailnet }
-      chain forward { type filter hook forward priority filter; policy accept; iifname "tail0" jump from_tailnet }
+      counter spoofed {}
+      chain input {
+        type filter hook input priority filter; policy accept;
+        iifname != { "lo", "tail0" } ip saddr 100.64.0.0/10 counter name spoofed drop          # always
+        iifname != { "lo", "tail0" } ip6 saddr fd7a:115c:a1e0::/48 counter name spoofed drop   # always
+        iifname "tail0" jump from_tailnet
+      }
+      chain forward { ... the same ... }
       chain from_tailnet {
         ct state established,related accept      # replies and flows opened before a policy change
         ip saddr @self4 counter name dropped drop   # our own address coming in from the tailnet: spoofed
@@ -27,8 +33,15 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
       }
     }
 
-The agent applies it with `nft -f -`; the same input always renders the same text, so re-applying is a
-no-op in effect. Established connections survive a policy change because conntrack state is kept.
+The two `spoofed` rules are in every table we render, whatever the policy (an allow-all one included,
+`render_allow_all`): identity is by address (the policy here; later the resolver, SSH, `whois`), so a tailnet
+source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key. Loopback is
+exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
+dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
+
+The agent applies it with `nft -f -` (`NftApplier`); the same input always renders the same text, so
+re-applying is a no-op in effect. Established connections survive a policy change because conntrack state
+is kept.
 """
 
 from __future__ import annotations
@@ -37,7 +50,10 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node.run import Runner
 
 from node.errors import RemoteError
 
@@ -45,6 +61,8 @@ DEFAULT_PROTOS = (6, 17, 1, 58)
 PORT_PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,30}")
 IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
+TABLE = "shoal_filter"
+TAILNET_SOURCES = (("ip", "100.64.0.0/10"), ("ip6", "fd7a:115c:a1e0::/48"))
 
 
 class RenderError(RemoteError, ValueError):
@@ -154,15 +172,37 @@ def render(
     rules: Sequence[Mapping[str, Any]],
     iface: str,
     own_addresses: Iterable[str] = (),
-    table: str = "shoal_filter",
+    table: str = TABLE,
 ) -> str:
     """The nft script; raises RenderError (and nothing else) for malformed rules, addresses or names."""
+    _check_names(table, iface)
+    if not isinstance(rules, (list, tuple)):
+        raise RenderError(f"expected a list of FilterRules, got {type(rules).__name__}")
+    body: list[str] = []
+    for i, rule in enumerate(rules):
+        body.extend(_rule_lines(rule, f"rule {i}"))
+    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"])
+
+
+def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE) -> str:
+    """An allow-all policy: every protocol from the tailnet passes, the always-on rules stay."""
+    _check_names(table, iface)
+    return _table(table, iface, own_addresses, ["accept"])
+
+
+def delete_script(table: str = TABLE) -> str:
+    """Removes our table, whether or not it exists."""
+    return f"table inet {table} {{}}\ndelete table inet {table}\n"
+
+
+def _check_names(table: str, iface: str) -> None:
     if not isinstance(table, str) or not NAME.fullmatch(table):
         raise RenderError(f"bad table name {table!r}")
     if not isinstance(iface, str) or not IFNAME.fullmatch(iface):
         raise RenderError(f"bad interface name {iface!r}")
-    if not isinstance(rules, (list, tuple)):
-        raise RenderError(f"expected a list of FilterRules, got {type(rules).__name__}")
+
+
+def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str]) -> str:
     self4: list[str] = []
     self6: list[str] = []
     for a in own_addresses:
@@ -170,16 +210,12 @@ def render(
             raise RenderError(f"own address: expected a string, got {type(a).__name__}")
         ip = _address(a.split("/")[0], "own address")
         (self4 if ip.version == 4 else self6).append(str(ip))
-    body: list[str] = []
-    for i, rule in enumerate(rules):
-        body.extend(_rule_lines(rule, f"rule {i}"))
-    body = _uniq(body)
-
     out = [
         f"table inet {table} {{}}",
         f"delete table inet {table}",
         f"table inet {table} {{",
         "\tcounter dropped {}",
+        "\tcounter spoofed {}",
     ]
     for fam, addrs in (("4", _uniq(self4)), ("6", _uniq(self6))):
         if addrs:
@@ -189,6 +225,8 @@ def render(
         out += [
             f"\tchain {chain} {{",
             f"\t\ttype filter hook {hook} priority filter; policy accept;",
+            *(f'\t\tiifname != {{ "lo", "{iface}" }} {kw} saddr {net} counter name spoofed drop'
+              for kw, net in TAILNET_SOURCES),
             f'\t\tiifname "{iface}" jump from_tailnet',
             "\t}",
         ]
@@ -197,8 +235,8 @@ def render(
         out.append("\t\tip saddr @self4 counter name dropped drop")
     if self6:
         out.append("\t\tip6 saddr @self6 counter name dropped drop")
-    out += [f"\t\t{line}" for line in body]
-    out += ["\t\tcounter name dropped drop", "\t}", "}"]
+    out += [f"\t\t{line}" for line in verdicts]
+    out += ["\t}", "}"]
     return "\n".join(out) + "\n"
 
 
@@ -249,3 +287,27 @@ def _rule_lines(rule: object, where: str) -> list[str]:
                 # Tailscale: ICMP echo to an address is allowed if any port there is allowed.
                 lines.append(f"{m} {icmp} type echo-request accept")
     return lines
+
+
+class NftApplier:
+    """Idempotent `set(script)` for our table through a Runner: a script equal to the one last applied is
+    skipped. `applied` is what is in place (None: nothing of ours, or not known after a failure)."""
+
+    def __init__(self, runner: Runner, table: str = TABLE) -> None:
+        self.runner = runner
+        self.table = table
+        self.applied: str | None = None
+
+    async def set(self, script: str) -> bool:
+        """Applies `script` (`nft -f -` is all or nothing); returns whether anything ran. Raises
+        CommandError when nft fails, and then what was in place before stays."""
+        if script == self.applied:
+            return False
+        await self.runner.run(["nft", "-f", "-"], input=script.encode())
+        self.applied = script
+        return True
+
+    async def clear(self) -> None:
+        if self.applied is not None:
+            await self.runner.run(["nft", "-f", "-"], input=delete_script(self.table).encode(), check=False)
+            self.applied = None

@@ -126,7 +126,7 @@ class Tailnet:
         return self.workdir / name / "shoald.sock"
 
     def start_agent(self, name: str, ns: str | None = None, iface: str | None = None, port: int = 41641,
-                    timeout: float = 15.0) -> subprocess.Popen[bytes]:
+                    timeout: float = 15.0, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         ns = ns or self.lab.ns(name)
         iface = iface or self.lab.iface(name)
         d = self.workdir / name
@@ -134,7 +134,7 @@ class Tailnet:
         sock = self.socket(name)
         argv = [PY, "-m", "node.daemon", "--state-dir", str(d / "state"), "--socket", str(sock),
                 "--iface", iface, "--port", str(port), "--engine", "wireguard-go"]
-        proc = self.lab.spawn(ns, argv, log_path=d / "shoald.log")
+        proc = self.lab.spawn(ns, argv, log_path=d / "shoald.log", env=env)
         self.agents[name] = proc
         self.agent_ns[name] = ns
         deadline = time.monotonic() + timeout

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coord import wire
-from node import compile, mapsession
+from node import compile, mapsession, status
 from node.keys import PrivateKey, PublicKey
 from node.render.routes import RouteConfig
-from node.wg.config import DeviceState, PeerState, WgConfig, WgPeer
+from node.wg.config import WgConfig, WgPeer
 
 SELF_PRIV = PrivateKey(bytes(range(32)))
 K2 = "nodekey:" + "22" * 32
@@ -74,9 +74,13 @@ def test_broken_peers_are_left_out_not_fatal() -> None:
     ]
 
 
-def test_allow_all_renders_to_no_table_and_a_policy_to_a_filter() -> None:
-    assert compile.filter_script(netmap([]), "shoal0") == (
-        "table inet shoal_filter {}\ndelete table inet shoal_filter\n")
+def test_sec_allow_all_keeps_a_table_with_the_always_on_rules_and_a_policy_renders_a_filter() -> None:
+    # issue 11: allow-all no longer removes our table; it accepts everything from the tunnel, and the anti-spoof
+    # rules stay (before: "table inet shoal_filter {}\ndelete table inet shoal_filter\n", no table at all)
+    allow = compile.filter_script(netmap([]), "shoal0")
+    assert allow.startswith("table inet shoal_filter {}\ndelete table inet shoal_filter\ntable inet shoal_filter {")
+    assert 'iifname != { "lo", "shoal0" } ip saddr 100.64.0.0/10 counter name spoofed drop' in allow
+    assert allow.split("chain from_tailnet {")[1].split() [-3:] == ["accept", "}", "}"]
     text = compile.filter_script(netmap([], SSH_FROM_N2), "shoal0")
     assert "ip saddr 100.64.0.2 ip daddr 100.64.0.1 tcp dport 22 ct state new accept" in text
     assert "ip saddr @self4 counter name dropped drop" in text and 'iifname "shoal0"' in text
@@ -133,7 +137,7 @@ def test_wg_config_survives_malformed_peer_records(records: list[dict[str, Any]]
     # what the parser lets through of them (it leaves out the records it cannot read)
     nm = netmap([{**r, "ID": i} for i, r in enumerate(records)])
     compile.wg_config(nm, SELF_PRIV, 41641, compile.first_endpoint())
-    compile.peer_rows(nm, None)
+    status.peer_rows(nm, None, status.no_magic, 0.0)
 
 
 def test_expiry() -> None:
@@ -143,17 +147,6 @@ def test_expiry() -> None:
     assert nm.node is not None
     nm = replace(nm, node=replace(nm.node, expired=True))
     assert compile.self_expired(nm, 0)
-
-
-def test_peer_rows_join_engine_counters() -> None:
-    nm = netmap([peer(2, K2, ["192.0.2.12:41641"]), peer(3, K3, [], Online=False)])
-    dev = DeviceState(SELF_PRIV, 41641, (PeerState(PublicKey.parse(K2), ("100.64.0.2/32",), "192.0.2.12:41641",
-                                                   25, 1000.0, 10, 20),))
-    rows = compile.peer_rows(nm, dev)
-    assert [(r["HostName"], r["Online"], r["Path"], r["Endpoint"], r["LastHandshake"], r["RxBytes"], r["TxBytes"])
-            for r in rows] == [("n2", True, "direct", "192.0.2.12:41641", 1000.0, 10, 20),
-                               ("n3", False, "none", None, None, 0, 0)]
-    assert rows[0]["Addresses"] == ["100.64.0.2", "fd7a:115c:a1e0::2"]
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:

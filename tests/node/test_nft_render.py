@@ -248,3 +248,70 @@ def test_nft_accepts_every_fuzzed_script(netns: str) -> None:
     assert len(scripts) > 10
     r = nft_check(netns, "".join(scripts))
     assert r.returncode == 0, r.stderr
+
+
+# --- always-on rules and the applier (issue 11) ---------------------------------------------------------------
+
+SPOOF = [
+    'iifname != { "lo", "tail0" } ip saddr 100.64.0.0/10 counter name spoofed drop',
+    'iifname != { "lo", "tail0" } ip6 saddr fd7a:115c:a1e0::/48 counter name spoofed drop',
+]
+
+
+def _chain(text: str, name: str) -> list[str]:
+    lines = [x.strip() for x in text.splitlines()]
+    start = lines.index(f"chain {name} {{") + 1
+    return lines[start : lines.index("}", start)]
+
+
+@pytest.mark.parametrize("kind", ["policy", "empty", "allow_all"])
+def test_sec_every_table_drops_tailnet_sources_off_the_tunnel(kind: str) -> None:
+    from node.render.nft import render_allow_all
+
+    text = {"policy": lambda: render(SSH_ONLY, "tail0", OWN), "empty": lambda: render([], "tail0", OWN),
+            "allow_all": lambda: render_allow_all("tail0", OWN)}[kind]()
+    for chain, hook in (("input", "input"), ("forward", "forward")):
+        assert _chain(text, chain) == [f"type filter hook {hook} priority filter; policy accept;", *SPOOF,
+                                       'iifname "tail0" jump from_tailnet']
+    # our own addresses arriving from the tunnel are never a peer's
+    body = _chain(text, "from_tailnet")
+    assert body[:3] == ["ct state established,related accept", "ip saddr @self4 counter name dropped drop",
+                        "ip6 saddr @self6 counter name dropped drop"]
+    assert body[-1] == {"policy": "counter name dropped drop", "empty": "counter name dropped drop",
+                        "allow_all": "accept"}[kind]
+
+
+def test_sec_allow_all_table_loads(netns: str) -> None:
+    from node.render.nft import render_allow_all
+
+    r = nft_check(netns, render_allow_all("tail0", OWN))
+    assert r.returncode == 0, r.stderr
+
+
+def test_sec_applier_skips_what_is_in_place_and_keeps_it_on_failure() -> None:
+    import asyncio
+
+    from node.render.nft import NftApplier, delete_script
+    from node.run import FakeRunner, Result
+
+    runner = FakeRunner()
+    nft = NftApplier(runner)
+
+    async def go() -> None:
+        assert await nft.set("table inet shoal_filter {}\n")
+        assert not await nft.set("table inet shoal_filter {}\n")
+        runner.responses["nft -f -"] = Result(1, "", "Error: broken")
+        with pytest.raises(Exception, match="broken"):
+            await nft.set("table inet other {}\n")
+        assert nft.applied == "table inet shoal_filter {}\n"
+        runner.responses.clear()
+        await nft.clear()
+        assert nft.applied is None
+        await nft.clear()
+
+    asyncio.run(go())
+    assert runner.transcript == (
+        "nft -f -\n    table inet shoal_filter {}\n"
+        "nft -f -\n    table inet other {}\n"
+        "nft -f -\n" + "".join(f"    {line}\n" for line in delete_script().splitlines())
+    )
