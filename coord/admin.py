@@ -1,21 +1,35 @@
 """Admin commands as data: ``(command name, JSON args) -> JSON result``.
 
 The CLI sends these to a running server over its admin socket, or runs them in-process against the database when
-no server holds it. Both paths call the same ``Service`` methods, so there is one implementation of each command.
+no server holds it. Both paths get their ``Admin`` from ``create_app`` and call the same ``Service`` methods, so
+there is one implementation of each command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from coord import access, decide, eventlog
+from coord import access, decide, views
 from coord import events as ev
 from coord.errors import DomainError
+from coord.logins import Logins
 from coord.service import Service
-from coord.state import State, fold
+from coord.state import State
+from coord.store import Filter, load_state
 
-Handler = Callable[[Service, dict[str, Any]], Awaitable[Any]]
+
+@dataclass(frozen=True)
+class Admin:
+    """What admin commands act on."""
+
+    service: Service
+    logins: Logins
+    has_session: Callable[[int], bool]
+
+
+Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
 
 
 def _str(args: dict[str, Any], key: str) -> str:
@@ -49,64 +63,61 @@ async def _state_at(svc: Service, args: dict[str, Any]) -> State:
         until = ev.rfc3339(ev.parse_time(str(at)))
     except ValueError:
         raise DomainError(f"--at: {at!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
-    records = [r async for r in eventlog.read(svc.conn, eventlog.Filter(until_time=until))]
-    return fold(records)
+    return await load_state(svc.store, Filter(until_time=until))
 
 
-async def users_list(svc: Service, args: dict[str, Any]) -> Any:
-    st = await _state_at(svc, args)
-    return [svc.user_json(u) for u in sorted(st.users.values(), key=lambda u: u.id)]
+async def users_list(a: Admin, args: dict[str, Any]) -> Any:
+    st = await _state_at(a.service, args)
+    return [views.user(u) for u in sorted(st.users.values(), key=lambda u: u.id)]
 
 
-async def nodes_list(svc: Service, args: dict[str, Any]) -> Any:
-    st = await _state_at(svc, args)
-    users = {u.id: u.name for u in st.users.values()}
-    out = []
-    for n in sorted(st.nodes.values(), key=lambda n: n.id):
-        d = n.summary()
-        d["user"] = users.get(n.user_id) if n.user_id is not None else None
-        out.append(d)
-    return out
+async def nodes_list(a: Admin, args: dict[str, Any]) -> Any:
+    st = await _state_at(a.service, args)
+    return [views.node_with_user(st, n) for n in sorted(st.nodes.values(), key=lambda n: n.id)]
 
 
-async def nodes_show(svc: Service, args: dict[str, Any]) -> Any:
-    n = decide.find_node(svc.state, _str(args, "node"))
-    d = n.summary()
-    d["user"] = svc.state.users[n.user_id].name if n.user_id in svc.state.users else None
-    d["online_session"] = n.id in svc.fanout.sessions
+async def nodes_show(a: Admin, args: dict[str, Any]) -> Any:
+    st = a.service.state
+    n = decide.find_node(st, _str(args, "node"))
+    d = views.node_with_user(st, n)
+    d["online_session"] = a.has_session(n.id)
     return d
 
 
-async def keys_list(svc: Service, args: dict[str, Any]) -> Any:
-    return [svc.key_json(k) for k in sorted(svc.state.keys)]
+async def keys_list(a: Admin, args: dict[str, Any]) -> Any:
+    svc = a.service
+    now = svc.clock()
+    return [views.key(svc.state, k, now) for k in sorted(svc.state.keys)]
 
 
 COMMANDS: dict[str, Handler] = {
-    "users.create": lambda s, a: s.create_user(_str(a, "name")),
+    "users.create": lambda x, a: x.service.create_user(_str(a, "name")),
     "users.list": users_list,
-    "users.rename": lambda s, a: s.rename_user(_str(a, "user"), _str(a, "name")),
-    "users.delete": lambda s, a: s.delete_user(_str(a, "user")),
-    "keys.create": lambda s, a: s.create_key(
+    "users.rename": lambda x, a: x.service.rename_user(_str(a, "user"), _str(a, "name")),
+    "users.delete": lambda x, a: x.service.delete_user(_str(a, "user")),
+    "keys.create": lambda x, a: x.service.create_key(
         _str(a, "user"), reusable=bool(a.get("reusable")), ephemeral=bool(a.get("ephemeral")),
         expiration=_opt_float(a, "expiration"), tags=_tags(a),
     ),
     "keys.list": keys_list,
-    "keys.revoke": lambda s, a: s.revoke_key(_str(a, "key")),
+    "keys.revoke": lambda x, a: x.service.revoke_key(_str(a, "key")),
     "nodes.list": nodes_list,
     "nodes.show": nodes_show,
-    "nodes.rename": lambda s, a: s.rename_node(_str(a, "node"), _str(a, "name")),
-    "nodes.tag": lambda s, a: s.tag_node(_str(a, "node"), _tags(a)),
-    "nodes.expire": lambda s, a: s.expire_node(_str(a, "node")),
-    "nodes.expiry": lambda s, a: s.set_node_expiry(_str(a, "node"), _opt_float(a, "expiry")),
-    "nodes.delete": lambda s, a: s.delete_node(_str(a, "node")),
-    "nodes.approve": lambda s, a: s.approve(_str(a, "id"), _str(a, "user")),
-    "nodes.pending": lambda s, a: _pending(s),
-    "policy.set": lambda s, a: s.set_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson")),
-    "policy.clear": lambda s, a: s.clear_policy(),
-    "policy.get": lambda s, a: _value(s.get_policy()),
-    "policy.history": lambda s, a: s.policy_history(),
-    "policy.diff": lambda s, a: _value(s.diff_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson"))),
-    "policy.tailnet": lambda s, a: _value(access.tailnet(s.state)),
+    "nodes.rename": lambda x, a: x.service.rename_node(_str(a, "node"), _str(a, "name")),
+    "nodes.tag": lambda x, a: x.service.tag_node(_str(a, "node"), _tags(a)),
+    "nodes.expire": lambda x, a: x.service.expire_node(_str(a, "node")),
+    "nodes.expiry": lambda x, a: x.service.set_node_expiry(_str(a, "node"), _opt_float(a, "expiry")),
+    "nodes.delete": lambda x, a: x.service.delete_node(_str(a, "node")),
+    "nodes.approve": lambda x, a: x.logins.approve(_str(a, "id"), _str(a, "user")),
+    "nodes.pending": lambda x, a: _value(x.logins.pending_json()),
+    "policy.set": lambda x, a: x.service.set_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson")),
+    "policy.clear": lambda x, a: x.service.clear_policy(),
+    "policy.get": lambda x, a: _value(x.service.get_policy()),
+    "policy.history": lambda x, a: x.service.policy_history(),
+    "policy.diff": lambda x, a: _value(
+        x.service.diff_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson"))
+    ),
+    "policy.tailnet": lambda x, a: _value(access.tailnet(x.service.state)),
 }
 
 # Commands that only a running server can answer (its memory holds what they act on).
@@ -117,12 +128,8 @@ async def _value(v: Any) -> Any:
     return v
 
 
-async def _pending(s: Service) -> Any:
-    return s.pending_json()
-
-
-async def run(svc: Service, command: str, args: dict[str, Any]) -> Any:
+async def run(admin: Admin, command: str, args: dict[str, Any]) -> Any:
     handler = COMMANDS.get(command)
     if handler is None:
         raise DomainError(f"unknown admin command {command!r}")
-    return await handler(svc, args)
+    return await handler(admin, args)

@@ -9,28 +9,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 
-from coord import admin, db, eventlog
+from coord import admin, policy, views
 from coord import events as ev
-from coord.config import Config, load, parse_duration
-from coord.errors import ConfigError, DomainError
+from coord.config import Config, LogLevel, load, parse_duration
+from coord.errors import CoordError, LocalError
+from coord.lock import ServerLock
+from coord.state import fold
+from coord.store import ChainBroken, Filter, Store
+from coord.store import sqlite as db
+from coord.store.sqlite import SqliteStore
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
-    pass
+class CliError(LocalError):
+    """A command that cannot run as given (a missing file, a server that must be running)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key-expiry", help="e.g. 180d, or 0 for never")
     serve.add_argument("--batch-delay", help="fan-out tick, e.g. 50ms")
     serve.add_argument("--keepalive", help="map stream keep-alive, e.g. 50s")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=[str(level) for level in LogLevel])
 
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -177,8 +182,6 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if c == "tag":
             a["tags"] = _split_tags(args.tags)
         if c == "expiry":
-            import time
-
             a["expiry"] = None if args.never else time.time() + parse_duration(args.expires_in, "--in")
         return f"nodes.{c}", a
     if g == "policy":
@@ -199,8 +202,6 @@ def read_text(path: str) -> str:
 
 def policy_check(config: Config, args: argparse.Namespace) -> int:
     """Runs locally; the tailnet comes from --tailnet, or from this data dir's server, or is unknown."""
-    from coord import policy
-
     text = read_text(args.file)
     tailnet: dict[str, Any] | None = None
     if args.tailnet:
@@ -215,30 +216,6 @@ def policy_check(config: Config, args: argparse.Namespace) -> int:
     result = policy.check(text, tailnet, filename=args.file)
     out(result, args, policy.render_check(result))
     return 0 if result["ok"] else EXIT_ERROR
-
-
-class ServerLock:
-    """Held by a running server for its lifetime; the CLI takes it to run commands in-process."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "server.lock"
-        self.fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def admin_via_socket(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
@@ -256,14 +233,15 @@ def admin_via_socket(config: Config, command: str, cmd_args: dict[str, Any]) -> 
 
 
 async def admin_in_process(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
-    from coord.app import Server, load_or_create_key
+    """The command on a server built here and never started: no timers, no relay, no sockets."""
+    # Imported here: the socket path, the common one, need not load the HTTP stack.
+    from coord.app import create_app
 
-    srv = Server(config, load_or_create_key(config.data_path / "server.key"))
-    await srv.start(background=False)
+    app = await create_app(config, serve=False)
     try:
-        return await admin.run(srv.svc, command, cmd_args)
+        return await admin.run(app.admin, command, cmd_args)
     finally:
-        await srv.stop()
+        await app.close()
 
 
 def run_admin(config: Config, command: str, cmd_args: dict[str, Any]) -> Any:
@@ -304,7 +282,7 @@ def render(command: str, result: Any) -> str:
             ("ID", "id"), ("NAME", "name"), ("USER", lambda r: r["user"] or "-"),
             ("TAGS", lambda r: ",".join(r["tags"]) or "-"), ("IPV4", "ipv4"), ("IPV6", "ipv6"),
             ("ONLINE", lambda r: "yes" if r["online"] else "no"),
-            ("STATE", lambda r: "expired" if r["expired"] else "logged-out" if r["logged_out"] else "active"),
+            ("STATE", lambda r: views.node_status(r)),
             ("LAST SEEN", lambda r: _fmt_time(r["last_seen"])),
         ])
     if command == "keys.list":
@@ -349,73 +327,71 @@ def _record_line(r: ev.Record) -> str:
     return f"{r.seq:>6}  {r.time}  {r.actor:<16} {r.event.type:<22} {data}"
 
 
-async def _open_db(config: Config) -> Any:
+async def _open_store(config: Config) -> SqliteStore:
     path = config.data_path / "shoal.db"
     if not path.exists():
         raise CliError(f"no database at {path}")
-    return await db.connect(path)
+    return await SqliteStore.open(path)
 
 
 async def events_cmd(config: Config, args: argparse.Namespace) -> int:
-    conn = await _open_db(config)
+    store = await _open_store(config)
     try:
         if args.cmd == "verify":
             try:
-                n = await eventlog.verify(conn)
-            except eventlog.ChainBroken as e:
+                n = await store.verify()
+            except ChainBroken as e:
                 out({"ok": False, "first_bad_seq": e.seq, "reason": e.reason}, args,
                     f"chain broken at event {e.seq}: {e.reason}")
                 return EXIT_ERROR
             out({"ok": True, "events": n}, args, f"ok: {n} events, hash chain intact")
             return 0
         if args.cmd == "show":
-            async for r in eventlog.read(conn, eventlog.Filter(since_seq=args.seq - 1)):
+            async for r in store.read(Filter(since_seq=args.seq - 1)):
                 if r.seq == args.seq:
                     out(r.as_json(), args, json.dumps(r.as_json(), indent=2))
                     return 0
                 break
             raise CliError(f"no event {args.seq}")
         if args.cmd == "replay":
-            return await replay(conn, Path(args.into), args)
-        return await tail(conn, args)
+            return await replay(store, Path(args.into), args)
+        return await tail(store, args)
     finally:
-        await conn.close()
+        await store.close()
 
 
-async def tail(conn: Any, args: argparse.Namespace) -> int:
+async def tail(store: Store, args: argparse.Namespace) -> int:
     try:
         since_time = ev.rfc3339(ev.parse_time(args.since)) if args.since else None
     except ValueError:
         raise CliError(f"--since: {args.since!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
     start = 0
     if since_time is None:
-        last, _ = await eventlog.last(conn)
+        last, _ = await store.last()
         start = max(0, last - args.n)
-    f = eventlog.Filter(since_seq=start, since_time=since_time, types=tuple(args.type), node_id=args.node)
+    f = Filter(since_seq=start, since_time=since_time, types=tuple(args.type), node_id=args.node)
     while True:
-        async for r in eventlog.read(conn, f):
+        async for r in store.read(f):
             out(r.as_json(), args, _record_line(r))
-            f = eventlog.Filter(since_seq=r.seq, types=f.types, node_id=f.node_id)
+            f = Filter(since_seq=r.seq, types=f.types, node_id=f.node_id)
         sys.stdout.flush()
         if not args.follow:
             return 0
         await asyncio.sleep(0.5)
 
 
-async def replay(conn: Any, into: Path, args: argparse.Namespace) -> int:
-    from coord.state import fold
-
+async def replay(store: SqliteStore, into: Path, args: argparse.Namespace) -> int:
     if into.exists():
         raise CliError(f"{into} exists; replay writes a new database")
-    records = [r async for r in eventlog.read(conn)]
+    records = [r async for r in store.read()]
     state = fold(records)
     new = await db.connect(into)
     try:
         await new.execute("BEGIN IMMEDIATE")
-        await eventlog.insert(new, records)
+        await db.insert(new, records)
         await db.write_all_projections(new, state)
         await new.execute("COMMIT")
-        same = await db.dump_projections(new) == await db.dump_projections(conn)
+        same = await db.dump_projections(new) == await db.dump_projections(store.conn)
     finally:
         await new.close()
     out({"events": len(records), "into": str(into), "projections_equal_live": same}, args,
@@ -450,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_admin(config, command, cmd_args)
         out(result, args, render(command, result))
         return 0
-    except (CliError, ConfigError, DomainError) as e:
+    except (CliError, CoordError) as e:
         sys.stderr.write(f"shoal-server: {e}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:

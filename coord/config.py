@@ -25,11 +25,20 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from coord.errors import ConfigError
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -113,7 +122,7 @@ class Config:
         host = (u.hostname or "").lower()
         if host == self.base_domain or host.endswith("." + self.base_domain):
             raise ConfigError("base_domain: must not be the server URL's host or a suffix of it")
-        if self.log_level not in ("debug", "info", "warning", "error"):
+        if self.log_level not in tuple(LogLevel):
             raise ConfigError("log_level: expected debug, info, warning or error")
         return self
 

@@ -14,7 +14,7 @@ from coord import events as ev
 from coord import names
 from coord.errors import Conflict, DomainError, NotFound, Unauthorized
 from coord.ipam import Pool, PoolExhausted
-from coord.state import AuthKey, Node, State, User
+from coord.state import AuthKey, KeyStatus, Node, State, User
 from coord.wire import RegisterRequest, key_text
 
 # A policy decides who may apply which tag; without one, only admin-made keys and commands can tag.
@@ -123,17 +123,21 @@ def check_auth_key(state: State, prefix: str, secret_hash: str, now: float) -> A
     k = state.keys.get(kid) if kid is not None else None
     if k is None or not hmac.compare_digest(k.hash, secret_hash):
         raise Unauthorized("invalid auth key")
-    if k.revoked:
-        raise Unauthorized("auth key has been revoked")
-    if k.expiration is not None and now >= k.expiration:
-        raise Unauthorized("auth key has expired")
-    if not k.reusable and k.used_by:
-        raise Unauthorized("auth key has already been used")
+    status = k.status(now)
+    if status is not KeyStatus.USABLE:
+        raise Unauthorized(_KEY_REFUSED[status])
     return k
 
 
+_KEY_REFUSED = {
+    KeyStatus.REVOKED: "auth key has been revoked",
+    KeyStatus.EXPIRED: "auth key has expired",
+    KeyStatus.USED: "auth key has already been used",
+}
+
+
 def key_usable(k: AuthKey, now: float) -> bool:
-    return not k.revoked and (k.expiration is None or now < k.expiration) and (k.reusable or not k.used_by)
+    return k.status(now) is KeyStatus.USABLE
 
 
 # --- nodes ------------------------------------------------------------------------------------------------

@@ -1,9 +1,33 @@
-"""Errors the coordination server reports to admins and nodes."""
+"""The coordination server's errors: one root, so a caller can catch anything coord raises on purpose.
+
+- ``LocalError``: misuse on this side (a bad configuration, a command run where it cannot run); the operator fixes it.
+- ``RemoteError``: bad input from the network; the glue answers 4xx, logs it and keeps serving.
+- ``DomainError``: a command refused on the current state, whoever sent it; ``status`` is the HTTP status a node or
+  the admin API sees.
+
+Malformed control-protocol messages raise ``coord.wire.WireError``.
+"""
 
 from __future__ import annotations
 
 
-class DomainError(Exception):
+class CoordError(Exception):
+    """Anything coord raises on purpose."""
+
+
+class LocalError(CoordError):
+    """Misuse on this side: fix the setup or the call, not the input."""
+
+
+class RemoteError(CoordError):
+    """Bad input from the network."""
+
+
+class ConfigError(LocalError):
+    """A bad configuration file, flag, environment variable or data-dir file; the message names the key or file."""
+
+
+class DomainError(CoordError):
     """A command refused on the current state. ``status`` is the HTTP status a node or the admin API sees."""
 
     status = 400
@@ -23,7 +47,3 @@ class Conflict(DomainError):
 
 class Unauthorized(DomainError):
     status = 401
-
-
-class ConfigError(Exception):
-    """A bad configuration file, flag or environment variable; the message names the key."""

@@ -4,7 +4,7 @@ Stored form (one row of the ``events`` table, see migrations/)::
 
     seq        INTEGER  1, 2, 3, ... with no gaps
     time       TEXT     RFC 3339 UTC with microseconds, e.g. 2026-11-25T12:00:00.000001Z
-    actor      TEXT     "admin", "node:<id>", "system" or "policy-tests"
+    actor      TEXT     "admin", "system", "node:<id>" or "machine:<12 hex digits of its machine key>"
     type       TEXT     the class name below, e.g. "NodeRegistered"
     schema     INTEGER  the version of that type's data layout
     data       TEXT     canonical JSON of the fields (sorted keys, no spaces)
@@ -22,8 +22,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ClassVar
+
+# Event times are written as the control protocol writes times.
+from coord.wire.schema import parse_time as parse_time
+from coord.wire.schema import rfc3339 as rfc3339
 
 GENESIS = "0" * 64
 
@@ -32,19 +35,6 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> float:
-    """Accepts RFC 3339 (``Z`` or offset) or a date; naive times are UTC."""
-    t = text.strip()
-    if t.endswith("Z"):
-        t = t[:-1] + "+00:00"
-    dt = datetime.fromisoformat(t)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 @dataclass(frozen=True)

@@ -1,85 +1,77 @@
-"""Fan-out: merges Changes per tick and wakes the map sessions of exactly the nodes they touch.
+"""Fan-out, sans-IO: merges Changes per tick and decides what each map session sends next.
+
+Time is passed in. ``submit(change, now)`` merges a change into the tick; ``next_timer()`` says when the tick is due
+and ``flush(now)`` ends it, pushing the merged change to exactly the sessions it touches (it returns them, so the
+shell can wake their streams). ``next_frame(session, now)`` gives the next message body of a stream: its full map
+first, then a delta for what was pushed since, or a keep-alive once it has been idle ``keepalive`` seconds
+(``session_timer(session)`` says when); None when there is nothing to send yet, and the stream ends once ``ended``.
 
 Each session keeps what it last sent (peer id -> version) and a bounded list of pending Changes. When the list
 overflows (a slow reader, a burst of changes) the session drops it and sends a full map instead, so memory per
-session stays bounded whatever the client does.
+session stays bounded whatever the client does. The asyncio shell (coord/poll.py) owns timers, wake-ups and sealing.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import zstandard
-from nacl.public import Box
-
-from coord import wire
 from coord.change import Change
 from coord.netmap import Builder, Visibility
-
-log = logging.getLogger("shoal.fanout")
 
 MAX_PENDING = 64
 KEEPALIVE = b'{"KeepAlive":true}'
 
 
+class Netmaps(Protocol):
+    """Where the fan-out reads netmaps from: the service's current builder and visibility."""
+
+    @property
+    def builder(self) -> Builder: ...
+
+    @property
+    def visibility(self) -> Visibility: ...
+
+
 @dataclass(eq=False)
 class Session:
     node_id: int
-    box: Box
-    request_id: str
-    seq: int = 0
     sent: dict[int, int] = field(default_factory=dict)
     pending: list[Change] = field(default_factory=list)
     full_needed: bool = True
     closed: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    compressor: zstandard.ZstdCompressor = field(default_factory=lambda: zstandard.ZstdCompressor(level=3))
+    # When the stream last found nothing to send (None while it is sending): keep-alives count from here.
+    idle_since: float | None = None
 
-    def push(self, change: Change) -> None:
+    def push(self, change: Change) -> bool:
+        """Queue a change; False if the session needs no wake-up for it (a full map is due anyway)."""
         if self.full_needed:
-            return
+            return False
         if len(self.pending) >= MAX_PENDING:
             self.pending.clear()
             self.full_needed = True
         else:
             self.pending.append(change)
-        self.wake.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.wake.set()
-
-    def seal(self, msg: bytes) -> bytes:
-        out = wire.seal_frame(self.box, self.request_id, self.seq, msg, os.urandom(24), self.compressor)
-        self.seq += 1
-        return out
+        return True
 
 
 @dataclass
 class Fanout:
-    builder: Builder
-    visibility: Callable[[], Visibility]
-    clock: Callable[[], float]
+    netmaps: Netmaps
     batch_delay: float
     keepalive: float
     sessions: dict[int, Session] = field(default_factory=dict)
     _pending: Change = field(default_factory=Change)
-    _flush_handle: asyncio.TimerHandle | None = None
-    # One compression context for all sessions: each holds MBs once it has compressed a full map, and every
-    # frame is compressed in one call on this one thread, so nothing carries over between sessions.
-    compressor: zstandard.ZstdCompressor = field(default_factory=lambda: zstandard.ZstdCompressor(level=3))
+    _flush_at: float | None = None
 
-    def open(self, node_id: int, box: Box, request_id: str) -> Session:
+    def open(self, node_id: int) -> tuple[Session, Session | None]:
+        """A new session for the node, and the one it replaces (now closed), if any."""
         old = self.sessions.get(node_id)
         if old is not None:
-            old.close()
-        s = Session(node_id, box, request_id, compressor=self.compressor)
+            old.closed = True
+        s = Session(node_id)
         self.sessions[node_id] = s
-        return s
+        return s, old
 
     def release(self, s: Session) -> bool:
         """Forget a finished session; True if it was still the node's current one."""
@@ -88,62 +80,82 @@ class Fanout:
             return True
         return False
 
-    def submit(self, change: Change) -> None:
+    def close_all(self) -> list[Session]:
+        for s in self.sessions.values():
+            s.closed = True
+        return list(self.sessions.values())
+
+    # --- the tick ---------------------------------------------------------------------------------------
+
+    def submit(self, change: Change, now: float) -> None:
         if not change:
             return
         self._pending.merge(change)
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(self.batch_delay, self.flush)
+        if self._flush_at is None:
+            self._flush_at = now + self.batch_delay
 
-    def flush(self) -> None:
-        self._flush_handle = None
+    def next_timer(self) -> float | None:
+        """When the current tick is due (``flush``), or None when nothing is waiting."""
+        return self._flush_at
+
+    def flush(self, now: float) -> list[Session]:
+        """End the tick: close, forget and push; returns the sessions to wake."""
+        self._flush_at = None
         c, self._pending = self._pending, Change()
         if not c:
-            return
+            return []
+        woken: list[Session] = []
         for nid in c.close:
             s = self.sessions.get(nid)
             if s is not None:
-                s.close()
+                s.closed = True
+                woken.append(s)
+        builder = self.netmaps.builder
         for nid in c.removed:
-            self.builder.forget(nid)
-        for s in self._targets(c):
-            s.push(c)
+            builder.forget(nid)
+        woken.extend(s for s in self._targets(c) if s.push(c))
+        return woken
 
     def _targets(self, c: Change) -> list[Session]:
         if c.policy or c.removed:
             return list(self.sessions.values())
-        vis = self.visibility()
+        vis = self.netmaps.visibility
         ids: set[int] = set(c.self_nodes) | c.visibility
         for pid in c.peers | c.patches:
             ids.update(vis.peers(pid))
         return [s for nid in ids if (s := self.sessions.get(nid)) is not None]
 
-    def _full_frame(self, s: Session) -> bytes:
-        # Built here, not in frames(): a local there would keep each session's uncompressed full map alive for
-        # as long as the stream idles (N sessions x N peers of JSON).
-        body, s.sent = self.builder.full(self.visibility(), s.node_id, self.clock())
-        return s.seal(body)
+    # --- one stream -------------------------------------------------------------------------------------
 
-    async def frames(self, s: Session) -> AsyncIterator[bytes]:
-        """The map stream of one session: a full map, then deltas and keep-alives until it is closed."""
-        while not s.closed and s.node_id in self.builder.state.nodes:
-            if s.full_needed:
-                s.full_needed = False
-                s.pending.clear()
-                yield self._full_frame(s)
-                continue
-            if s.pending:
-                change = Change()
-                for c in s.pending:
-                    change.merge(c)
-                s.pending.clear()
-                body_or_none = self.builder.delta(self.visibility(), s.node_id, change, s.sent, self.clock())
-                if body_or_none is not None:
-                    yield s.seal(body_or_none)
-                continue
-            s.wake.clear()
-            try:
-                await asyncio.wait_for(s.wake.wait(), self.keepalive)
-            except TimeoutError:
-                yield s.seal(KEEPALIVE)
+    def ended(self, s: Session) -> bool:
+        return s.closed or s.node_id not in self.netmaps.builder.state.nodes
+
+    def next_frame(self, s: Session, now: float) -> bytes | None:
+        """The next message body for the stream, or None: nothing before a wake-up or ``session_timer``."""
+        if self.ended(s):
+            return None
+        if s.full_needed:
+            s.full_needed = False
+            s.pending.clear()
+            s.idle_since = None
+            body, s.sent = self.netmaps.builder.full(self.netmaps.visibility, s.node_id, now)
+            return body
+        if s.pending:
+            change = Change()
+            for c in s.pending:
+                change.merge(c)
+            s.pending.clear()
+            s.idle_since = None
+            body_or_none = self.netmaps.builder.delta(self.netmaps.visibility, s.node_id, change, s.sent, now)
+            if body_or_none is not None:
+                return body_or_none
+        if s.idle_since is None:
+            s.idle_since = now
+        elif now >= s.idle_since + self.keepalive:
+            s.idle_since = None
+            return KEEPALIVE
+        return None
+
+    def session_timer(self, s: Session) -> float | None:
+        """When the stream's keep-alive is due (it must call ``next_frame`` then), or None while it is sending."""
+        return None if s.idle_since is None else s.idle_since + self.keepalive

@@ -15,10 +15,7 @@ from typing import Any, Protocol
 from coord.change import Change
 from coord.events import rfc3339
 from coord.state import Node, State
-
-ALLOW_ALL_FILTER: list[dict[str, Any]] = [
-    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
-]
+from coord.wire import FILTER_ALLOW_ALL
 
 
 class Visibility(Protocol):
@@ -44,7 +41,7 @@ class AllowAll:
         return viewer != peer
 
     def filter(self, node_id: int) -> list[dict[str, Any]]:
-        return ALLOW_ALL_FILTER
+        return FILTER_ALLOW_ALL
 
 
 def _dumps(obj: Any) -> bytes:

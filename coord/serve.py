@@ -13,9 +13,9 @@ from typing import Any
 
 import uvicorn
 
-from coord.app import Server, create_admin_app, create_app, load_or_create_key
-from coord.cli import ServerLock
+from coord.app import create_app
 from coord.config import Config
+from coord.lock import ServerLock
 from derp.embed import derp_http_protocol
 
 log = logging.getLogger("shoal.server")
@@ -30,22 +30,22 @@ class QuietServer(uvicorn.Server):
 
 
 async def run(config: Config) -> None:
-    srv = Server(config, load_or_create_key(config.data_path / "server.key"))
-    await srv.start()
-    app = create_app(config, server=srv)
+    app = await create_app(config)
+    await app.start()
     host, port = config.listen_addr
     extra: dict[str, Any] = {}
-    if srv.relay is not None:
+    if app.relay is not None:
         # One port for both: DERP upgrades go to the relay, everything else to the app.
-        extra["http"] = derp_http_protocol(srv.relay)
+        extra["http"] = derp_http_protocol(app.relay)
     public = QuietServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75, **extra)
+        uvicorn.Config(app.http, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75,
+                       **extra)
     )
     sock = config.data_path / "admin.sock"
     if sock.exists():
         sock.unlink()
     admin_srv = QuietServer(
-        uvicorn.Config(create_admin_app(srv), uds=str(sock), log_level="warning", lifespan="off")
+        uvicorn.Config(app.admin_http, uds=str(sock), log_level="warning", lifespan="off")
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,7 +65,7 @@ async def run(config: Config) -> None:
     public.should_exit = admin_srv.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
     waiter.cancel()
-    await srv.stop()
+    await app.close()
     if sock.exists():
         sock.unlink()
 

@@ -9,10 +9,27 @@ thousands of nodes the fold updates the state in place rather than copying it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
 
 from coord import events as ev
 from coord.change import Change
+
+
+class NodeStatus(StrEnum):
+    """What a node is to its peers (the STATE column of ``nodes list``)."""
+
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    LOGGED_OUT = "logged-out"
+
+
+class KeyStatus(StrEnum):
+    """Whether an auth key admits a node now, and if not, why."""
+
+    USABLE = "usable"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    USED = "used"
 
 
 @dataclass
@@ -35,6 +52,15 @@ class AuthKey:
     created: float
     revoked: bool = False
     used_by: list[int] = field(default_factory=list)
+
+    def status(self, now: float) -> KeyStatus:
+        if self.revoked:
+            return KeyStatus.REVOKED
+        if self.expiration is not None and now >= self.expiration:
+            return KeyStatus.EXPIRED
+        if not self.reusable and self.used_by:
+            return KeyStatus.USED
+        return KeyStatus.USABLE
 
 
 @dataclass
@@ -70,28 +96,6 @@ class Node:
     def active(self) -> bool:
         """Shown to peers: neither expired nor logged out."""
         return not (self.expired or self.logged_out)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.given_name,
-            "hostname": self.hostname,
-            "user_id": self.user_id,
-            "tags": list(self.tags),
-            "ipv4": self.ipv4,
-            "ipv6": self.ipv6,
-            "machine_key": self.machine_key,
-            "node_key": self.node_key,
-            "ephemeral": self.ephemeral,
-            "key_expiry": self.key_expiry,
-            "expired": self.expired,
-            "logged_out": self.logged_out,
-            "online": self.online,
-            "last_seen": self.last_seen,
-            "endpoints": list(self.endpoints),
-            "home_derp": self.home_derp,
-            "created": self.created,
-        }
 
 
 @dataclass

@@ -6,7 +6,8 @@ One `Agent` per shoald. Its asyncio shell around the pure pieces in node/compile
   `down()` stops the loop and takes the tunnel down (the node stays registered); `logout()` sends a
   RegisterRequest with an expiry in the past and forgets the netmap; `status()` joins the netmap with the
   engine's counters.
-- The control loop keeps one map stream open. Each MapResponse is applied to `wire.NetMap`, persisted to the
+- The control loop keeps one map stream open. Each MapResponse (typed, parsed as it is read) is applied to the
+  netmap (node/mapsession.py), persisted to the
   state dir, and reconciled into the OS: WireGuard peers (engine.set), addresses and routes (RouteApplier),
   the packet filter (`nft -f -`). Every applier changes only what differs. When the stream breaks the last
   netmap and every tunnel stay as they are; the loop retries with jittered exponential back-off.
@@ -21,18 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from coord import wire
-from node import compile
+from node import compile, mapsession
 from node.control import ControlClient, ControlError, PinMismatch
+from node.errors import LocalError
 from node.keys import KeyStore, PrivateKey
 from node.magicsock import MagicSock, parse_endpoint
 from node.render.routes import RouteApplier, RouteConfig
@@ -51,7 +54,15 @@ UP_WAIT = 20.0
 DERP_FIRST_WAIT = 2.0
 
 
-class AgentError(Exception):
+class BackendState(enum.StrEnum):
+    NO_STATE = "NoState"
+    NEEDS_LOGIN = "NeedsLogin"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+
+
+class AgentError(LocalError):
     """A request the agent refuses or cannot carry out; `status` is the HTTP status the local API answers."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -96,8 +107,8 @@ class Agent:
         self.keys = KeyStore(self.cfg.state_dir)
         self.routes = RouteApplier(self.runner)
         self.prefs = Prefs()
-        self.netmap = wire.NetMap()
-        self.backend = "NoState"  # NeedsLogin, Starting, Running, Stopped
+        self.netmap = mapsession.NetMap()
+        self.backend = BackendState.NO_STATE
         self.auth_url = ""
         self.last_error = ""
         self.key_expired = False
@@ -138,7 +149,7 @@ class Agent:
         self.engine = factory(self.cfg.iface, self._on_engine_restart)
         await self._discover_endpoints()
         if self.prefs.want_running and self.prefs.login_server and not self.prefs.logged_out:
-            self.backend = "Starting"
+            self.backend = BackendState.STARTING
             if saved is not None and saved.node is not None:
                 # the server may be down: bring back the tunnels we had before asking it anything
                 self.netmap = saved
@@ -146,9 +157,9 @@ class Agent:
                 await self._reconcile()
             self._start_control(registered=False)
         elif self.prefs.login_server and not self.prefs.logged_out:
-            self.backend = "Stopped"
+            self.backend = BackendState.STOPPED
         else:
-            self.backend = "NeedsLogin"
+            self.backend = BackendState.NEEDS_LOGIN
         self._watcher = asyncio.create_task(self._watch_endpoints(), name="endpoints")
 
     async def stop(self) -> None:
@@ -194,12 +205,12 @@ class Agent:
             node_key, old_key = PrivateKey.generate("nodekey"), self.node_key.public().raw
         try:
             await self._pin(client, prefs)
-            resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key,
-                                                                node_key=node_key, prefs=prefs))
-            if resp.get("NodeKeyExpired"):
+            resp = await client.login(self._register_request(auth_key=auth_key, old_key=old_key,
+                                                             node_key=node_key, prefs=prefs))
+            if resp.node_key_expired:
                 node_key, old_key = PrivateKey.generate("nodekey"), node_key.public().raw
-                resp = await client.register(self._register_request(auth_key=auth_key, old_key=old_key,
-                                                                    node_key=node_key, prefs=prefs))
+                resp = await client.login(self._register_request(auth_key=auth_key, old_key=old_key,
+                                                                 node_key=node_key, prefs=prefs))
         except PinMismatch as e:
             raise AgentError(409, str(e)) from None
         except ControlError as e:
@@ -209,8 +220,8 @@ class Agent:
             raise AgentError(502, f"{server}: {e}") from None
         finally:
             await client.close()
-        if resp.get("Error"):
-            raise AgentError(403, f"{server}: {resp['Error']}")
+        if resp.error:
+            raise AgentError(403, f"{server}: {resp.error}")
         await self._stop_control()
         if node_key is not self.node_key:
             self.keys.save(node_key)
@@ -222,15 +233,15 @@ class Agent:
         self.key_expired = False
         self.last_error = ""
         self._applied.clear()
-        if resp.get("MachineAuthorized"):
+        if resp.machine_authorized:
             self.auth_url = ""
-            self.backend = "Starting"
+            self.backend = BackendState.STARTING
             self._start_control(registered=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._applied.wait(), wait)
-        elif resp.get("AuthURL"):
-            self.auth_url = str(resp["AuthURL"])
-            self.backend = "NeedsLogin"
+        elif resp.auth_url:
+            self.auth_url = resp.auth_url
+            self.backend = BackendState.NEEDS_LOGIN
             self._start_control(registered=False, followup=self.auth_url)
         else:
             raise AgentError(502, f"{server}: registration neither authorized nor gave a login URL")
@@ -243,7 +254,8 @@ class Agent:
                 self.state.save_prefs(self.prefs)
             await self._stop_control()
             await self._teardown_os()
-            self.backend = "Stopped" if self.prefs.login_server and not self.prefs.logged_out else "NeedsLogin"
+            self.backend = (BackendState.STOPPED if self.prefs.login_server and not self.prefs.logged_out
+                            else BackendState.NEEDS_LOGIN)
             return await self.status()
 
     async def logout(self) -> dict[str, Any]:
@@ -253,22 +265,24 @@ class Agent:
             client = self._new_client()
             try:
                 await self._pin(client)
-                await client.register(self._register_request(expiry=self.clock() - 1))
+                await client.login(self._register_request(expiry=self.clock() - 1))
             except PinMismatch as e:
                 raise AgentError(409, str(e)) from None
             except ControlError as e:
                 raise AgentError(502, f"{self.prefs.login_server}: {e.message}") from None
+            except wire.WireError as e:
+                raise AgentError(502, f"{self.prefs.login_server}: {e}") from None
             finally:
                 await client.close()
             await self._stop_control()
             await self._teardown_os()
-            self.netmap = wire.NetMap()
+            self.netmap = mapsession.NetMap()
             self.state.forget_netmap()
             self.prefs.logged_out = True
             self.prefs.want_running = False
             self.state.save_prefs(self.prefs)
             self.node_key = self.keys.replace("nodekey")
-            self.backend = "NeedsLogin"
+            self.backend = BackendState.NEEDS_LOGIN
             self.auth_url = ""
             return await self.status()
 
@@ -279,11 +293,11 @@ class Agent:
                 dev = await self.engine.get()
             except Exception as e:  # status must answer even when the engine is sick
                 self.last_error = f"engine: {e}"
-        node = self.netmap.node or {}
+        node = self.netmap.node
         health = []
         if self.key_expired:
             health.append("node key expired: run `shoal up` (with --auth-key or the login URL) to re-authenticate")
-        if self.prefs.want_running and not self.connected and self.backend != "NeedsLogin":
+        if self.prefs.want_running and not self.connected and self.backend != BackendState.NEEDS_LOGIN:
             health.append("not connected to the coordination server; using the last network map")
         if self.last_error:
             health.append(self.last_error)
@@ -299,12 +313,12 @@ class Agent:
             "Health": health,
             "MagicDNSSuffix": self.netmap.domain,
             "Self": {
-                "ID": node.get("ID"),
-                "Name": node.get("Name", ""),
-                "HostName": compile.short_name(node.get("Name")) or self._hostname(),
-                "Addresses": [str(a).split("/")[0] for a in compile.as_list(node.get("Addresses"))],
+                "ID": node.id if node is not None else None,
+                "Name": node.name if node is not None else "",
+                "HostName": (node.short_name if node is not None else "") or self._hostname(),
+                "Addresses": node.ips() if node is not None else [],
                 "Key": str(self.node_key.public()),
-                "KeyExpiry": node.get("KeyExpiry"),
+                "KeyExpiry": wire.time_json(node.key_expiry) if node is not None else None,
                 "Endpoints": list(self.endpoints),
                 "Online": self.connected,
             },
@@ -320,12 +334,11 @@ class Agent:
 
     # --- NAT traversal commands -----------------------------------------------------------------------------
 
-    def _find_peer(self, name: str) -> tuple[dict[str, Any], bytes]:
+    def _find_peer(self, name: str) -> tuple[wire.Node, bytes]:
         want = name.lower().rstrip(".")
         for p in self.netmap.peers.values():
-            names = {compile.short_name(p.get("Name")).lower(), str(p.get("Name", "")).lower().rstrip(".")}
-            addrs = {str(a).split("/")[0] for a in compile.as_list(p.get("Addresses"))}
-            if want in names or name in addrs or name == p.get("Key"):
+            names = {p.short_name.lower(), p.name.lower().rstrip(".")}
+            if want in names or name in p.ips() or name == p.key_text:
                 key = compile.peer_key(p)
                 if key is not None:
                     return p, key.raw
@@ -342,10 +355,10 @@ class Agent:
         except LookupError as e:
             raise AgentError(409, str(e)) from None
         except TimeoutError:
-            raise AgentError(504, f"no pong from {compile.short_name(record.get('Name'))} in {timeout:g}s") from None
+            raise AgentError(504, f"no pong from {record.short_name} in {timeout:g}s") from None
         return {
-            "Peer": compile.short_name(record.get("Name")),
-            "Address": next((str(a).split("/")[0] for a in compile.as_list(record.get("Addresses"))), ""),
+            "Peer": record.short_name,
+            "Address": next(iter(record.ips()), ""),
             "Path": path,
             "Direct": direct is not None,
             "LatencySeconds": took,
@@ -359,12 +372,9 @@ class Agent:
             report = await ms.netcheck()
             regions, per_region, home = ms.regions, ms.region_endpoints(report), ms.home
         else:
-            if not self.netmap.derp_map:
+            if self.netmap.derp_map is None:
                 raise AgentError(409, "no DERP map yet: run `shoal up` first")
-            try:
-                regions = nc.regions_from_derp_map(self.netmap.derp_map)
-            except nc.DerpMapError as e:
-                raise AgentError(502, f"DERP map: {e}") from None
+            regions = nc.regions_from_derp_map(self.netmap.derp_map)
             report = await nc.netcheck_udp(regions)
             by_addr = {s.addr: r.region_id for r in regions for s in r.servers}
             per_region = {}
@@ -439,24 +449,24 @@ class Agent:
             try:
                 await self._pin(client)
                 if followup or not registered:
-                    resp = await client.register(self._register_request(followup=followup))
-                    if resp.get("NodeKeyExpired"):
+                    resp = await client.login(self._register_request(followup=followup))
+                    if resp.node_key_expired:
                         self.key_expired = True
-                        self.backend = "NeedsLogin"
+                        self.backend = BackendState.NEEDS_LOGIN
                         log.warning("node key expired; waiting for `shoal up` to re-authenticate")
                         return
-                    if resp.get("MachineAuthorized"):
+                    if resp.machine_authorized:
                         registered, followup = True, ""
                         self.auth_url = ""
-                        self.backend = "Starting"
-                    elif resp.get("AuthURL"):
+                        self.backend = BackendState.STARTING
+                    elif resp.auth_url:
                         # the server held the followup until approval or its timeout: ask again at once
-                        followup = self.auth_url = str(resp["AuthURL"])
-                        self.backend = "NeedsLogin"
+                        followup = self.auth_url = resp.auth_url
+                        self.backend = BackendState.NEEDS_LOGIN
                         backoff.reset()
                         continue
                     else:
-                        raise ControlError(0, f"registration refused: {resp.get('Error') or resp}")
+                        raise ControlError(0, f"registration refused: {resp.error or resp.to_json()}")
                 self._client = client
                 await self._stream(client, backoff)
             except asyncio.CancelledError:
@@ -481,8 +491,7 @@ class Agent:
             await asyncio.sleep(backoff.next(random.random()))
 
     async def _stream(self, client: ControlClient, backoff: compile.Backoff) -> None:
-        it = client.stream(self._map_request(stream=True))
-        assert isinstance(it, AsyncGenerator)
+        it = client.poll(self._map_request(stream=True))
         try:
             while True:
                 msg = await asyncio.wait_for(it.__anext__(), STREAM_IDLE)
@@ -491,14 +500,13 @@ class Agent:
                     self.last_error = ""
                     backoff.reset()
                     log.info("connected to %s", self.prefs.login_server)
-                if msg.get("KeepAlive") and not (set(msg) - {"KeepAlive", "ControlTime"}):
+                if msg.keep_alive and msg.empty:
                     continue
-                try:
-                    self.netmap.apply(msg)
-                except (KeyError, TypeError, AttributeError) as e:
-                    raise wire.WireError(f"malformed MapResponse: {e!r}") from None
+                if msg.problems:
+                    log.warning("map from %s: left out %s", self.prefs.login_server, "; ".join(msg.problems))
+                self.netmap = mapsession.apply(self.netmap, msg)
                 self.key_expired = compile.self_expired(self.netmap, self.clock())
-                self.backend = "NeedsLogin" if self.key_expired else "Running"
+                self.backend = BackendState.NEEDS_LOGIN if self.key_expired else BackendState.RUNNING
                 await self._reconcile()
                 self._persist()
         except StopAsyncIteration:
@@ -534,10 +542,10 @@ class Agent:
             for e in self.local_endpoints:
                 if e not in eps:
                     eps.append(e)
-                    types.append(compile.EP_LOCAL)
+                    types.append(wire.EP_LOCAL)
             eps, types = eps[: wire.MAX_ENDPOINTS], types[: wire.MAX_ENDPOINTS]
         else:
-            eps, types = list(self.local_endpoints), [compile.EP_LOCAL] * len(self.local_endpoints)
+            eps, types = list(self.local_endpoints), [wire.EP_LOCAL] * len(self.local_endpoints)
         if eps == self.endpoints and types == self.endpoint_types:
             return False
         self.endpoints, self.endpoint_types = eps, types
@@ -546,7 +554,7 @@ class Agent:
     def _chooser(self, fallback: compile.EndpointChooser) -> compile.EndpointChooser:
         """A peer's WireGuard endpoint: MagicSock's choice (direct or DERP), else the first usable one it
         reported (a peer without a disco key, or no MagicSock)."""
-        def choose(peer: Any) -> str | None:
+        def choose(peer: wire.Node) -> str | None:
             ms = self.magicsock
             key = compile.peer_key(peer)
             if ms is not None and key is not None:

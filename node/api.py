@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from node.agent import Agent, AgentError
+from node.errors import LocalError
 
 MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -43,7 +44,7 @@ UP_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class BadRequest(Exception):
+class BadRequest(LocalError):
     pass
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import struct
 from typing import Final, NamedTuple
 
+from node.errors import LocalError
+
 # Opcode parts, from linux/filter.h.
 LD, LDX, JMP, RET = 0x00, 0x01, 0x05, 0x06
 W, H, B = 0x00, 0x08, 0x10
@@ -83,7 +85,7 @@ def pack(prog: list[Insn]) -> bytes:
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
-class BpfError(ValueError):
+class BpfError(LocalError, ValueError):
     pass
 
 

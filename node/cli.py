@@ -23,12 +23,14 @@ from typing import Any, NoReturn
 
 import httpx
 
+from node.errors import LocalError
+
 DEFAULT_SOCKET = "/run/shoal/shoald.sock"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(LocalError):
     pass
 
 

@@ -1,13 +1,13 @@
 """Netmap -> OS configuration, without I/O: WireGuard peers, addresses and routes, the nft filter script.
 
 Also the other pure pieces of the agent: reading the node's own endpoints from `ip -j addr` output, the
-jittered back-off of the control connection, and the peer rows of `shoal status`.
+jittered back-off of the control connection, and the peer rows of `shoal status`. The netmap arrives parsed
+(node/mapsession.py, coord/wire/schema.py): every key, address and endpoint here is already valid.
 
-Two places are meant to be replaced when NAT traversal lands:
-- what a node reports as its endpoints (`local_endpoints`: interface addresses with the WireGuard port, type 1
-  "local"); STUN-reflexive ones will be added beside them;
-- which endpoint a peer's WireGuard gets (`EndpointChooser`; `first_endpoint` picks the first usable one
-  the peer reported); the disco path machine will answer this per peer instead.
+Endpoints: a node reports its interface addresses with the WireGuard port (`local_endpoints`, type 1 "local");
+MagicSock adds the STUN-reflexive ones (type 2). A peer's WireGuard endpoint is MagicSock's choice (its confirmed
+direct path, else its DERP socket); `first_endpoint` is the fallback for a peer MagicSock has no path for (no
+disco key): the first endpoint it reported that this node can reach by address family.
 """
 
 from __future__ import annotations
@@ -16,56 +16,44 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from coord import wire
-from node.keys import BadKey, PrivateKey, PublicKey
+from node.keys import PrivateKey, PublicKey
+from node.mapsession import NetMap
+from node.paths import PathKind
 from node.render import nft
 from node.render.routes import TAILNET_V4, TAILNET_V6, RouteConfig
-from node.wg.config import ConfigError, DeviceState, WgConfig, WgPeer, canonical_endpoint
+from node.wg.config import ConfigError, DeviceState, WgConfig, WgPeer
 
 KEEPALIVE = 25
-EP_LOCAL = 1  # EndpointTypes: an address of one of the node's interfaces
 FILTER_TABLE = "shoal_filter"
 TAILNET_NETS = (ipaddress.ip_network(TAILNET_V4), ipaddress.ip_network(TAILNET_V6))
 
-EndpointChooser = Callable[[Mapping[str, Any]], "str | None"]
-
-
-def as_list(v: object) -> list[Any]:
-    """A list field of a server record, or nothing: a malformed record must not break the whole map."""
-    return v if isinstance(v, list) else []
+EndpointChooser = Callable[[wire.Node], "str | None"]
 
 
 # --- endpoints ------------------------------------------------------------------------------------------
 
 
-def usable_endpoint(ep: object, families: Iterable[int] = (4, 6)) -> str | None:
-    """The canonical form of a peer's reported endpoint if this node could send to it, else None."""
-    if not isinstance(ep, str):
-        return None
-    try:
-        host, _ = wire.check_endpoint(ep)
-        text = canonical_endpoint(ep)
-    except (wire.WireError, ConfigError):
-        return None
-    ip = ipaddress.ip_address(host)
+def usable_endpoint(ep: wire.Endpoint, families: Iterable[int] = (4, 6)) -> str | None:
+    """The text of a peer's reported endpoint if this node could send to it, else None."""
+    ip = ep.ip
     if ip.version not in set(families):
         return None
     if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
         return None
     if any(ip in net for net in TAILNET_NETS):
         return None  # a tunnel address as an underlay endpoint would loop through the tunnel
-    return text
+    return str(ep)
 
 
 def first_endpoint(families: Iterable[int] = (4, 6)) -> EndpointChooser:
-    """Until NAT traversal: the first endpoint of the peer that this node can reach by address family."""
+    """The first endpoint of the peer that this node can reach by address family."""
     fams = tuple(families)
 
-    def choose(peer: Mapping[str, Any]) -> str | None:
-        for ep in as_list(peer.get("Endpoints")):
+    def choose(peer: wire.Node) -> str | None:
+        for ep in peer.endpoints:
             text = usable_endpoint(ep, fams)
             if text is not None:
                 return text
@@ -108,7 +96,7 @@ def local_endpoints(ip_addr_json: str, port: int, exclude: Iterable[str] = ()) -
     # IPv4 first: the chooser takes the first usable one, and the lab underlays are IPv4
     eps.sort(key=lambda e: e.startswith("["))
     eps = eps[: wire.MAX_ENDPOINTS]
-    return eps, [EP_LOCAL] * len(eps)
+    return eps, [wire.EP_LOCAL] * len(eps)
 
 
 def families_of(endpoints: Iterable[str]) -> tuple[int, ...]:
@@ -119,90 +107,57 @@ def families_of(endpoints: Iterable[str]) -> tuple[int, ...]:
 # --- WireGuard, routes, filter --------------------------------------------------------------------------
 
 
-def peer_key(peer: Mapping[str, Any]) -> PublicKey | None:
-    try:
-        return PublicKey(wire.parse_key(peer.get("Key"), "nodekey", "Key"), "nodekey")
-    except (wire.WireError, BadKey):
-        return None
-
-
-def _prefixes(items: object) -> tuple[str, ...]:
-    out = []
-    for x in items if isinstance(items, list) else ():
-        try:
-            out.append(str(ipaddress.ip_network(str(x), strict=False)))
-        except ValueError:
-            continue
-    return tuple(out)
+def peer_key(peer: wire.Node) -> PublicKey | None:
+    return None if peer.key is None else PublicKey(peer.key, "nodekey")
 
 
 def wg_config(
-    nm: wire.NetMap, private_key: PrivateKey, port: int, choose: EndpointChooser, keepalive: int = KEEPALIVE
+    nm: NetMap, private_key: PrivateKey, port: int, choose: EndpointChooser, keepalive: int = KEEPALIVE
 ) -> WgConfig:
-    """One WireGuard peer per netmap peer with a valid key: its AllowedIPs, the chosen endpoint, a keepalive.
+    """One WireGuard peer per netmap peer with a key: its AllowedIPs, the chosen endpoint, a keepalive.
 
-    A peer whose record is broken (bad key, a key shared with another peer or with us) is left out rather than
-    failing the whole map."""
+    A peer that cannot be used (no key, a key shared with another peer or with us, expired) is left out rather
+    than failing the whole map."""
     own = private_key.public().raw
     peers: list[WgPeer] = []
     seen = {own}
-    for pid in sorted(nm.peers):
-        p = nm.peers[pid]
-        if p.get("Expired"):
+    for p in nm.sorted_peers():
+        if p.expired:
             continue
         key = peer_key(p)
         if key is None or key.raw in seen:
             continue
         seen.add(key.raw)
         try:
-            peers.append(WgPeer(key, _prefixes(p.get("AllowedIPs")), choose(p), keepalive))
+            peers.append(WgPeer(key, tuple(str(n) for n in p.allowed_ips), choose(p), keepalive))
         except ConfigError:
             continue
     return WgConfig(private_key, port, tuple(peers))
 
 
-def self_addresses(nm: wire.NetMap) -> tuple[str, ...]:
-    node = nm.node or {}
-    out = []
-    for a in as_list(node.get("Addresses")):
-        try:
-            out.append(str(ipaddress.ip_interface(str(a))))
-        except ValueError:
-            continue
-    return tuple(out)
+def self_addresses(nm: NetMap) -> tuple[str, ...]:
+    return () if nm.node is None else tuple(str(a) for a in nm.node.addresses)
 
 
-def route_config(nm: wire.NetMap, iface: str) -> RouteConfig:
+def route_config(nm: NetMap, iface: str) -> RouteConfig:
     """The node's tailnet addresses; the tailnet prefixes are always routed through the interface."""
     return RouteConfig(iface, self_addresses(nm))
 
 
-def is_allow_all(rules: Sequence[Mapping[str, Any]]) -> bool:
-    for r in rules:
-        if not isinstance(r, Mapping) or "*" not in as_list(r.get("SrcIPs")) or r.get("IPProto"):
-            continue
-        for dp in as_list(r.get("DstPorts")):
-            ports = dp.get("Ports") if isinstance(dp, Mapping) else None
-            if isinstance(ports, Mapping) and dp.get("IP") == "*" and (ports.get("First"), ports.get("Last")) == (
-                0, 65535
-            ):
-                return True
-    return False
+def is_allow_all(rules: Sequence[wire.FilterRule]) -> bool:
+    return any(r.allows_all for r in rules)
 
 
-def filter_script(nm: wire.NetMap, iface: str, table: str = FILTER_TABLE) -> str:
+def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE) -> str:
     """The `nft -f -` script for the netmap's PacketFilter.
 
     Allow-all drops our table, so nothing of ours filters (every protocol passes, not only the four the
-    renderer spells out). A missing filter blocks everything, as an empty one does."""
-    rules = nm.packet_filter or []
+    renderer spells out). A missing filter blocks everything, as an empty one does. The renderer checks every
+    address again before it writes it into the script."""
+    rules = nm.packet_filter or ()
     if is_allow_all(rules):
-        return f"table inet {table} {{}}\ndelete table inet {table}\n"
-    try:
-        return nft.render(rules, iface, self_addresses(nm), table=table)
-    except (TypeError, AttributeError, KeyError) as e:
-        # the renderer expects well-formed rules; a server sending others gets a clear error, not a crash
-        raise nft.RenderError(f"malformed PacketFilter: {e}") from None
+        return delete_filter_script(table)
+    return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table)
 
 
 def delete_filter_script(table: str = FILTER_TABLE) -> str:
@@ -212,48 +167,35 @@ def delete_filter_script(table: str = FILTER_TABLE) -> str:
 # --- expiry and status ----------------------------------------------------------------------------------
 
 
-def parse_time(text: object) -> float | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def self_expired(nm: wire.NetMap, now: float) -> bool:
-    node = nm.node or {}
-    if node.get("Expired"):
+def self_expired(nm: NetMap, now: float) -> bool:
+    node = nm.node
+    if node is None:
+        return False
+    if node.expired:
         return True
-    exp = parse_time(node.get("KeyExpiry"))
-    return exp is not None and now >= exp
+    return node.key_expiry is not None and now >= node.key_expiry.timestamp()
 
 
-def short_name(fqdn: object) -> str:
-    return str(fqdn or "").split(".", 1)[0]
-
-
-def peer_rows(nm: wire.NetMap, dev: DeviceState | None,
+def peer_rows(nm: NetMap, dev: DeviceState | None,
               paths: Mapping[bytes, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """`shoal status` rows: the netmap's view of each peer joined with the engine's counters, and (`paths`,
     by node key) what NAT traversal knows: Path "direct" | "derp" | "none" from the engine's actual endpoint,
     DERPRegion, and the path state."""
     rows = []
-    for pid in sorted(nm.peers):
-        p = nm.peers[pid]
+    for p in nm.sorted_peers():
         key = peer_key(p)
         st = dev.peer(key) if (dev is not None and key is not None) else None
         endpoint = st.endpoint if st is not None else None
         rows.append({
-            "ID": pid,
-            "Name": p.get("Name", ""),
-            "HostName": short_name(p.get("Name")),
-            "Addresses": [str(a).split("/")[0] for a in as_list(p.get("Addresses"))],
-            "Online": bool(p.get("Online")),
-            "LastSeen": p.get("LastSeen"),
-            "Key": p.get("Key"),
+            "ID": p.id,
+            "Name": p.name,
+            "HostName": p.short_name,
+            "Addresses": p.ips(),
+            "Online": p.online,
+            "LastSeen": wire.time_json(p.last_seen),
+            "Key": p.key_text,
             "Endpoint": endpoint,
-            "Path": "direct" if endpoint else "none",
+            "Path": PathKind.DIRECT if endpoint else PathKind.NONE,
             "LastHandshake": st.last_handshake if st is not None else None,
             "RxBytes": st.rx_bytes if st is not None else 0,
             "TxBytes": st.tx_bytes if st is not None else 0,
@@ -262,8 +204,8 @@ def peer_rows(nm: wire.NetMap, dev: DeviceState | None,
         extra = paths.get(key.raw) if paths is not None and key is not None else None
         if extra:
             rows[-1].update(extra)
-            if extra.get("Path") == "none" and endpoint:
-                rows[-1]["Path"] = "direct"
+            if extra.get("Path") == PathKind.NONE and endpoint:
+                rows[-1]["Path"] = PathKind.DIRECT
     return rows
 
 
@@ -272,7 +214,7 @@ def peer_rows(nm: wire.NetMap, dev: DeviceState | None,
 
 @dataclass
 class Backoff:
-    """Exponential back-off with full jitter: the n-th wait is uniform in [base*2^n / 2, base*2^n], capped.
+    """Exponential back-off with equal jitter: the n-th wait is uniform in [c/2, c], c = min(cap, base*2^n).
 
     `rand` (0 <= rand < 1) is passed in, so this stays deterministic under test."""
 

@@ -1,10 +1,14 @@
-"""The node's control client: sealed register and map requests, and the map stream (format in coord/wire.py)."""
+"""The node's control client: sealed register and map requests, and the map stream (formats in coord/wire/).
+
+`login` and `poll` give typed answers, parsed where they are read (a malformed one raises WireError);
+`register` and `stream` give the JSON the server sent, for tools and the server's tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +16,10 @@ import httpx
 from nacl.public import Box
 
 from coord import wire
+from node.errors import RemoteError
 
 
-class ControlError(Exception):
+class ControlError(RemoteError):
     """The server refused a request (``status`` is its HTTP status) or could not be reached (status 0)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -23,8 +28,8 @@ class ControlError(Exception):
         self.message = message
 
 
-class PinMismatch(Exception):
-    pass
+class PinMismatch(RemoteError):
+    """The server presents a key other than the pinned one (or none is pinned yet)."""
 
 
 @dataclass
@@ -104,10 +109,20 @@ class ControlClient:
         # A followup is held open by the server until an admin approves, up to a minute.
         return await self._post("register", req.to_json(), timeout=90 if req.followup else None)
 
+    async def login(self, req: wire.RegisterRequest) -> wire.RegisterResponse:
+        """Register (or, with an expiry in the past, log out); the server's typed answer."""
+        return wire.RegisterResponse.from_json(await self.register(req))
+
     async def update(self, req: wire.MapRequest) -> None:
         await self._post("map", req.to_json())
 
-    async def stream(self, req: wire.MapRequest) -> AsyncIterator[dict[str, Any]]:
+    async def poll(self, req: wire.MapRequest) -> AsyncGenerator[wire.MapResponse, None]:
+        """The typed MapResponses of a long poll, in order (see `stream`)."""
+        async with contextlib.aclosing(self.stream(req)) as frames:
+            async for msg in frames:
+                yield wire.MapResponse.from_json(msg)
+
+    async def stream(self, req: wire.MapRequest) -> AsyncGenerator[dict[str, Any], None]:
         """MapResponses of a long poll, in order; raises ControlError or WireError when it breaks."""
         rid, sealed, box = self._seal(req.to_json())
         reader = wire.FrameReader(box, rid)

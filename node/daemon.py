@@ -27,12 +27,13 @@ import uvicorn
 
 from node.agent import Agent, AgentConfig
 from node.api import create_app
+from node.errors import LocalError
 from node.keys import StateFileError
 
 log = logging.getLogger("shoald")
 
 
-class DaemonError(Exception):
+class DaemonError(LocalError):
     pass
 
 

@@ -31,6 +31,8 @@ import nacl.exceptions
 import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 
+from node.errors import RemoteError
+
 MAGIC: Final = b"TS\xf0\x9f\x92\xac"
 KEY_LEN: Final = 32
 NONCE_LEN: Final = 24
@@ -50,7 +52,7 @@ TYPE_CALL_ME_MAYBE: Final = 0x03
 AddrPort = tuple[str, int]
 
 
-class DiscoError(ValueError):
+class DiscoError(RemoteError, ValueError):
     """A packet that is not a usable disco message. `reason` is a short stable name for drop counters."""
 
     reason = "invalid"

@@ -22,14 +22,16 @@ from typing import ClassVar
 
 from nacl.public import PrivateKey as _NaclPrivate
 
+from node.errors import LocalError
+
 KEY_LEN = 32
 
 
-class BadKey(ValueError):
+class BadKey(LocalError, ValueError):
     """A key text or state file is malformed."""
 
 
-class StateFileError(Exception):
+class StateFileError(LocalError):
     """A state file exists but cannot be used. Never answered by silently making a new identity."""
 
     def __init__(self, path: Path, why: str) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from collections import Counter, deque
@@ -37,18 +36,20 @@ from typing import Any
 
 from nacl.public import Box
 
+from coord import wire
 from derp import frames
 from derp.client import ClientEvent, Connected, DerpClient, Disconnected
 from node import disco, netcheck, paths, rawsock
 from node.derpsock import DerpSockets
 from node.disco import AddrPort
 from node.netcheck import Report
+from node.paths import PathKind
 from node.wg.config import DeviceState
 
 log = logging.getLogger("shoald.magicsock")
 
-EP_LOCAL = 1
-EP_STUN = 2
+EP_LOCAL = wire.EP_LOCAL
+EP_STUN = wire.EP_STUN
 POLL_INTERVAL = 0.5
 DERP_PENDING = 64  # packets held per region while it dials
 REPLAY_WINDOW = 5.0  # wireguard-go's REKEY_TIMEOUT: an older initiation has been retried already
@@ -64,51 +65,32 @@ def fmt_addr(a: AddrPort) -> str:
 
 
 def parse_endpoint(text: object) -> AddrPort | None:
-    """A netmap endpoint "ip:port" / "[ip6]:port" as an AddrPort; None when malformed."""
-    if not isinstance(text, str):
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return None
+    """An endpoint "ip:port" / "[ip6]:port" (ours, or the engine's) as an AddrPort; None when malformed."""
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-        p = int(port)
-    except ValueError:
+        return wire.Endpoint.parse(text).addr
+    except wire.WireError:
         return None
-    if not 0 < p < 65536:
-        return None
-    return (str(ip), p)
 
 
-def derp_url(node: Mapping[str, Any]) -> str | None:
-    url = node.get("URL")
-    if isinstance(url, str) and url.startswith(("http://", "https://")):
-        return url
-    host = node.get("HostName")
-    if not isinstance(host, str) or not host:
+def derp_url(node: wire.DERPNode) -> str | None:
+    if node.url.startswith(("http://", "https://")):
+        return node.url
+    host = node.host_name
+    if not host:
         return None
-    port = node.get("DERPPort") or 0
-    scheme = "http" if node.get("InsecureForTests") else "https"
+    port = node.derp_port
+    scheme = "http" if node.insecure_for_tests else "https"
     hostport = f"[{host}]" if ":" in host else host
     return f"{scheme}://{hostport}:{port}/derp" if port else f"{scheme}://{hostport}/derp"
 
 
-def region_urls(derp_map: Mapping[str, Any] | None) -> dict[int, str]:
+def region_urls(derp_map: wire.DERPMap | None) -> dict[int, str]:
     """Region id -> URL of its first relay."""
     out: dict[int, str] = {}
-    regions = (derp_map or {}).get("Regions")
-    if not isinstance(regions, Mapping):
-        return out
-    for key, r in regions.items():
-        if not isinstance(r, Mapping):
-            continue
-        try:
-            rid = int(r.get("RegionID", key))
-        except (TypeError, ValueError):
-            continue
-        for n in r.get("Nodes") or []:
-            if isinstance(n, Mapping) and (url := derp_url(n)) is not None:
-                out[rid] = url
+    for r in derp_map.regions if derp_map is not None else ():
+        for n in r.nodes:
+            if (url := derp_url(n)) is not None:
+                out[r.region_id] = url
                 break
     return out
 
@@ -168,7 +150,7 @@ class MagicSock:
         self.stun = netcheck.Runner(self._send_udp)
         self.regions: list[netcheck.Region] = []
         self.urls: dict[int, str] = {}
-        self.derp_map: Mapping[str, Any] | None = None
+        self.derp_map: wire.DERPMap | None = None
         self.home = 0
         self.report: Report | None = None
         self.last_netcheck = 0.0
@@ -218,15 +200,11 @@ class MagicSock:
 
     # --- inputs from the agent ---------------------------------------------------------------------------
 
-    def set_derp_map(self, derp_map: Mapping[str, Any] | None) -> None:
+    def set_derp_map(self, derp_map: wire.DERPMap | None) -> None:
         if derp_map == self.derp_map:
             return
         self.derp_map = derp_map
-        try:
-            self.regions = netcheck.regions_from_derp_map(derp_map) if derp_map else []
-        except netcheck.DerpMapError as e:
-            log.warning("DERP map: %s", e)
-            self.regions = []
+        self.regions = netcheck.regions_from_derp_map(derp_map) if derp_map is not None else []
         self.urls = region_urls(derp_map)
         if self.home not in self.urls:
             self._set_home(min(self.urls) if self.urls else 0)
@@ -238,24 +216,17 @@ class MagicSock:
             self._self_endpoints_changed()
             self._restun.set()  # an address changed: the NAT mapping may have too
 
-    def set_peers(self, peers: Mapping[int, Mapping[str, Any]]) -> None:
+    def set_peers(self, peers: Mapping[int, wire.Node]) -> None:
         """The netmap's peers: disco key, node key, endpoints and home region of each."""
         now = self.loop.time()
         seen: set[bytes] = set()
         for p in peers.values():
-            try:
-                node_key = _key(p.get("Key"), "nodekey")
-                disco_key = _key(p.get("DiscoKey"), "discokey")
-            except ValueError:
-                continue
-            if node_key is None or disco_key is None or p.get("Expired"):
+            node_key, disco_key = p.key, p.disco_key
+            if node_key is None or disco_key is None or p.expired:
                 continue
             seen.add(node_key)
-            eps = tuple(
-                ep for e in (p.get("Endpoints") or []) if (ep := parse_endpoint(e)) is not None and _usable(ep)
-            )
-            region = p.get("HomeDERP") or 0
-            region = region if isinstance(region, int) and not isinstance(region, bool) else 0
+            eps = tuple(ep.addr for ep in p.endpoints if _usable(ep))
+            region = p.home_derp
             info = self.peers.get(node_key)
             if info is None or info.disco_key != disco_key:
                 info = _PeerInfo(disco_key, disco.box_for(self.disco_private, disco_key), region, ())
@@ -302,15 +273,15 @@ class MagicSock:
         info = self.peers.get(node_key)
         peer = self.magic.peer_by_node(node_key)
         now = self.loop.time()
-        kind = "none"
+        kind = PathKind.NONE
         region = None
         if actual:
             ap = parse_endpoint(actual)
             if ap is not None and self.derpsock.node_key_for(ap) == node_key:
                 region = self._region_for(node_key)
-                kind = "derp"
+                kind = PathKind.DERP
             else:
-                kind = "direct"
+                kind = PathKind.DIRECT
         out: dict[str, Any] = {"Path": kind, "DERPRegion": region, "PeerHomeDERP": info.region if info else None}
         if peer is not None:
             out["Best"] = fmt_addr(peer.best) if peer.best else None
@@ -665,18 +636,7 @@ class MagicSock:
             await self.apply()
 
 
-def _key(text: object, prefix: str) -> bytes | None:
-    if not text:
-        return None
-    if not isinstance(text, str) or not text.startswith(prefix + ":"):
-        raise ValueError(f"not a {prefix}")
-    raw = bytes.fromhex(text.split(":", 1)[1])
-    if len(raw) != 32:
-        raise ValueError(f"{prefix} of {len(raw)} bytes")
-    return raw
-
-
-def _usable(ep: AddrPort) -> bool:
+def _usable(ep: wire.Endpoint) -> bool:
     """Candidates we can ping from the IPv4 raw port."""
-    ip = ipaddress.ip_address(ep[0])
+    ip = ep.ip
     return ip.version == 4 and not (ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local)

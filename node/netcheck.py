@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from coord import wire
 from derp import stun
 from node.disco import AddrPort
 
@@ -58,54 +59,35 @@ class Region:
     servers: tuple[StunServer, ...]
 
 
-class DerpMapError(ValueError):
-    pass
+# A DERP map that cannot be read is refused where the map is parsed (coord/wire/schema.py).
+DerpMapError = wire.DERPMapError
 
 
-def regions_from_derp_map(derp_map: Mapping[str, Any]) -> list[Region]:
-    """STUN servers of a DERPMap (Tailscale's JSON). Per node: IPv4 and IPv6 fields ("none" = off), else a
-    HostName that is an IP literal; STUNPort 0 = 3478, -1 = no STUN. Names that need DNS are skipped (resolve
-    them first and put the address in IPv4/IPv6). Regions without STUN or with NoMeasureNoHome are left out."""
-    regions = derp_map.get("Regions")
-    if not isinstance(regions, Mapping):
-        raise DerpMapError("DERPMap without a Regions object")
+def regions_from_derp_map(derp_map: wire.DERPMap) -> list[Region]:
+    """STUN servers of a DERP map. Per node: IPv4 and IPv6 fields ("none" = off), else a HostName that is an IP
+    literal; STUNPort 0 = 3478, -1 = no STUN. Names that need DNS are skipped (resolve them first and put the
+    address in IPv4/IPv6). Regions without STUN or with NoMeasureNoHome are left out."""
     out: list[Region] = []
-    for key, r in regions.items():
-        if not isinstance(r, Mapping):
-            raise DerpMapError(f"region {key}: not an object")
-        if r.get("NoMeasureNoHome"):
+    for r in derp_map.regions:
+        if r.no_measure_no_home:
             continue
-        rid = r.get("RegionID", key)
-        try:
-            rid = int(rid)
-        except (TypeError, ValueError):
-            raise DerpMapError(f"region {key}: RegionID {rid!r} is not an integer") from None
         servers: list[StunServer] = []
-        for n in r.get("Nodes") or []:
-            if not isinstance(n, Mapping):
-                raise DerpMapError(f"region {rid}: node is not an object")
-            port = n.get("STUNPort", 0) or DEFAULT_STUN_PORT
-            if not isinstance(port, int) or port < 0 or port > 0xFFFF:
+        for n in r.nodes:
+            port = n.stun_port or DEFAULT_STUN_PORT
+            if port < 0:
                 continue
             for ip in _node_ips(n):
-                servers.append(StunServer(rid, str(n.get("Name", "")), (ip, port)))
+                servers.append(StunServer(r.region_id, n.name, (ip, port)))
         if servers:
-            out.append(Region(rid, str(r.get("RegionCode", "")), tuple(servers)))
+            out.append(Region(r.region_id, r.region_code, tuple(servers)))
     return sorted(out, key=lambda x: x.region_id)
 
 
-def _node_ips(n: Mapping[str, Any]) -> list[str]:
-    ips: list[str] = []
-    for fld in ("IPv4", "IPv6"):
-        v = n.get(fld)
-        if isinstance(v, str) and v and v != "none":
-            try:
-                ips.append(str(ipaddress.ip_address(v)))
-            except ValueError:
-                continue
-    if not ips and n.get("IPv4") != "none":
+def _node_ips(n: wire.DERPNode) -> list[str]:
+    ips = [v for v in (n.ipv4, n.ipv6) if v and v != "none"]
+    if not ips and n.ipv4 != "none":
         with contextlib.suppress(ValueError):
-            ips.append(str(ipaddress.ip_address(str(n.get("HostName", "")).strip("[]"))))
+            ips.append(str(ipaddress.ip_address(n.host_name.strip("[]"))))
     return ips
 
 

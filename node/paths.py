@@ -26,6 +26,7 @@ by the other NAT does not wait for its next 5 s ping slot.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 from collections import Counter, deque
@@ -48,6 +49,16 @@ PING_TIMEOUT: Final = 5.0
 PUNCH_BACK_INTERVAL: Final = 1.0
 # Pong source reported for a ping that came over DERP (Tailscale's legacy DERP magic address; port = region).
 DERP_MAGIC_IP: Final = "127.3.3.40"
+
+
+class PathKind(enum.StrEnum):
+    """What a peer's traffic rides on, as `shoal status` reports it."""
+
+    DIRECT = "direct"
+    DERP = "derp"
+    NONE = "none"
+
+
 # Bounds on attacker-grown state: a peer can make us learn endpoints by pinging from many sources.
 MAX_ENDPOINTS: Final = 64
 MAX_INFLIGHT: Final = 256

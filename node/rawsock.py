@@ -34,6 +34,7 @@ from typing import Final
 
 from node import bpf
 from node.disco import AddrPort
+from node.errors import RemoteError
 
 IPV6_CHECKSUM: Final = 7  # linux/in6.h; Python's socket module lacks it
 MAX_DATAGRAM: Final = 65535
@@ -41,7 +42,7 @@ MAX_DATAGRAM: Final = 65535
 MAX_DRAIN: Final = 4096
 
 
-class RawPacketError(ValueError):
+class RawPacketError(RemoteError, ValueError):
     pass
 
 

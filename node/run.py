@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from node.errors import LocalError
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
@@ -21,7 +23,7 @@ class Result:
     err: str
 
 
-class CommandError(Exception):
+class CommandError(LocalError):
     """A command exited non-zero while the caller asked for `check=True`."""
 
     def __init__(self, argv: Sequence[str], result: Result) -> None:

@@ -11,8 +11,8 @@ Files (mode 0600, written atomically with node.keys.write_private):
      "logged_out": false,                         # true after `shoal logout`
      "hostname": "", "advertise_tags": ["tag:x"]}
 
-``netmap.json``: ``coord.wire.NetMap.as_json()`` of the last map received, so a restart while the server is
-down brings the tunnels back. It holds no secrets but is 0600 all the same (it lists the tailnet).
+``netmap.json``: the last netmap (``node.mapsession.NetMap.to_json()``, a full MapResponse), so a restart while
+the server is down brings the tunnels back. It holds no secrets but is 0600 all the same (it lists the tailnet).
 
 A file that exists but cannot be read is a ``StateFileError`` naming it and the way out; nothing here ever
 replaces an unreadable file with defaults.
@@ -27,6 +27,7 @@ from typing import Any
 
 from coord import wire
 from node.keys import StateFileError, write_private
+from node.mapsession import NetMap
 
 PREFS = "prefs.json"
 NETMAP = "netmap.json"
@@ -103,23 +104,18 @@ class StateDir:
         data = {"version": VERSION, **asdict(prefs)}
         write_private(self.dir / PREFS, json.dumps(data, indent=1) + "\n")
 
-    def load_netmap(self) -> wire.NetMap | None:
+    def load_netmap(self) -> NetMap | None:
         data = self._read_json(NETMAP)
         if data is None:
             return None
-        nm = wire.NetMap()
         try:
-            node, peers = data.get("Node"), data.get("Peers")
-            if not isinstance(node, dict) or not isinstance(peers, list):
-                raise ValueError("expected Node and Peers")
-            nm.apply(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return NetMap.from_json(data)
+        except wire.WireError as e:
             raise StateFileError(self.dir / NETMAP, f"not a netmap: {e}") from None
-        return nm
 
-    def save_netmap(self, nm: wire.NetMap) -> None:
+    def save_netmap(self, nm: NetMap) -> None:
         self.ensure()
-        write_private(self.dir / NETMAP, json.dumps(nm.as_json(), separators=(",", ":")) + "\n")
+        write_private(self.dir / NETMAP, json.dumps(nm.to_json(), separators=(",", ":")) + "\n")
 
     def forget_netmap(self) -> None:
         (self.dir / NETMAP).unlink(missing_ok=True)

@@ -26,12 +26,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from coord.wire.schema import FILTER_ALLOW_ALL as FILTER_ALLOW_ALL
+
 from .match import Subject, match_sel, posture_ok
 from .model import INTERNET, IPNet, Policy, Rule, Sel
-
-FILTER_ALLOW_ALL: list[dict[str, Any]] = [
-    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
-]
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from node.errors import RemoteError
+
 DEFAULT_PROTOS = (6, 17, 1, 58)
 PORT_PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,30}")
 IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
 
 
-class RenderError(ValueError):
+class RenderError(RemoteError, ValueError):
     pass
 
 

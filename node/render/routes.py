@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from node.errors import LocalError
+
 if TYPE_CHECKING:
     from node.run import Runner
 
@@ -31,7 +33,7 @@ MTU = 1280
 OWNED_PROTOCOLS = {None, "boot", "static"}
 
 
-class RouteStateError(ValueError):
+class RouteStateError(LocalError, ValueError):
     """`ip -j` output we cannot read, or the interface does not exist."""
 
 
@@ -153,7 +155,9 @@ def parse_state(addr_json: str, route4_json: str, route6_json: str) -> LinkState
 def _routes(entries: Iterable[dict[str, Any]]) -> list[str]:
     out = []
     for r in entries:
-        foreign = r.get("protocol") not in OWNED_PROTOCOLS or "gateway" in r
+        proto = r.get("protocol")
+        owned = proto is None or (isinstance(proto, str) and proto in OWNED_PROTOCOLS)
+        foreign = not owned or "gateway" in r
         if foreign or r.get("type", "unicast") != "unicast":
             continue
         dst = r.get("dst")

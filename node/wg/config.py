@@ -6,8 +6,8 @@ they differ, endpoints only where they changed. Applying the same config twice y
 `set()` is idempotent and does not disturb live sessions (re-setting a peer's endpoint would, for example,
 undo roaming).
 
-Endpoints are canonical text: `1.2.3.4:41641` or `[fd00::1]:41641`. Allowed IPs are canonical CIDR text with
-host bits cleared, as WireGuard itself stores them.
+Endpoints are canonical text: `1.2.3.4:41641` or `[fd00::1]:41641` (read by coord.wire.Endpoint). Allowed IPs
+are canonical CIDR text with host bits cleared, as WireGuard itself stores them.
 """
 
 from __future__ import annotations
@@ -15,35 +15,27 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from coord import wire
+from node.errors import LocalError
 from node.keys import PrivateKey, PublicKey
 
 
-class ConfigError(ValueError):
+class ConfigError(LocalError, ValueError):
     """A WireGuard config value is malformed."""
 
 
 def canonical_endpoint(text: str) -> str:
-    host, sep, port_s = text.rpartition(":")
-    if not sep or not port_s.isdigit():
-        raise ConfigError(f"endpoint {text!r} is not host:port")
-    port = int(port_s)
-    if not 0 < port < 65536:
-        raise ConfigError(f"endpoint {text!r} has port out of range")
-    bracketed = host.startswith("[") and host.endswith("]")
     try:
-        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
-    except ValueError:
-        raise ConfigError(f"endpoint {text!r} has no IP address") from None
-    if ip.version == 6 and not bracketed:
-        raise ConfigError(f"IPv6 endpoint {text!r} needs brackets: [addr]:port")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        return str(wire.Endpoint.parse(text))
+    except wire.WireError as e:
+        raise ConfigError(str(e)) from None
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host.strip("[]"), int(port)
+    try:
+        return wire.Endpoint.parse(endpoint).addr
+    except wire.WireError as e:
+        raise ConfigError(str(e)) from None
 
 
 def canonical_prefix(text: str) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
+from node.errors import LocalError
 from node.wg import uapi
 from node.wg.config import DeviceState, WgConfig, plan
 
@@ -32,7 +33,7 @@ HEALTHY_AFTER = 30.0
 START_TIMEOUT = 10.0
 
 
-class EngineError(Exception):
+class EngineError(LocalError):
     """The engine could not start, or the device refused a request."""
 
 

@@ -15,6 +15,7 @@ get reply: private_key, listen_port, fwmark, then per peer public_key, preshared
 
 from __future__ import annotations
 
+from node.errors import LocalError
 from node.keys import BadKey, PrivateKey, PublicKey
 from node.wg.config import (
     ConfigError,
@@ -29,7 +30,7 @@ GET = b"get=1\n\n"
 MAX_REPLY = 16 * 1024 * 1024  # bound on what we buffer from the socket
 
 
-class UapiError(ValueError):
+class UapiError(LocalError, ValueError):
     """The device sent a malformed reply, or reported an errno."""
 
 

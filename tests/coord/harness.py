@@ -14,8 +14,9 @@ import uvicorn
 from nacl.public import PrivateKey
 
 from coord import wire
-from coord.app import Server, create_app, load_or_create_key
+from coord.app import App, create_app
 from coord.config import Config, load
+from coord.logins import Logins
 from coord.serve import QuietServer
 from coord.service import Service
 from derp.embed import derp_http_protocol
@@ -31,12 +32,16 @@ def free_port() -> int:
 @dataclass
 class Running:
     url: str
-    server: Server
+    app: App
     config: Config
 
     @property
     def svc(self) -> Service:
-        return self.server.svc
+        return self.app.service
+
+    @property
+    def logins(self) -> Logins:
+        return self.app.logins
 
 
 @contextlib.asynccontextmanager
@@ -48,13 +53,11 @@ async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]
     }
     settings.update(overrides)
     config = load(None, env={}, overrides=settings)
-    data.mkdir(parents=True, exist_ok=True)
-    srv = Server(config, load_or_create_key(data / "server.key"))
-    await srv.start()
-    app = create_app(config, server=srv)
-    extra: dict[str, Any] = {"http": derp_http_protocol(srv.relay)} if srv.relay is not None else {}
+    app = await create_app(config)
+    await app.start()
+    extra: dict[str, Any] = {"http": derp_http_protocol(app.relay)} if app.relay is not None else {}
     userver = QuietServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **extra)
+        uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **extra)
     )
     task = asyncio.create_task(userver.serve())
     while not userver.started:
@@ -62,11 +65,11 @@ async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield Running(config.server_url, srv, config)
+        yield Running(config.server_url, app, config)
     finally:
         userver.should_exit = True
         await asyncio.wait_for(task, 10)
-        await srv.stop()
+        await app.close()
 
 
 @dataclass

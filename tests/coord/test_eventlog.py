@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from coord import db, eventlog
 from coord import events as ev
 from coord.state import State, fold
+from coord.store import sqlite as db
 from tests.coord.harness import running_server, sim_node
 from tests.coord.util import cli, cli_json
 
@@ -198,7 +198,7 @@ def read_all(data: Path) -> list[ev.Record]:
     async def go() -> list[ev.Record]:
         conn = await db.connect(data / "shoal.db")
         try:
-            return [r async for r in eventlog.read(conn, batch=7)]
+            return [r async for r in db.read(conn, batch=7)]
         finally:
             await conn.close()
 

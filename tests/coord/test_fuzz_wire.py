@@ -1,4 +1,7 @@
-"""Fuzzing every parser of network input: only WireError (a ValueError) may come out, never another exception."""
+"""Fuzzing every parser of network input: only WireError (a ValueError) may come out, never another exception.
+
+The typed MapResponse parse (what a node makes of every frame) is fuzzed too; what it accepts survives its own
+encoding."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +189,104 @@ def test_check_endpoint(ep: str) -> None:
     except wire.WireError:
         return
     assert 0 < port < 65536
+
+
+# --- the typed MapResponse (what a node parses from each frame) -----------------------------------------------
+
+MAP_KEYS = ("Node", "Peers", "PeersChanged", "PeersRemoved", "PeersChangedPatch", "DERPMap", "DNSConfig",
+            "PacketFilter", "Domain", "KeepAlive", "ControlTime")
+NODE_KEYS = ("ID", "StableID", "Name", "User", "Key", "KeyExpiry", "Machine", "DiscoKey", "Addresses", "AllowedIPs",
+             "Endpoints", "HomeDERP", "Online", "LastSeen", "Tags", "Hostinfo", "Created", "Expired",
+             "MachineAuthorized", "NodeID")
+node_values = st.one_of(
+    json_values, good_key, st.integers(0, 70000), st.booleans(),
+    st.binary(min_size=32, max_size=32).map(lambda b: wire.key_text("discokey", b)),
+    st.sampled_from(["2026-01-01T00:00:00.000000Z", "2026-01-01", "0001-01-01T00:00:00+05:00", "soon", ""]),
+    st.lists(st.sampled_from(["1.2.3.4:5", "[::1]:9", "100.64.0.1/32", "fd7a::1/128", "10.0.0.0/8", "x", "*"]),
+             max_size=4),
+)
+node_records = st.dictionaries(st.sampled_from(NODE_KEYS), node_values, max_size=10)
+rule_records = st.fixed_dictionaries({}, optional={
+    "SrcIPs": st.lists(st.sampled_from(["*", "100.64.0.1/32", "10.0.0.0/8"]) | json_values, max_size=3),
+    "DstPorts": st.lists(st.fixed_dictionaries({}, optional={
+        "IP": st.sampled_from(["*", "100.64.0.2/32"]) | json_values,
+        "Ports": st.fixed_dictionaries({}, optional={"First": st.integers(-1, 70000) | json_values,
+                                                      "Last": st.integers(-1, 70000) | json_values})}), max_size=2),
+    "IPProto": st.lists(st.integers(-1, 300), max_size=3) | json_values,
+})
+derp_records = st.fixed_dictionaries({}, optional={"Regions": st.dictionaries(
+    st.sampled_from(["1", "900", "x"]), st.fixed_dictionaries({}, optional={
+        "RegionID": st.integers(0, 1000) | json_values, "RegionCode": json_values, "NoMeasureNoHome": json_values,
+        "Nodes": st.lists(st.dictionaries(st.sampled_from(["Name", "HostName", "IPv4", "IPv6", "STUNPort",
+                                                           "DERPPort", "URL", "InsecureForTests"]),
+                                          node_values, max_size=5), max_size=2) | json_values}) | json_values,
+    max_size=3) | json_values})
+map_values = st.one_of(
+    json_values, node_records, st.lists(node_records, max_size=3), st.lists(rule_records, max_size=3),
+    derp_records, st.lists(st.integers(-3, 10), max_size=3),
+)
+map_messages = st.dictionaries(st.sampled_from(MAP_KEYS), map_values, max_size=8)
+
+
+def typed_round_trip(d: Any, parse: Callable[[Any], Any] = wire.MapResponse.from_json) -> None:
+    """Refused with a WireError, or parsed into a value that survives its own encoding (with nothing left out)."""
+    try:
+        msg = parse(d)
+    except wire.WireError:
+        return
+    again = parse(json.loads(json.dumps(msg.to_json())))
+    assert again == msg and getattr(again, "problems", ()) == ()
+
+
+@settings(max_examples=150)
+@given(map_messages)
+def test_map_response_from_json(d: dict[str, Any]) -> None:
+    typed_round_trip(d)
+
+
+@given(json_values)
+def test_map_response_from_random_json(d: Any) -> None:
+    typed_round_trip(d)
+
+
+@given(st.data())
+def test_map_response_mangled_server_map(data: st.DataObject) -> None:
+    """One field of a real full map replaced with something else: refused or parsed, never another exception."""
+    good: dict[str, Any] = {
+        "Node": {"ID": 1, "Name": "a.shoal.internal.", "Key": wire.key_text("nodekey", b"\x01" * 32),
+                 "Addresses": ["100.64.0.1/32"], "KeyExpiry": None, "MachineAuthorized": True},
+        "Peers": [{"ID": 2, "Key": wire.key_text("nodekey", b"\x02" * 32), "Endpoints": ["192.0.2.2:41641"],
+                   "AllowedIPs": ["100.64.0.2/32"], "LastSeen": "2026-01-01T00:00:00.000000Z"}],
+        "DERPMap": {"Regions": {"999": {"RegionID": 999, "Nodes": [{"HostName": "203.0.113.1", "DERPPort": 80}]}}},
+        "DNSConfig": {"Resolvers": [], "Domains": ["shoal.internal"], "Proxied": True, "Routes": {}},
+        "PacketFilter": wire.FILTER_ALLOW_ALL, "Domain": "shoal.internal",
+    }
+    assert wire.MapResponse.from_json(good).problems == ()
+    typed_round_trip(good)
+    top = data.draw(st.sampled_from(sorted(good)))
+    target: Any = good
+    if top in ("Node", "DERPMap", "DNSConfig") or data.draw(st.booleans()):
+        target = good[top] if isinstance(good[top], dict) else good
+    if isinstance(target, dict) and target:
+        target[data.draw(st.sampled_from(sorted(target)))] = data.draw(map_values)
+    typed_round_trip(good)
+
+
+@given(st.dictionaries(st.sampled_from(["MachineAuthorized", "NodeKeyExpired", "AuthURL", "User", "Login",
+                                        "LoggedOut", "Error"]),
+                       json_values | st.fixed_dictionaries({}, optional={"ID": json_values, "LoginName": json_values,
+                                                                         "Tags": json_values}), max_size=6))
+def test_register_response_from_json(d: dict[str, Any]) -> None:
+    typed_round_trip(d, wire.RegisterResponse.from_json)
+
+
+@given(st.text(max_size=60))
+def test_endpoint_parse(text: str) -> None:
+    try:
+        ep = wire.Endpoint.parse(text)
+    except wire.WireError:
+        return
+    assert 0 < ep.port < 65536 and wire.Endpoint.parse(str(ep)) == ep
 
 
 # --- the running server ---------------------------------------------------------------------------------------

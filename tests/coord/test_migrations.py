@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coord import db
+from coord.store import sqlite as db
 
 pytestmark = pytest.mark.anyio
 

@@ -190,7 +190,7 @@ async def test_interactive_registration_waits_for_approval(tmp_path: Path) -> No
         followup = asyncio.create_task(a.client.register(a.register_request(followup=first["AuthURL"])))
         await asyncio.sleep(0.2)
         assert not followup.done()
-        node = await r.svc.approve(auth_id, "bob")
+        node = await r.logins.approve(auth_id, "bob")
         resp = await asyncio.wait_for(followup, 5)
         assert resp["MachineAuthorized"] is True
         assert node["name"] == "pending-box"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from coord import wire
-from node import compile
+from node import compile, mapsession
 from node.keys import PrivateKey, PublicKey
 from node.render.routes import RouteConfig
 from node.wg.config import DeviceState, PeerState, WgConfig, WgPeer
@@ -30,14 +31,12 @@ def peer(pid: int, key: str, eps: list[str], **kw: Any) -> dict[str, Any]:
     return rec
 
 
-def netmap(peers: list[dict[str, Any]], filt: list[dict[str, Any]] | None = ALLOW_ALL) -> wire.NetMap:
-    nm = wire.NetMap()
-    nm.apply({
+def netmap(peers: list[dict[str, Any]], filt: list[dict[str, Any]] | None = ALLOW_ALL) -> mapsession.NetMap:
+    return mapsession.apply(mapsession.NetMap(), wire.MapResponse.from_json({
         "Node": {"ID": 1, "Name": "n1.shoal.internal.", "Key": str(SELF_PRIV.public()),
                  "Addresses": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "KeyExpiry": "2099-01-01T00:00:00Z"},
         "Peers": peers, "PacketFilter": filt, "Domain": "shoal.internal",
-    })
-    return nm
+    }))
 
 
 def test_golden_wireguard_and_routes() -> None:
@@ -86,8 +85,8 @@ def test_allow_all_renders_to_no_table_and_a_policy_to_a_filter() -> None:
         blocked = compile.filter_script(netmap([], filt), "shoal0")
         body = blocked[blocked.index("chain from_tailnet"):]
         assert "accept" not in body.replace("ct state established,related accept", "")
-    assert not compile.is_allow_all([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}],
-                                      "IPProto": [6]}])
+    assert not compile.is_allow_all([wire.FilterRule.from_json(
+        {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}], "IPProto": [6]})])
 
 
 IP_ADDR = json.dumps([
@@ -131,8 +130,8 @@ def test_local_endpoints_never_crash_on_odd_json(data: object) -> None:
                                 st.none() | st.text(max_size=70) | st.lists(st.text(max_size=30), max_size=3)
                                 | st.booleans()), max_size=5))
 def test_wg_config_survives_malformed_peer_records(records: list[dict[str, Any]]) -> None:
-    nm = netmap([])
-    nm.peers = {i: r for i, r in enumerate(records)}
+    # what the parser lets through of them (it leaves out the records it cannot read)
+    nm = netmap([{**r, "ID": i} for i, r in enumerate(records)])
     compile.wg_config(nm, SELF_PRIV, 41641, compile.first_endpoint())
     compile.peer_rows(nm, None)
 
@@ -142,7 +141,7 @@ def test_expiry() -> None:
     assert not compile.self_expired(nm, 0)
     assert compile.self_expired(nm, 4_102_444_800.0)  # 2100-01-01
     assert nm.node is not None
-    nm.node["Expired"] = True
+    nm = replace(nm, node=replace(nm.node, expired=True))
     assert compile.self_expired(nm, 0)
 
 
@@ -175,8 +174,8 @@ RULE = st.none() | st.text(max_size=5) | st.dictionaries(st.sampled_from(["SrcIP
 
 @given(st.lists(RULE, max_size=3))
 def test_malformed_filters_give_a_render_error_or_a_script(rules: list[Any]) -> None:
-    nm = netmap([], rules)
     try:
+        nm = netmap([], rules)  # a WireError (a ValueError) when the parser refuses the filter
         text = compile.filter_script(nm, "shoal0")
     except ValueError:
         return

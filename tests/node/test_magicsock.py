@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coord import wire
 from derp.server import DerpServer
 from node import disco
 from node.keys import PrivateKey, PublicKey
@@ -44,13 +45,13 @@ def test_derp_urls_from_map() -> None:
         "bad": "not an object",
         "x": {"RegionID": "nope", "Nodes": []},
     }}
-    assert region_urls(m) == {
+    assert region_urls(wire.DERPMap.from_json(m, problems=[])) == {
         900: "http://203.0.113.1:8080/derp",
         901: "http://203.0.113.2:8081/derp",
         902: "https://relay.example/derp",
     }
-    assert derp_url({"HostName": "2001:db8::1", "DERPPort": 443}) == "https://[2001:db8::1]:443/derp"
-    assert region_urls(None) == {} and region_urls({"Regions": []}) == {}
+    assert derp_url(wire.DERPNode(host_name="2001:db8::1", derp_port=443)) == "https://[2001:db8::1]:443/derp"
+    assert region_urls(None) == {} and region_urls(wire.DERPMap.from_json({"Regions": []}, problems=[])) == {}
 
 
 @given(st.recursive(st.none() | st.integers() | st.text(max_size=8),
@@ -58,7 +59,7 @@ def test_derp_urls_from_map() -> None:
                     max_leaves=12))
 def test_region_urls_never_raises(m: Any) -> None:
     if isinstance(m, dict):
-        region_urls({"Regions": m})
+        region_urls(wire.DERPMap.from_json({"Regions": m}, problems=[]))
 
 
 class Node:
@@ -104,10 +105,13 @@ async def test_two_magicsocks_ping_over_derp_and_count_bad_disco() -> None:
     try:
         for n, other in ((a, b), (b, a)):
             assert n.ms is not None
-            n.ms.set_derp_map(derp_map)
+            n.ms.set_derp_map(wire.DERPMap.from_json(derp_map))
             # a malformed record and one without a disco key are skipped, not fatal
-            n.ms.set_peers({1: other.record(1, ["not an endpoint", "192.0.2.9:41641"]), 2: {"Key": "junk"},
-                            3: {"Key": f"nodekey:{'11' * 32}"}})
+            peers = wire.MapResponse.from_json({"Peers": [
+                other.record(1, ["not an endpoint", "192.0.2.9:41641"]), {"ID": 2, "Key": "junk"},
+                {"ID": 3, "Key": f"nodekey:{'11' * 32}"}]}).peers
+            assert peers is not None
+            n.ms.set_peers({p.id: p for p in peers})
             assert await n.ms.wait_home(5)
         assert ma.home == 900 and set(ma.peers) == {b.key.public().raw}
         # no direct path: the WireGuard endpoint is the peer's DERP loopback socket

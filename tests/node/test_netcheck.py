@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coord import wire
 from derp import stun
 from derp.stunserver import start_stun_server
 from node import netcheck
@@ -172,7 +173,7 @@ def test_regions_from_derp_map() -> None:
             "903": {"RegionID": 903, "Nodes": []},
         }
     }
-    regions = netcheck.regions_from_derp_map(derp_map)
+    regions = netcheck.regions_from_derp_map(wire.DERPMap.from_json(derp_map))
     assert regions == [
         Region(
             900,
@@ -181,10 +182,11 @@ def test_regions_from_derp_map() -> None:
         ),
         Region(901, "", (StunServer(901, "901a", ("fd7a:115c:a1e0::1", 3478)),)),
     ]
+    # a DERP map that cannot be read is refused where it is parsed
     with pytest.raises(netcheck.DerpMapError, match="Regions"):
-        netcheck.regions_from_derp_map({})
+        wire.DERPMap.from_json({})
     with pytest.raises(netcheck.DerpMapError, match="RegionID 'x'"):
-        netcheck.regions_from_derp_map({"Regions": {"1": {"RegionID": "x"}}})
+        wire.DERPMap.from_json({"Regions": {"1": {"RegionID": "x"}}})
 
 
 def test_restun_delay() -> None:

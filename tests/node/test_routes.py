@@ -6,7 +6,7 @@ import contextlib
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from node.render.routes import RouteApplier, RouteConfig, RouteStateError, parse_state
@@ -135,6 +135,7 @@ def test_parse_errors() -> None:
         max_size=5),
     max_leaves=20,
 ))
+@example([{"flags": None, "mtu": None, "protocol": []}])  # an unhashable protocol once raised TypeError
 def test_parse_state_fuzz(doc: object) -> None:
     text = json.dumps(doc)
     for args in ((text, "[]", "[]"), (FRESH_ADDR, text, "[]"), (FRESH_ADDR, "[]", text)):

@@ -1,9 +1,15 @@
-"""SQLite: pragmas, the migration runner, and the projection rows written beside each event batch."""
+"""SQLite storage (aiosqlite): pragmas, the migration runner, the hash-chained event log and its projections.
+
+This module holds all of the server's SQL. The ``events`` row layout is documented in coord/events.py, the tables in
+migrations/. ``SqliteStore`` is the ``coord.store.Store`` the server runs on; the module-level functions take a
+connection, for the CLI's maintenance commands (``events replay``) and the migration tests.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,6 +18,7 @@ import aiosqlite
 
 from coord import events as ev
 from coord.state import State
+from coord.store import ChainBroken, Filter
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -149,3 +156,129 @@ async def dump_projections(conn: aiosqlite.Connection) -> dict[str, list[tuple[A
         async with conn.execute(f"SELECT * FROM {table} ORDER BY 1") as cur:
             out[table] = [tuple(r) for r in await cur.fetchall()]
     return out
+
+
+# --- the event log ---------------------------------------------------------------------------------------
+
+
+async def insert(conn: aiosqlite.Connection, records: list[ev.Record]) -> None:
+    """Insert inside the caller's transaction; the caller checked ``seq`` follows the last one."""
+    await conn.executemany(
+        "INSERT INTO events (seq, time, actor, type, schema, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (r.seq, r.time, r.actor, r.event.type, r.event.SCHEMA, ev.canonical_json(r.event.data()), r.prev_hash,
+             r.hash)
+            for r in records
+        ],
+    )
+
+
+async def last(conn: aiosqlite.Connection) -> tuple[int, str]:
+    async with conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1") as cur:
+        row = await cur.fetchone()
+    return (0, ev.GENESIS) if row is None else (int(row[0]), str(row[1]))
+
+
+def _where(f: Filter) -> tuple[str, list[object]]:
+    clauses: list[str] = ["seq > ?"]
+    args: list[object] = [f.since_seq]
+    if f.until_time:
+        clauses.append("time <= ?")
+        args.append(f.until_time)
+    if f.since_time:
+        clauses.append("time >= ?")
+        args.append(f.since_time)
+    if f.types:
+        clauses.append(f"type IN ({','.join('?' * len(f.types))})")
+        args.extend(f.types)
+    if f.node_id is not None:
+        clauses.append("json_extract(data, '$.node_id') = ?")
+        args.append(f.node_id)
+    return " AND ".join(clauses), args
+
+
+async def read(conn: aiosqlite.Connection, f: Filter = Filter(), batch: int = 5000) -> AsyncIterator[ev.Record]:
+    """Records in order. Rows are decoded without trusting them: use ``verify`` to check the chain."""
+    where, args = _where(f)
+    seq = f.since_seq
+    while True:
+        async with conn.execute(
+            f"SELECT seq, time, actor, type, schema, data, prev_hash, hash FROM events WHERE {where} "
+            "ORDER BY seq LIMIT ?",
+            [seq, *args[1:], batch],
+        ) as cur:
+            rows = list(await cur.fetchall())
+        for row in rows:
+            yield decode_row(tuple(row))
+        if len(rows) < batch:
+            return
+        seq = int(rows[-1][0])
+
+
+def decode_row(row: tuple[object, ...]) -> ev.Record:
+    seq, time, actor, type_name, schema, data, prev_hash, hash_ = row
+    obj = json.loads(str(data))
+    event = ev.from_data(str(type_name), int(str(schema)), obj)
+    return ev.Record(int(str(seq)), str(time), str(actor), event, str(prev_hash), str(hash_))
+
+
+async def verify(conn: aiosqlite.Connection) -> int:
+    """Walks the whole chain; returns the number of events, or raises ChainBroken at the first bad one."""
+    prev, expect_seq = ev.GENESIS, 1
+    async with conn.execute(
+        "SELECT seq, time, actor, type, schema, data, prev_hash, hash FROM events ORDER BY seq"
+    ) as cur:
+        async for row in cur:
+            seq, time, actor, type_name, schema, data, prev_hash, hash_ = tuple(row)
+            seq = int(seq)
+            if seq != expect_seq:
+                raise ChainBroken(expect_seq, f"missing (next stored event is {seq})")
+            if prev_hash != prev:
+                raise ChainBroken(seq, "prev_hash does not match the hash of the event before it")
+            try:
+                obj = json.loads(str(data))
+                ev.from_data(str(type_name), int(schema), obj)
+            except (ValueError, ev.BadEvent) as e:
+                raise ChainBroken(seq, f"undecodable data ({e})") from None
+            want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
+            if want != hash_:
+                raise ChainBroken(seq, "hash does not match the event's contents")
+            prev, expect_seq = str(hash_), seq + 1
+    return expect_seq - 1
+
+
+# --- the Store ----------------------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """One connection, in autocommit mode; ``append`` opens its own transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, path: str | Path) -> SqliteStore:
+        return cls(await connect(path))
+
+    def read(self, f: Filter = Filter()) -> AsyncIterator[ev.Record]:
+        return read(self.conn, f)
+
+    async def last(self) -> tuple[int, str]:
+        return await last(self.conn)
+
+    async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
+        users, keys, nodes = touched([r.event for r in records])
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            await insert(self.conn, records)
+            await write_projections(self.conn, state, users, keys, nodes, policy)
+            await self.conn.execute("COMMIT")
+        except BaseException:
+            await self.conn.execute("ROLLBACK")
+            raise
+
+    async def verify(self) -> int:
+        return await verify(self.conn)
+
+    async def close(self) -> None:
+        await self.conn.close()

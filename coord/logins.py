@@ -1,0 +1,172 @@
+"""Node registration: auth keys, key rotation, logout, and interactive logins waiting for an admin's approval.
+
+A node without an auth key gets a login URL (``/register/<id>``) and waits on a follow-up request until an admin
+runs ``nodes approve <id>``. Pending logins live in memory only: bounded (``MAX_PENDING``), forgotten after
+``PENDING_TTL``, and gone with a restart (the node asks again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from coord import decide, views, wire
+from coord.authkey import hash_secret, split_auth_key
+from coord.errors import DomainError, NotFound, Unauthorized
+from coord.lifecycle import Lifecycle
+from coord.service import Actor, Service, machine_actor, node_actor
+from coord.state import State
+
+PENDING_TTL = 1800.0
+MAX_PENDING = 10_000
+FOLLOWUP_WAIT = 60.0
+
+
+class LoginState(StrEnum):
+    WAITING = "waiting"
+    APPROVED = "approved"
+    EXPIRED = "expired"
+
+
+@dataclass
+class Pending:
+    auth_id: str
+    machine_key: bytes
+    request: wire.RegisterRequest
+    created: float
+    done: asyncio.Future[int]
+    state: LoginState = LoginState.WAITING
+
+
+def authorized(state: State, nid: int) -> dict[str, Any]:
+    """The RegisterResponse of an authorized node."""
+    n = state.nodes[nid]
+    u = state.users.get(n.user_id) if n.user_id is not None else None
+    return {
+        "MachineAuthorized": True,
+        "NodeKeyExpired": False,
+        "AuthURL": "",
+        "User": {"ID": n.user_id, "LoginName": u.name if u else ""},
+        "Login": {"Tags": list(n.tags)},
+    }
+
+
+def node_for_map(state: State, machine_key: bytes, req: wire.MapRequest) -> int:
+    """The node a map request speaks for, or Unauthorized."""
+    nid = state.by_machine.get(wire.key_text("mkey", machine_key))
+    if nid is None:
+        raise Unauthorized("unknown machine; register first")
+    n = state.nodes[nid]
+    if n.node_key != wire.key_text("nodekey", req.node_key):
+        raise Unauthorized("node key is not current; register again")
+    if n.logged_out:
+        raise Unauthorized("node is logged out; register again")
+    return nid
+
+
+def active_node_key(state: State, node_key_text: str) -> bool:
+    """Whether a node key belongs to a node its peers see (neither expired nor logged out): relays admit those."""
+    nid = state.by_node_key.get(node_key_text)
+    return nid is not None and state.nodes[nid].active
+
+
+@dataclass
+class Logins:
+    service: Service
+    lifecycle: Lifecycle
+    server_url: str
+    pending: dict[str, Pending] = field(default_factory=dict)
+
+    async def register(self, machine_key: bytes, req: wire.RegisterRequest) -> dict[str, Any]:
+        svc = self.service
+        now = svc.clock()
+        mkey = wire.key_text("mkey", machine_key)
+        actor = machine_actor(mkey)
+        if req.expiry is not None and req.expiry < now:
+            await svc.execute(lambda s: decide.logout(s, machine_key), actor)
+            return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": "", "LoggedOut": True}
+        node = decide.already_authorized(svc.state, machine_key, req, now)
+        if node is not None:
+            await svc.execute(lambda s: decide.rotate_key(s, node, req, svc.rules, now), node_actor(node.id))
+            return authorized(svc.state, node.id)
+        nid = svc.state.by_machine.get(mkey)
+        if nid is not None and not req.auth_key and not req.followup:
+            n = svc.state.nodes[nid]
+            expired = n.expired or (n.key_expiry is not None and now >= n.key_expiry)
+            if expired and n.node_key == wire.key_text("nodekey", req.node_key):
+                return {"MachineAuthorized": False, "NodeKeyExpired": True, "AuthURL": ""}
+        if req.auth_key:
+            prefix, secret = split_auth_key(req.auth_key)
+            key = decide.check_auth_key(svc.state, prefix, hash_secret(secret), now)
+            owner = decide.owner_from_key(svc.state, key)
+            recs = await svc.execute(lambda s: decide.register(s, machine_key, req, owner, svc.rules, now), actor)
+            self.lifecycle.registered(recs)
+            return authorized(svc.state, svc.state.by_machine[mkey])
+        return await self._interactive(machine_key, req, now)
+
+    async def _interactive(self, machine_key: bytes, req: wire.RegisterRequest, now: float) -> dict[str, Any]:
+        self._expire(now)
+        if req.followup:
+            auth_id = req.followup.rstrip("/").rsplit("/", 1)[-1]
+            p = self.pending.get(auth_id)
+            if p is None or p.machine_key != machine_key:
+                raise Unauthorized("unknown or expired login; start again")
+            p.request = req
+            try:
+                nid = await asyncio.wait_for(asyncio.shield(p.done), FOLLOWUP_WAIT)
+            except TimeoutError:
+                return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": req.followup}
+            return authorized(self.service.state, nid)
+        for p in self.pending.values():
+            if p.machine_key == machine_key:
+                p.request = req
+                return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(p.auth_id)}
+        if len(self.pending) >= MAX_PENDING:
+            raise DomainError("too many pending registrations; try again later")
+        auth_id = secrets.token_urlsafe(12)
+        self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future())
+        return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(auth_id)}
+
+    def _auth_url(self, auth_id: str) -> str:
+        return f"{self.server_url.rstrip('/')}/register/{auth_id}"
+
+    def _expire(self, now: float) -> None:
+        for auth_id, p in list(self.pending.items()):
+            if now - p.created > PENDING_TTL:
+                del self.pending[auth_id]
+                p.state = LoginState.EXPIRED
+                if not p.done.done():
+                    p.done.cancel()
+
+    # --- admin side ---------------------------------------------------------------------------------------
+
+    def waiting(self, auth_id: str) -> Pending | None:
+        p = self.pending.get(auth_id)
+        return p if p is not None and p.state is LoginState.WAITING else None
+
+    async def approve(self, auth_id: str, user_ref: str) -> dict[str, Any]:
+        svc = self.service
+        p = self.waiting(auth_id)
+        if p is None:
+            raise NotFound(f"no pending registration {auth_id!r}")
+        user = decide.find_user(svc.state, user_ref)
+        owner = decide.Owner(user, (), False, None)
+        recs = await svc.execute(
+            lambda s: decide.register(s, p.machine_key, p.request, owner, svc.rules, svc.clock()), Actor.ADMIN
+        )
+        nid = svc.state.by_machine[wire.key_text("mkey", p.machine_key)]
+        self.pending.pop(auth_id, None)
+        p.state = LoginState.APPROVED
+        if not p.done.done():
+            p.done.set_result(nid)
+        self.lifecycle.registered(recs)
+        return views.node(svc.state.nodes[nid])
+
+    def pending_json(self) -> list[dict[str, Any]]:
+        return [
+            views.pending(p.auth_id, p.machine_key, p.request.hostinfo.hostname, p.created)
+            for p in self.pending.values()
+        ]

@@ -1,0 +1,78 @@
+"""JSON shapes of the tailnet for the admin API and the CLI: pure functions of the state (and ``now``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coord import decide, wire
+from coord import events as ev
+from coord.state import Node, NodeStatus, State, User
+
+
+def user(u: User) -> dict[str, Any]:
+    return {"id": u.id, "name": u.name, "created": ev.rfc3339(u.created)}
+
+
+def key(state: State, key_id: int, now: float) -> dict[str, Any]:
+    k = state.keys[key_id]
+    u = state.users.get(k.user_id)
+    return {
+        "id": k.id,
+        "prefix": k.prefix,
+        "user": u.name if u else k.user_id,
+        "reusable": k.reusable,
+        "ephemeral": k.ephemeral,
+        "tags": list(k.tags),
+        "created": ev.rfc3339(k.created),
+        "expiration": None if k.expiration is None else ev.rfc3339(k.expiration),
+        "revoked": k.revoked,
+        "used_by": list(k.used_by),
+        "usable": decide.key_usable(k, now),
+    }
+
+
+def node(n: Node) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "name": n.given_name,
+        "hostname": n.hostname,
+        "user_id": n.user_id,
+        "tags": list(n.tags),
+        "ipv4": n.ipv4,
+        "ipv6": n.ipv6,
+        "machine_key": n.machine_key,
+        "node_key": n.node_key,
+        "ephemeral": n.ephemeral,
+        "key_expiry": n.key_expiry,
+        "expired": n.expired,
+        "logged_out": n.logged_out,
+        "online": n.online,
+        "last_seen": n.last_seen,
+        "endpoints": list(n.endpoints),
+        "home_derp": n.home_derp,
+        "created": n.created,
+    }
+
+
+def node_with_user(state: State, n: Node) -> dict[str, Any]:
+    d = node(n)
+    u = state.users.get(n.user_id) if n.user_id is not None else None
+    d["user"] = u.name if u is not None else None
+    return d
+
+
+def node_status(row: dict[str, Any]) -> NodeStatus:
+    """The STATE column of ``nodes list``, from a node's JSON (as it comes back over the admin socket)."""
+    if row["expired"]:
+        return NodeStatus.EXPIRED
+    return NodeStatus.LOGGED_OUT if row["logged_out"] else NodeStatus.ACTIVE
+
+
+def pending(auth_id: str, machine_key: bytes, hostname: str, created: float) -> dict[str, Any]:
+    return {
+        "id": auth_id,
+        "hostname": hostname,
+        "machine_key": wire.key_text("mkey", machine_key),
+        "requested": ev.rfc3339(created),
+    }
+
