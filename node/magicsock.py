@@ -138,7 +138,7 @@ class MagicSock:
         self.apply = apply
         self.on_endpoints = on_endpoints
         self.poll_interval = poll_interval
-        self.magic = paths.Magic(disco_private, node_public)
+        self.magic = paths.Magic(disco_private, node_public, rand=os.urandom)
         self.derpsock = DerpSockets(port, self._wg_to_derp, loop=self.loop)
         self.raw: rawsock.RawPort | None = None
         self.raw_error = ""

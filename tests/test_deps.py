@@ -35,7 +35,7 @@ SANS_IO = [
     "coord/netmap.py",
     "coord/ipam.py",
     "coord/names.py",
-    "coord/seal.py",
+    "coord/limits.py",
     "coord/fanout.py",
     "coord/views.py",
     "coord/authkey.py",
