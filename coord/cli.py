@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-delay", help="fan-out tick, e.g. 50ms")
     serve.add_argument("--keepalive", help="map stream keep-alive, e.g. 50s")
     serve.add_argument("--log-level", choices=[str(level) for level in LogLevel])
+    serve.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--trusted-proxies", help="addresses/prefixes of reverse proxies whose X-Forwarded-For "
+                                                 "is believed (comma-separated; default none)")
+
+    sub.add_parser("info", parents=[common],
+                   help="the server key nodes pin (shoal up --server-key), and what the server refused")
 
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -154,7 +161,8 @@ def config_from(args: argparse.Namespace) -> Config:
             listen=args.listen, server_url=args.server_url, stun_listen=args.stun_listen,
             derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
             key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
-            log_level=args.log_level, derp=False if args.no_derp else None,
+            log_level=args.log_level, derp=False if args.no_derp else None, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, trusted_proxies=args.trusted_proxies,
         )
     return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
 
@@ -167,7 +175,9 @@ def _split_tags(text: str) -> list[str]:
 
 
 def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    g, c = args.group, args.cmd
+    g, c = args.group, getattr(args, "cmd", None)
+    if g == "info":
+        return "info", {}
     if g == "users":
         return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at")}
     if g == "keys":
@@ -295,6 +305,12 @@ def render(command: str, result: Any) -> str:
         return table(result, [("ID", "id"), ("HOSTNAME", "hostname"), ("REQUESTED", "requested")]) if result else (
             "no pending registrations"
         )
+    if command == "info":
+        refused = ", ".join(f"{k} {v}" for k, v in result["Refused"].items() if k != "total") or "nothing"
+        state = "running" if result["Running"] else "not running (counters are the running server's)"
+        return (f"server key: {result['ServerKey']}\n(nodes pin it with: shoal up --login-server "
+                f"{result['ServerURL']} --server-key {result['ServerKey']})\nserver: {state}\n"
+                f"pending registrations: {result['Pending']}\nrefused: {result['Refused']['total']} ({refused})")
     if command == "keys.create":
         return (
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "

@@ -16,6 +16,10 @@ Every key, with its default::
     stun_listen       = "0.0.0.0:3478"            # embedded STUN server ("" = off)
     derp_map_file     = ""                        # JSON: extra regions and relays
     log_level         = "info"
+    tls_cert          = ""                        # PEM certificate chain: serve HTTPS (with tls_key)
+    tls_key           = ""                        # PEM private key of tls_cert
+    trusted_proxies   = ""                        # reverse proxies whose X-Forwarded-For is believed, e.g.
+                                                  # "10.0.0.1, 192.0.2.0/24"; limits count the client behind them
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from coord.errors import ConfigError
+from coord.limits import parse_proxies
 
 
 class LogLevel(StrEnum):
@@ -74,6 +79,9 @@ class Config:
     stun_listen: str = "0.0.0.0:3478"
     derp_map_file: str = ""
     log_level: str = "info"
+    tls_cert: str = ""
+    tls_key: str = ""
+    trusted_proxies: str = ""
 
     # --- derived, validated views ---
     @property
@@ -101,6 +109,13 @@ class Config:
     def keepalive_s(self) -> float:
         return parse_duration(self.keepalive, "keepalive")
 
+    @property
+    def proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return parse_proxies(self.trusted_proxies)
+        except ValueError as e:
+            raise ConfigError(f"trusted_proxies: {e}") from None
+
     def validate(self) -> Config:
         u = urlsplit(self.server_url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -122,6 +137,13 @@ class Config:
         host = (u.hostname or "").lower()
         if host == self.base_domain or host.endswith("." + self.base_domain):
             raise ConfigError("base_domain: must not be the server URL's host or a suffix of it")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both (HTTPS) or neither")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{key}: cannot read {path}")
+        self.proxies  # noqa: B018 - validates
         if self.log_level not in tuple(LogLevel):
             raise ConfigError("log_level: expected debug, info, warning or error")
         return self

@@ -83,9 +83,18 @@ class RateLimit:
     max_sources: int = 65_536
     buckets: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)  # key -> (tokens, at)
 
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self.buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(0.0, now - at) * self.rate)
+
+    def available(self, key: str, now: float) -> bool:
+        """Whether ``allow`` would say yes, without taking a token."""
+        return self._tokens(key, now) >= 1.0
+
     def allow(self, key: str, now: float) -> bool:
-        tokens, at = self.buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        """Take a token if there is one."""
+        tokens = self._tokens(key, now)
+        self.buckets.pop(key, None)
         ok = tokens >= 1.0
         if ok:
             tokens -= 1.0

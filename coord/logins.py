@@ -1,14 +1,18 @@
 """Node registration: auth keys, key rotation, logout, and interactive logins waiting for an admin's approval.
 
 A node without an auth key gets a login URL (``/register/<id>``) and waits on a follow-up request until an admin
-runs ``nodes approve <id>``. Pending logins live in memory only: bounded (``MAX_PENDING``), forgotten after
-``PENDING_TTL``, and gone with a restart (the node asks again).
+runs ``nodes approve <id>``. Pending logins live in memory only, forgotten after ``PENDING_TTL`` and gone with a
+restart (the node asks again). Anyone can ask, so they are bounded: ``PENDING_PER_SOURCE`` per source (an IPv4
+address or an IPv6 /64, coord/limits.py) and ``MAX_PENDING`` in all; each is at most what the wire schema's field
+limits allow (about 40 KB). A source over its share cannot push out anyone else's; logins with an auth key hold
+nothing and are never refused for want of room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -17,11 +21,25 @@ from coord import decide, views, wire
 from coord.authkey import hash_secret, split_auth_key
 from coord.errors import DomainError, NotFound, Unauthorized
 from coord.lifecycle import Lifecycle
+from coord.limits import RateLimit, Refusals
 from coord.service import Actor, Service, machine_actor, node_actor
 from coord.state import State
 
+
+class TooMany(DomainError):
+    status = 429
+
+
+class Busy(DomainError):
+    status = 503
+
+
 PENDING_TTL = 1800.0
-MAX_PENDING = 10_000
+MAX_PENDING = 4096
+PENDING_PER_SOURCE = 8
+# Registrations without a good auth key, per source: a node asks at `up`, then follows up once a minute.
+REGISTER_BURST = 20
+REGISTER_RATE = 0.5  # per second
 FOLLOWUP_WAIT = 60.0
 
 
@@ -38,6 +56,7 @@ class Pending:
     request: wire.RegisterRequest
     created: float
     done: asyncio.Future[int]
+    source: str = ""
     state: LoginState = LoginState.WAITING
 
 
@@ -78,9 +97,14 @@ class Logins:
     service: Service
     lifecycle: Lifecycle
     server_url: str
+    refusals: Refusals = field(default_factory=Refusals)
     pending: dict[str, Pending] = field(default_factory=dict)
+    per_source: Counter[str] = field(default_factory=Counter)
+    max_pending: int = MAX_PENDING
+    pending_per_source: int = PENDING_PER_SOURCE
+    rate: RateLimit = field(default_factory=lambda: RateLimit(REGISTER_RATE, REGISTER_BURST))
 
-    async def register(self, machine_key: bytes, req: wire.RegisterRequest) -> dict[str, Any]:
+    async def register(self, machine_key: bytes, req: wire.RegisterRequest, source: str = "") -> dict[str, Any]:
         svc = self.service
         now = svc.clock()
         mkey = wire.key_text("mkey", machine_key)
@@ -99,15 +123,26 @@ class Logins:
             if expired and n.node_key == wire.key_text("nodekey", req.node_key):
                 return {"MachineAuthorized": False, "NodeKeyExpired": True, "AuthURL": ""}
         if req.auth_key:
-            prefix, secret = split_auth_key(req.auth_key)
-            key = decide.check_auth_key(svc.state, prefix, hash_secret(secret), now)
+            try:
+                prefix, secret = split_auth_key(req.auth_key)
+                key = decide.check_auth_key(svc.state, prefix, hash_secret(secret), now)
+            except DomainError:
+                self._charge(source, now)
+                raise
             owner = decide.owner_from_key(svc.state, key)
             recs = await svc.execute(lambda s: decide.register(s, machine_key, req, owner, svc.rules, now), actor)
             self.lifecycle.registered(recs)
             return authorized(svc.state, svc.state.by_machine[mkey])
-        return await self._interactive(machine_key, req, now)
+        return await self._interactive(machine_key, req, now, source)
 
-    async def _interactive(self, machine_key: bytes, req: wire.RegisterRequest, now: float) -> dict[str, Any]:
+    def _charge(self, source: str, now: float) -> None:
+        if not self.rate.allow(source, now):
+            self.refusals.note("rate")
+            raise TooMany(f"too many registrations from {source or 'this source'}; slow down")
+
+    async def _interactive(self, machine_key: bytes, req: wire.RegisterRequest, now: float,
+                           source: str) -> dict[str, Any]:
+        self._charge(source, now)
         self._expire(now)
         if req.followup:
             auth_id = req.followup.rstrip("/").rsplit("/", 1)[-1]
@@ -124,22 +159,40 @@ class Logins:
             if p.machine_key == machine_key:
                 p.request = req
                 return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(p.auth_id)}
-        if len(self.pending) >= MAX_PENDING:
-            raise DomainError("too many pending registrations; try again later")
+        if self.per_source[source] >= self.pending_per_source:
+            self.refusals.note("pending_source")
+            raise TooMany(f"{self.pending_per_source} registrations from {source or 'this source'} are already "
+                          "waiting for approval; approve them or wait until they expire")
+        if len(self.pending) >= self.max_pending:
+            self.refusals.note("pending_total")
+            raise Busy("too many registrations are waiting for approval; try again later (or use an auth key)")
         auth_id = secrets.token_urlsafe(12)
-        self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future())
+        self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future(),
+                                        source)
+        self.per_source[source] += 1
         return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(auth_id)}
 
     def _auth_url(self, auth_id: str) -> str:
         return f"{self.server_url.rstrip('/')}/register/{auth_id}"
 
     def _expire(self, now: float) -> None:
-        for auth_id, p in list(self.pending.items()):
-            if now - p.created > PENDING_TTL:
-                del self.pending[auth_id]
-                p.state = LoginState.EXPIRED
-                if not p.done.done():
-                    p.done.cancel()
+        # Insertion order is creation order on the server's own clock: the oldest come first.
+        while self.pending:
+            auth_id, p = next(iter(self.pending.items()))
+            if now - p.created <= PENDING_TTL:
+                break
+            self._forget(auth_id)
+            p.state = LoginState.EXPIRED
+            if not p.done.done():
+                p.done.cancel()
+
+    def _forget(self, auth_id: str) -> None:
+        p = self.pending.pop(auth_id, None)
+        if p is None:
+            return
+        self.per_source[p.source] -= 1
+        if self.per_source[p.source] <= 0:
+            del self.per_source[p.source]
 
     # --- admin side ---------------------------------------------------------------------------------------
 
@@ -158,7 +211,7 @@ class Logins:
             lambda s: decide.register(s, p.machine_key, p.request, owner, svc.rules, svc.clock()), Actor.ADMIN
         )
         nid = svc.state.by_machine[wire.key_text("mkey", p.machine_key)]
-        self.pending.pop(auth_id, None)
+        self._forget(auth_id)
         p.state = LoginState.APPROVED
         if not p.done.done():
             p.done.set_result(nid)

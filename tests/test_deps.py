@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ def _impure(qualified: list[str]) -> bool:
     """``["datetime", "datetime", "now"]``, ``["time", "time"]``, ``["os", "urandom"]``: a clock or randomness?"""
     if qualified[0] in IMPURE_MODULES or (qualified[0], None) in IMPURE:
         return True
-    return any((a, b) in IMPURE for a, b in zip(qualified, qualified[1:], strict=False))
+    return any((a, b) in IMPURE for a, b in itertools.pairwise(qualified))
 
 
 def impure_calls(path: Path) -> list[str]:

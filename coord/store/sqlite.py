@@ -17,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from coord import events as ev
+from coord import private
 from coord.state import State
 from coord.store import ChainBroken, Filter
 
@@ -24,6 +25,11 @@ MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 async def connect(path: str | Path) -> aiosqlite.Connection:
+    # 0600 before sqlite sees it: sqlite creates -wal, -shm and -journal with the database file's mode.
+    path = Path(path)
+    private.touch(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private.narrow(path.with_name(path.name + suffix))
     conn = await aiosqlite.connect(str(path), isolation_level=None)
     # WAL: readers (the CLI, `events tail --follow`) never block the server. synchronous=NORMAL in WAL mode keeps
     # every acknowledged commit across a process crash (only an OS crash or power loss can drop the last ones).

@@ -11,6 +11,7 @@ auth key and sends a map update, and an interactive registration from 127.0.0.1 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ def junk_body() -> bytes:
     hostinfo = {
         "Hostname": "j" * wire.MAX_HOSTNAME,
         "OS": "o" * 64,
-        "RequestTags": [f"tag:{i:03d}" + "t" * (getattr(wire, "MAX_TAG", 64) - 7) for i in range(wire.MAX_TAGS)],
+        "RequestTags": [f"tag:{i:03d}" + "t" * (wire.MAX_TAG - 7) for i in range(wire.MAX_TAGS)],
         "RoutableIPs": [f"fd00:1234:5678:9abc:def0:1234:5678:{i:04x}/128" for i in range(wire.MAX_ROUTES)],
     }
     body = {"NodeKey": wire.key_text("nodekey", os.urandom(32)), "Hostinfo": hostinfo}
@@ -131,10 +132,8 @@ async def _post(host: str, port: int, source: str, path: str, body: bytes) -> in
         await reader.read()
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await writer.wait_closed()
-        except OSError:
-            pass
     parts = head.split()
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
