@@ -174,12 +174,14 @@ class Agent:
     # --- commands from the local API ----------------------------------------------------------------------
 
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
-                 advertise_tags: list[str] | None = None, wait: float = UP_WAIT) -> dict[str, Any]:
+                 advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
+                 ca_file: str | None = None) -> dict[str, Any]:
         async with self._op_lock:
-            return await self._up(login_server, auth_key, hostname, advertise_tags, wait)
+            return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
-                  advertise_tags: list[str] | None, wait: float) -> dict[str, Any]:
+                  advertise_tags: list[str] | None, wait: float, server_key: str = "",
+                  ca_file: str | None = None) -> dict[str, Any]:
         server = (login_server or self.prefs.login_server).rstrip("/")
         if not server:
             raise AgentError(400, "no login server: pass --login-server URL")
@@ -193,6 +195,18 @@ class Agent:
         prefs = replace(self.prefs, advertise_tags=list(self.prefs.advertise_tags))
         if server != have:
             prefs.server_key = ""
+        if server_key:
+            # pinned up front (`shoal up --server-key`): the first contact is checked too, not trusted
+            try:
+                want = wire.key_text("mkey", wire.parse_key(server_key, "mkey", "--server-key"))
+            except wire.WireError as e:
+                raise AgentError(400, str(e)) from None
+            if prefs.server_key and prefs.server_key != want:
+                raise AgentError(409, f"this node pinned server key {prefs.server_key} for {server}, but "
+                                      f"--server-key says {want}; refusing (run `shoal logout` to start over)")
+            prefs.server_key = want
+        if ca_file is not None:
+            prefs.ca_file = ca_file
         prefs.login_server = server
         if hostname is not None:
             prefs.hostname = hostname
@@ -395,7 +409,7 @@ class Agent:
         prefs = prefs or self.prefs
         return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
                              server_public=prefs.server_key_raw(), clock=self.clock,
-                             timeout=self.cfg.control_timeout)
+                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file)
 
     async def _pin(self, client: ControlClient, prefs: Prefs | None = None) -> None:
         """Pins on first contact. `prefs` other than ours (a tentative `up`) is updated but not saved."""
