@@ -57,7 +57,8 @@ async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]
     await app.start()
     extra: dict[str, Any] = {"http": derp_http_protocol(app.relay)} if app.relay is not None else {}
     userver = QuietServer(
-        uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **extra)
+        uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                       proxy_headers=False, **extra)
     )
     task = asyncio.create_task(userver.serve())
     while not userver.started:
