@@ -15,7 +15,7 @@ Sealed request (node -> server)::
 The server refuses a request whose ``ts`` is more than ``MAX_SKEW`` (300 s) from its clock, or from before the
 server started, or whose ``id`` it has already seen inside that window, so a captured body cannot be replayed,
 not even after a restart. Register and map bodies are capped at ``MAX_CONTROL`` (64 KiB: the biggest request the
-schema's field limits allow is about 40 KiB), other sealed bodies at ``MAX_REQUEST`` (1 MiB).
+schema's field limits allow is about 17 KB of JSON), other sealed bodies at ``MAX_REQUEST`` (1 MiB).
 
 Sealed response (server -> node), for register and non-streaming map::
 
