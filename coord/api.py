@@ -121,7 +121,8 @@ class Api:
         body = await read_body(request, wire.MAX_CONTROL)
         box = self.boxes.get(mkey)
         try:
-            opened = wire.open_request(box, body, now=self.clock(), guard=self.guard, source=source,
+            known = wire.key_text("mkey", mkey) in self.service.state.by_machine
+            opened = wire.open_request(box, body, now=self.clock(), guard=self.guard, source=source, known=known,
                                        limit=wire.MAX_CONTROL)
         except wire.Busy:
             self.refusals.note("replay_guard")

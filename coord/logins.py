@@ -4,8 +4,9 @@ A node without an auth key gets a login URL (``/register/<id>``) and waits on a 
 runs ``nodes approve <id>``. Pending logins live in memory only, forgotten after ``PENDING_TTL`` and gone with a
 restart (the node asks again). Anyone can ask, so they are bounded: ``PENDING_PER_SOURCE`` per source (an IPv4
 address or an IPv6 /64, coord/limits.py) and ``MAX_PENDING`` in all; each is at most what the wire schema's field
-limits allow (a 17 KB request, about 40 KB in memory). A source over its share cannot push out anyone else's; logins with an auth key hold
-nothing and are never refused for want of room.
+limits allow (a 17 KB request, about 40 KB in memory). A source over its share cannot push out anyone else's;
+logins with an auth key hold nothing and are never refused for want of room. Registrations without a good auth key
+are rate-limited per source (``REGISTER_BURST``, then ``REGISTER_RATE`` per second).
 """
 
 from __future__ import annotations

@@ -86,24 +86,26 @@ class ReplayGuard:
     """Request ids seen within the skew window, bounded. Callers pass ``now`` and the request's source.
 
     An id is remembered while a request carrying it could still pass the time check (until ``ts + window``),
-    then forgotten, in order of ``ts`` whatever order the requests came in. The set is bounded, ``max_per_source``
-    ids per source and ``max_ids`` in all; past a bound a request is refused (``Busy``), never let through
-    unchecked. ``not_before`` is when the server started: the ids it saw before are gone, so a request sealed
-    before then is refused rather than replayable.
+    then forgotten, in order of ``ts`` whatever order the requests came in. Ids from machine keys the server does
+    not know yet (anyone can mint one) are bounded, ``max_per_source`` per source and ``max_ids`` in all; past a
+    bound such a request is refused (``Busy``), never let through unchecked. Ids of known machines
+    (``bounded=False``) are neither capped nor crowded out by the others. ``not_before`` is when the server
+    started: the ids it saw before are gone, so a request sealed before then is refused rather than replayable.
     """
 
     window: float = MAX_SKEW
     not_before: float = 0.0
     max_ids: int = 200_000
     max_per_source: int = 8_192
-    seen: dict[str, str] = field(default_factory=dict)  # request id -> source
+    seen: dict[str, str | None] = field(default_factory=dict)  # request id -> source (None: a known machine)
     expiry: list[tuple[float, str]] = field(default_factory=list)  # heap of (ts, request id)
     per_source: Counter[str] = field(default_factory=Counter)
+    bounded: int = 0  # ids that count against the bounds
 
     def __len__(self) -> int:
         return len(self.seen)
 
-    def check(self, request_id: str, ts: float, now: float, source: str = "") -> None:
+    def check(self, request_id: str, ts: float, now: float, source: str = "", bounded: bool = True) -> None:
         if abs(now - ts) > self.window:
             raise WireError(f"request time is {now - ts:+.0f}s off the server clock (limit {self.window:.0f}s)")
         if ts < self.not_before:
@@ -112,13 +114,15 @@ class ReplayGuard:
         self._expire(now)
         if request_id in self.seen:
             raise WireError("request id already seen (replay)")
-        if self.per_source[source] >= self.max_per_source:
-            raise Busy(f"too many requests from {source or 'this source'} within {self.window:.0f}s; "
-                       "try again later")
-        if len(self.seen) >= self.max_ids:
-            raise Busy(f"too many requests in total within {self.window:.0f}s; try again later")
-        self.seen[request_id] = source
-        self.per_source[source] += 1
+        if bounded:
+            if self.per_source[source] >= self.max_per_source:
+                raise Busy(f"too many requests from {source or 'this source'} within {self.window:.0f}s; "
+                           "try again later")
+            if self.bounded >= self.max_ids:
+                raise Busy(f"too many requests in total within {self.window:.0f}s; try again later")
+            self.per_source[source] += 1
+            self.bounded += 1
+        self.seen[request_id] = source if bounded else None
         heapq.heappush(self.expiry, (ts, request_id))
 
     def _expire(self, now: float) -> None:
@@ -126,6 +130,9 @@ class ReplayGuard:
         while self.expiry and self.expiry[0][0] < horizon:
             _, rid = heapq.heappop(self.expiry)
             source = self.seen.pop(rid)
+            if source is None:
+                continue
+            self.bounded -= 1
             self.per_source[source] -= 1
             if not self.per_source[source]:
                 del self.per_source[source]
@@ -139,7 +146,8 @@ class OpenedRequest:
 
 
 def open_request(box: Box, data: bytes, *, now: float, guard: ReplayGuard, source: str = "",
-                 limit: int = MAX_REQUEST) -> OpenedRequest:
+                 known: bool = False, limit: int = MAX_REQUEST) -> OpenedRequest:
+    """Open a sealed request; ``known``: the machine key is one the server knows (its ids are not capped)."""
     if len(data) > limit:
         raise WireError(f"request body is {len(data)} bytes; the limit is {limit}")
     obj = loads_object(unseal(box, data, "request"), "request")
@@ -150,7 +158,7 @@ def open_request(box: Box, data: bytes, *, now: float, guard: ReplayGuard, sourc
         raise WireError("request: ts must be a number")
     if not isinstance(body, dict):
         raise WireError("request: body must be an object")
-    guard.check(rid, float(ts), now, source)
+    guard.check(rid, float(ts), now, source, bounded=not known)
     return OpenedRequest(rid, float(ts), body)
 
 

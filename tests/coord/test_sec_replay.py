@@ -56,9 +56,13 @@ def test_sec_guard_is_bounded_per_source_and_in_total() -> None:
     assert len(g) == 100
     with pytest.raises(wire.Busy, match="in total"):
         g.check(rid(n), NOW, NOW, source="198.51.100.1")
+    # known machines are neither capped nor crowded out
+    g.check(rid(n), NOW, NOW, source="192.0.2.1", bounded=False)
+    with pytest.raises(wire.WireError, match="already seen"):
+        g.check(rid(n), NOW, NOW, source="192.0.2.1", bounded=False)
     # once the window has passed, every source gets its share again
-    g.check(rid(n), NOW + 301, NOW + 301, source="192.0.2.1")
-    assert len(g) == 1
+    g.check(rid(n + 1), NOW + 301, NOW + 301, source="192.0.2.1")
+    assert len(g) == 1 and g.bounded == 1
 
 
 def test_sec_guard_refuses_requests_sealed_before_it_started() -> None:
