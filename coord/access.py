@@ -33,12 +33,19 @@ def policy_nodes(state: State) -> list[policy.PolicyNode]:
     return [policy_node(state, n) for n in state.nodes.values()]
 
 
+def idp_groups(state: State) -> dict[str, tuple[str, ...]]:
+    """user name -> policy groups from the identity provider (filled at sign-in, see coord.auth)."""
+    return {u.name: u.groups for u in state.users.values() if u.groups}
+
+
 class PolicyVisibility:
     """Visibility backed by a parsed policy; rebuilt whole only when the policy itself changes."""
 
     def __init__(self, state: State, parsed: policy.Policy) -> None:
         self.state = state
-        self.engine = policy.PolicyEngine(parsed, policy_nodes(state))
+        self.engine = policy.PolicyEngine(parsed, policy_nodes(state), idp_groups=idp_groups(state))
+        # Under which name each user's IdP groups were given to the engine, so a rename moves them.
+        self._group_names: dict[int, str] = {u.id: u.name for u in state.users.values() if u.groups}
 
     def peers(self, node_id: int) -> Iterable[int]:
         return self.engine.peers(node_id)
@@ -58,12 +65,28 @@ class PolicyVisibility:
                 n = self.state.nodes.get(nid)
                 affected |= self.engine.remove(nid) if n is None else self.engine.upsert(policy_node(self.state, n))
             elif isinstance(e, ev.UserRenamed):
+                affected |= self._regroup(e.user_id)
                 for n in self.state.nodes.values():
                     if n.user_id == e.user_id:
                         affected |= self.engine.upsert(policy_node(self.state, n))
+            elif isinstance(e, (ev.UserClaimsUpdated, ev.UserDeleted)):
+                affected |= self._regroup(e.user_id)
         return Change(visibility=affected)
+
+    def _regroup(self, user_id: int) -> set[int]:
+        """A sign-in changed a user's groups, or the user's name changed: tell the engine."""
+        affected: set[int] = set()
+        old = self._group_names.pop(user_id, None)
+        u = self.state.users.get(user_id)
+        if old is not None and (u is None or u.name != old):
+            affected |= self.engine.set_idp_groups(old, ())
+        if u is not None:
+            affected |= self.engine.set_idp_groups(u.name, u.groups)
+            if u.groups:
+                self._group_names[user_id] = u.name
+        return affected
 
 
 def tailnet(state: State) -> dict[str, Any]:
     """The live tailnet in the shape ``policy check`` takes."""
-    return policy.tailnet_state(policy_nodes(state), {})
+    return policy.tailnet_state(policy_nodes(state), {}, idp_groups(state))

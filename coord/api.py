@@ -4,7 +4,8 @@ Public routes (the control protocol is documented in coord/wire.py):
     GET  /key                          server public key (pinned by nodes)
     POST /machine/<mkey hex>/register  sealed RegisterRequest -> sealed RegisterResponse
     POST /machine/<mkey hex>/map       sealed MapRequest -> sealed response, or a stream of sealed frames
-    GET  /register/<id>                the page a login URL opens
+    GET  /register/<id>                the page a login URL opens (without sign-in: how an admin approves)
+    GET  /login/<token>, /oidc/...     sign-in with OpenID Connect, when configured (coord/auth/web.py)
     POST /derp/admit                   {"NodePublic": "nodekey:..", "Source": ip} -> {"Allow": bool}, for relays
     GET  /health                       {"ok", "nodes", "sessions", "refused": <requests refused by the limits>}
 Registrations that hold no auth key (or a wrong one) are rate-limited per source (coord/logins.py); a source
@@ -111,10 +112,10 @@ class Api:
             {"publicKey": wire.key_text("mkey", self.public_key), "capabilityVersion": wire.CAPABILITY_VERSION}
         )
 
-    def source(self, request: Request) -> str:
-        """The limits' unit for this request's sender (coord/limits.py)."""
+    def address(self, request: Request) -> str:
+        """The sender's address: the TCP peer, or the client behind a trusted proxy (coord/limits.py)."""
         peer = request.client.host if request.client else None
-        return source_key(client_address(peer, request.headers.get("x-forwarded-for"), self.proxies))
+        return client_address(peer, request.headers.get("x-forwarded-for"), self.proxies)
 
     async def _open(self, request: Request, source: str) -> tuple[bytes, Box, wire.OpenedRequest]:
         mkey = wire.parse_hex_key(request.path_params["mkey"], "machine key in URL")
@@ -130,19 +131,20 @@ class Api:
         return mkey, box, opened
 
     async def register(self, request: Request) -> Response:
-        source = self.source(request)
+        address = self.address(request)
+        source = source_key(address)
         if not self.logins.rate.available(source, self.clock()):
             self.refusals.note("rate")
             return PlainTextResponse(f"too many registrations from {source}; slow down\n", status_code=429,
                                      headers={"Retry-After": str(int(1 / self.logins.rate.rate))})
         mkey, box, opened = await self._open(request, source)
         req = wire.RegisterRequest.from_json(opened.body)
-        resp = await self.logins.register(mkey, req, source)
+        resp = await self.logins.register(mkey, req, address)
         return Response(wire.seal_response(box, opened.request_id, resp, os.urandom(24)),
                         media_type="application/octet-stream")
 
     async def map(self, request: Request) -> Response:
-        mkey, box, opened = await self._open(request, self.source(request))
+        mkey, box, opened = await self._open(request, source_key(self.address(request)))
         req = wire.MapRequest.from_json(opened.body)
         nid = node_for_map(self.service.state, mkey, req)
         await self.service.map_update(nid, req)

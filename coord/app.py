@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from nacl.public import PrivateKey
 from starlette.applications import Starlette
 
 from coord import admin, api, decide, private, wire
 from coord.api import Api
+from coord.auth.oidc import Provider
+from coord.auth.web import SignIn
 from coord.config import Config, parse_hostport
 from coord.errors import ConfigError, DomainError
 from coord.fanout import Fanout
@@ -102,6 +105,7 @@ class App:
     logins: Logins
     relay: DerpServer | None = None
     stun: StunServer | None = None
+    signin: SignIn | None = None
     started: bool = False
 
     def __post_init__(self) -> None:
@@ -109,7 +113,7 @@ class App:
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
-                       self.clock, guard, self.logins.refusals, self.config.proxies)
+                       self.clock, guard, self.logins.limited, self.config.proxies)
         self.http = self._public_app()
         self.admin_http = Starlette(
             routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
@@ -122,7 +126,7 @@ class App:
             "ServerURL": self.config.server_url,
             "Running": self.started,
             "Pending": len(self.logins.pending),
-            "Refused": self.logins.refusals.as_json(),
+            "Refused": self.logins.limited.as_json(),
             "Limits": {
                 "PendingPerSource": self.logins.pending_per_source, "PendingTotal": self.logins.max_pending,
                 "RegisterBurst": self.logins.rate.burst, "RegisterPerSecond": self.logins.rate.rate,
@@ -146,6 +150,8 @@ class App:
             self.stun.close()
         if self.relay is not None:
             await self.relay.close()
+        if self.signin is not None:
+            await self.signin.provider.http.aclose()
         self.fanout.close_all()
         await self.lifecycle.stop()
         await self.service.store.close()
@@ -162,17 +168,22 @@ class App:
                 await self.close()
 
         return Starlette(
-            routes=self.api.routes(),
+            routes=self.api.routes() + (self.signin.routes() if self.signin is not None else []),
             exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error},
             lifespan=lifespan,
         )
 
 
-async def create_app(config: Config, *, serve: bool = True, clock: Callable[[], float] = time.time) -> App:
+async def create_app(
+    config: Config, *, serve: bool = True, clock: Callable[[], float] = time.time,
+    oidc_http: httpx.AsyncClient | None = None,
+) -> App:
     """Build the server on ``config``'s data dir: open the store, fold the log, wire the parts.
 
-    ``serve=False`` (the CLI running an admin command in-process) builds no relay; such an App is never started.
+    ``serve=False`` (the CLI running an admin command in-process) builds no relay and no sign-in; such an App is
+    never started. ``oidc_http``: the client sign-in talks to the identity provider with (tests pass one).
     """
+    oidc = config.oidc_config() if serve else None
     private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
     settings = Settings(config.base_domain, derp_map(config), default_dns(config.base_domain))
@@ -188,7 +199,13 @@ async def create_app(config: Config, *, serve: bool = True, clock: Callable[[], 
     service.publish = fanout.submit
     lifecycle = Lifecycle(service, fanout.has_session, config.ephemeral_timeout_s)
     logins = Logins(service, lifecycle, config.server_url)
-    app = App(config, private_key, clock, service, fanout, lifecycle, logins)
+    signin = None
+    if oidc is not None:
+        base = config.server_url.rstrip("/")
+        http = oidc_http or httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
+        signin = SignIn(oidc, Provider(oidc, f"{base}/oidc/callback", http, clock), logins, config.server_url, clock)
+        logins.links = signin
+    app = App(config, private_key, clock, service, fanout, lifecycle, logins, signin=signin)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.
         async def admit(node_key: bytes, source: str) -> bool:

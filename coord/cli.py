@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-delay", help="fan-out tick, e.g. 50ms")
     serve.add_argument("--keepalive", help="map stream keep-alive, e.g. 50s")
     serve.add_argument("--log-level", choices=[str(level) for level in LogLevel])
+    o = serve.add_argument_group("sign-in with OpenID Connect (the [oidc] config table; lists comma-separated)")
+    o.add_argument("--oidc-issuer", help="the identity provider's issuer URL (turns sign-in on)")
+    o.add_argument("--oidc-client-id")
+    o.add_argument("--oidc-client-secret-file", help="file holding the client secret")
+    o.add_argument("--oidc-client-secret-env", help="environment variable holding the client secret")
+    o.add_argument("--oidc-scopes", help="default openid,email,profile")
+    o.add_argument("--oidc-allowed-domains", help="verified e-mail domains admitted")
+    o.add_argument("--oidc-allowed-users", help="verified e-mail addresses admitted")
+    o.add_argument("--oidc-allowed-groups", help="IdP groups admitted")
+    o.add_argument("--oidc-groups-claim", help="dotted claim path holding the groups (default groups)")
+    o.add_argument("--oidc-user-name", choices=["email", "preferred_username", "sub"])
+    o.add_argument("--oidc-expiry-from-token", action="store_true", default=None,
+                   help="node key expiry from the ID token")
+    o.add_argument("--oidc-allow-http", action="store_true", default=None,
+                   help="allow an http:// server URL off loopback (labs)")
+    o.add_argument("--oidc-group-map", action="append", metavar="IDP_GROUP=group:NAME",
+                   help="IdP group -> policy group (repeatable)")
     serve.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--trusted-proxies", help="addresses/prefixes of reverse proxies whose X-Forwarded-For "
@@ -164,6 +181,7 @@ def config_from(args: argparse.Namespace) -> Config:
             log_level=args.log_level, derp=False if args.no_derp else None, tls_cert=args.tls_cert,
             tls_key=args.tls_key, trusted_proxies=args.trusted_proxies,
         )
+        overrides.update({k: v for k, v in vars(args).items() if k.startswith("oidc_") and v is not None})
     return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
 
 
@@ -286,7 +304,11 @@ def table(rows: list[dict[str, Any]], cols: Sequence[tuple[str, str | Callable[[
 
 def render(command: str, result: Any) -> str:
     if command == "users.list":
-        return table(result, [("ID", "id"), ("NAME", "name"), ("CREATED", "created")])
+        return table(result, [
+            ("ID", "id"), ("NAME", "name"), ("PROVIDER", lambda r: r["provider"] or "-"),
+            ("SUBJECT", lambda r: r["subject"] or "-"), ("EMAIL", lambda r: r["email"] or "-"),
+            ("GROUPS", lambda r: ",".join(r["groups"]) or "-"), ("CREATED", "created"),
+        ])
     if command == "nodes.list":
         return table(result, [
             ("ID", "id"), ("NAME", "name"), ("USER", lambda r: r["user"] or "-"),

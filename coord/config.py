@@ -20,6 +20,11 @@ Every key, with its default::
     tls_key           = ""                        # PEM private key of tls_cert
     trusted_proxies   = ""                        # reverse proxies whose X-Forwarded-For is believed, e.g.
                                                   # "10.0.0.1, 192.0.2.0/24"; limits count the client behind them
+    [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
+
+The ``[oidc]`` table's keys come also from SHOAL_OIDC_<KEY> variables and ``--oidc-<key>`` flags (lists comma-
+separated; ``--oidc-group-map IDP=group:NAME``, repeatable). Without an issuer, sign-in is off and nodes without
+an auth key wait for ``nodes approve``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from coord.auth import config as auth_config
 from coord.errors import ConfigError
 from coord.limits import parse_proxies
 
@@ -82,6 +89,8 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     trusted_proxies: str = ""
+    # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
+    oidc: tuple[tuple[str, Any], ...] = ()
 
     # --- derived, validated views ---
     @property
@@ -115,6 +124,16 @@ class Config:
             return parse_proxies(self.trusted_proxies)
         except ValueError as e:
             raise ConfigError(f"trusted_proxies: {e}") from None
+    def oidc_config(self, env: Mapping[str, str] | None = None) -> auth_config.OidcConfig | None:
+        """The sign-in config, its secret read from its file or variable; None when sign-in is off."""
+        table = {k: _thaw(v) for k, v in self.oidc}
+        if not table.get("issuer"):
+            if table:
+                raise ConfigError("oidc: set issuer (and client_id and the client secret) or remove the oidc keys")
+            return None
+        cfg = auth_config.parse(table, env=env if env is not None else os.environ)
+        auth_config.check_server_url(cfg, self.server_url)
+        return cfg
 
     def validate(self) -> Config:
         u = urlsplit(self.server_url)
@@ -149,7 +168,7 @@ class Config:
         return self
 
 
-FIELDS = {f.name: f for f in fields(Config)}
+FIELDS = {f.name: f for f in fields(Config) if f.name != "oidc"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -167,6 +186,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     values: dict[str, Any] = {}
+    table: dict[str, Any] = {}
     if path:
         try:
             with open(path, "rb") as f:
@@ -176,6 +196,9 @@ def load(path: str | None = None, env: dict[str, str] | None = None, overrides: 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
         for key, value in data.items():
+            if key == "oidc" and isinstance(value, dict):
+                table.update(value)
+                continue
             if key not in FIELDS:
                 raise ConfigError(f"config file {path}: unknown key {key!r}")
             values[key] = _coerce(key, value)
@@ -187,7 +210,47 @@ def load(path: str | None = None, env: dict[str, str] | None = None, overrides: 
             value = environ.get("SHOAL_DATA")
         if value is not None:
             values[name] = _coerce(name, value)
-    for key, value in (overrides or {}).items():
+    for key in auth_config.KEYS:
+        value = environ.get("SHOAL_OIDC_" + key.upper())
         if value is not None:
+            table[key] = value
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key.startswith("oidc_"):
+            table[key[5:]] = value
+        else:
             values[key] = _coerce(key, value)
+    if "group_map" in table and isinstance(table["group_map"], (str, list, tuple)):
+        table["group_map"] = _group_map(table["group_map"])
+    values["oidc"] = tuple(sorted((k, _freeze(v)) for k, v in table.items()))
     return replace(Config(), **values).validate()
+
+
+def _group_map(value: str | list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``IDP=group:name`` pairs (flags, environment: comma-separated) -> the group_map table."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        idp, sep, group = item.rpartition("=")
+        if not sep or not idp:
+            raise ConfigError(f"oidc.group_map: {item!r} is not IDP_GROUP=group:name")
+        out[idp.strip()] = group.strip()
+    return out
+
+
+def _freeze(v: Any) -> Any:
+    """Lists -> tuples, tables -> sorted pairs: a Config stays a frozen, hashable value."""
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return ("table", tuple(sorted((k, _freeze(x)) for k, x in v.items())))
+    return v
+
+
+def _thaw(v: Any) -> Any:
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "table":
+        return {k: _thaw(x) for k, x in v[1]}
+    return v

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from coord import events as ev
 from coord import names
+from coord.auth.claims import Profile, Refused
 from coord.errors import Conflict, DomainError, NotFound, Unauthorized
 from coord.ipam import Pool, PoolExhausted
 from coord.state import AuthKey, KeyStatus, Node, State, User
@@ -328,3 +329,64 @@ def expire_due(state: State, now: float) -> list[ev.Event]:
         for n in state.nodes.values()
         if not n.expired and n.key_expiry is not None and n.key_expiry <= now
     ]
+
+
+# --- sign-in (OIDC) ---------------------------------------------------------------------------------------
+
+
+def _claims_event(user_id: int, p: Profile) -> ev.UserClaimsUpdated:
+    return ev.UserClaimsUpdated(
+        user_id, p.identity.issuer, p.identity.subject, p.email, p.email_verified, p.display_name,
+        tuple(p.idp_groups), tuple(p.groups),
+    )
+
+
+def sign_in_user(state: State, p: Profile) -> tuple[User, list[ev.Event]]:
+    """The user a sign-in is for (found by issuer + subject, never by e-mail) and the events that create it or
+    bring it up to date. Refused("name_taken") when the derived name belongs to another user."""
+    ident = (p.identity.issuer, p.identity.subject)
+    uid = state.by_identity.get(ident)
+    named = state.user_by_name(p.name)
+    taken = Refused(
+        "name_taken",
+        f"the user name {p.name} already belongs to another account on this server; ask an admin",
+        p.identity,
+    )
+    out: list[ev.Event] = []
+    if uid is None:
+        if named is not None:
+            raise taken
+        user = User(state.next_user_id, p.name, 0.0)
+        out.append(ev.UserCreated(user.id, p.name))
+        out.append(_claims_event(user.id, p))
+        return user, out
+    user = state.users[uid]
+    if user.name != p.name:
+        if named is not None:
+            raise taken
+        out.append(ev.UserRenamed(uid, p.name))
+    claims = _claims_event(uid, p)
+    if claims != _claims_event(uid, _profile_of(user, p)):
+        out.append(claims)
+    return user, out
+
+
+def _profile_of(u: User, like: Profile) -> Profile:
+    return replace(like, email=u.email, email_verified=u.email_verified, display_name=u.display_name,
+                   idp_groups=u.idp_groups, groups=u.groups)
+
+
+def approve_sign_in(
+    state: State, machine_key: bytes, req: RegisterRequest, p: Profile, rules: Rules, now: float
+) -> list[ev.Event]:
+    """A confirmed sign-in: the user created or updated from the claims, the machine registered (or
+    re-authenticated) as that user, the key expiry taken from the ID token if configured, UserSignedIn."""
+    user, out = sign_in_user(state, p)
+    reg = register(state, machine_key, req, Owner(user, (), False, None), rules, now)
+    out += reg
+    e = reg[0]
+    assert isinstance(e, (ev.NodeRegistered, ev.NodeReauthenticated))
+    if p.expiry is not None and not e.tags:
+        out.append(ev.NodeKeyExpirySet(e.node_id, p.expiry))
+    out.append(ev.UserSignedIn(user.id, p.identity.issuer, p.identity.subject, e.node_id))
+    return out

@@ -5,7 +5,7 @@
 - ``DomainError``: a command refused on the current state, whoever sent it; ``status`` is the HTTP status a node or
   the admin API sees.
 
-Malformed control-protocol messages raise ``coord.wire.WireError``.
+Malformed control-protocol messages raise ``coord.wire.WireError``, a ``RemoteError`` (and a ``ValueError``).
 """
 
 from __future__ import annotations

@@ -75,6 +75,44 @@ class UserDeleted(Event):
     user_id: int
 
 
+# --- sign-in (OIDC) ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserClaimsUpdated(Event):
+    """What the identity provider says about a user, when it differs from what the log holds (the first sign-in
+    included). (issuer, subject) is the user's identity and never changes; ``groups`` are policy groups (the
+    server's group_map applied), ``idp_groups`` only the IdP groups the config names. No secrets, no tokens."""
+
+    user_id: int
+    issuer: str
+    subject: str
+    email: str
+    email_verified: bool
+    display_name: str
+    idp_groups: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UserSignedIn(Event):
+    """A user signed in at the identity provider and approved a machine on the confirm page."""
+
+    user_id: int
+    issuer: str
+    subject: str
+    node_id: int | None
+
+
+@dataclass(frozen=True)
+class SignInRefused(Event):
+    """An audit record of refused sign-ins: at most one per (issuer, subject) per minute; changes no state."""
+
+    issuer: str
+    subject: str
+    reason: str
+
+
 # --- auth keys --------------------------------------------------------------------------------------------
 
 
@@ -211,6 +249,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
         UserCreated,
         UserRenamed,
         UserDeleted,
+        UserClaimsUpdated,
+        UserSignedIn,
+        SignInRefused,
         AuthKeyCreated,
         AuthKeyRevoked,
         NodeRegistered,

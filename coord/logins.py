@@ -1,12 +1,16 @@
-"""Node registration: auth keys, key rotation, logout, and interactive logins waiting for an admin's approval.
+"""Node registration: auth keys, key rotation, logout, and interactive logins waiting for approval.
 
-A node without an auth key gets a login URL (``/register/<id>``) and waits on a follow-up request until an admin
-runs ``nodes approve <id>``. Pending logins live in memory only, forgotten after ``PENDING_TTL`` and gone with a
-restart (the node asks again). Anyone can ask, so they are bounded: ``PENDING_PER_SOURCE`` per source (an IPv4
-address or an IPv6 /64, coord/limits.py) and ``MAX_PENDING`` in all; each is at most what the wire schema's field
-limits allow (a 17 KB request, about 40 KB in memory). A source over its share cannot push out anyone else's;
-logins with an auth key hold nothing and are never refused for want of room. Registrations without a good auth key
-are rate-limited per source (``REGISTER_BURST``, then ``REGISTER_RATE`` per second).
+A node without an auth key gets a login URL and waits on a follow-up request until it is approved. Without
+sign-in configured the URL is ``/register/<id>`` and an admin runs ``nodes approve <id>``; with OIDC (coord.auth)
+it is a single-use ``/login/<token>`` from `links`, and the person approves in the browser after signing in at the
+identity provider (the `coord.auth.web.Host` methods below). Pending logins live in memory only, forgotten after
+``PENDING_TTL`` and gone with a restart (the node asks again).
+
+Anyone can ask, so they are bounded: ``PENDING_PER_SOURCE`` per source (an IPv4 address or an IPv6 /64,
+coord/limits.py) and ``MAX_PENDING`` in all; each is at most what the wire schema's field limits allow (a 17 KB
+request, about 40 KB in memory). A source over its share cannot push out anyone else's; logins with an auth key
+hold nothing and are never refused for want of room. Registrations without a good auth key are rate-limited per
+source (``REGISTER_BURST``, then ``REGISTER_RATE`` per second).
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from coord import decide, views, wire
+from coord import events as ev
+from coord.auth import pages
+from coord.auth.claims import Identity, Profile
+from coord.auth.refusals import Refusals
+from coord.auth.web import Approved
 from coord.authkey import hash_secret, split_auth_key
 from coord.errors import DomainError, NotFound, Unauthorized
 from coord.lifecycle import Lifecycle
-from coord.limits import RateLimit, Refusals
+from coord.limits import RateLimit, source_key
+from coord.limits import Refusals as Limited
 from coord.service import Actor, Service, machine_actor, node_actor
 from coord.state import State
 
@@ -44,6 +54,16 @@ REGISTER_RATE = 0.5  # per second
 FOLLOWUP_WAIT = 60.0
 
 
+class LoginLinks(Protocol):
+    """Where login URLs come from when sign-in is on (coord.auth.web.SignIn)."""
+
+    def login_url(self, pending_id: str) -> str: ...
+
+    def resolve(self, token: str) -> str | None: ...
+
+    def forget(self, pending_id: str) -> None: ...
+
+
 class LoginState(StrEnum):
     WAITING = "waiting"
     APPROVED = "approved"
@@ -57,8 +77,8 @@ class Pending:
     request: wire.RegisterRequest
     created: float
     done: asyncio.Future[int]
-    source: str = ""
     state: LoginState = LoginState.WAITING
+    source: str = ""  # the address the registration came from (shown on the sign-in confirm page)
 
 
 def authorized(state: State, nid: int) -> dict[str, Any]:
@@ -93,13 +113,19 @@ def active_node_key(state: State, node_key_text: str) -> bool:
     return nid is not None and state.nodes[nid].active
 
 
+def now_expired(p: Pending, now: float) -> bool:
+    return now - p.created > PENDING_TTL
+
+
 @dataclass
 class Logins:
     service: Service
     lifecycle: Lifecycle
     server_url: str
-    refusals: Refusals = field(default_factory=Refusals)
     pending: dict[str, Pending] = field(default_factory=dict)
+    links: LoginLinks | None = None
+    refusals: Refusals = field(default_factory=Refusals)
+    limited: Limited = field(default_factory=Limited)  # what the bounds on unauthenticated input refused
     per_source: Counter[str] = field(default_factory=Counter)
     max_pending: int = MAX_PENDING
     pending_per_source: int = PENDING_PER_SOURCE
@@ -137,16 +163,19 @@ class Logins:
         return await self._interactive(machine_key, req, now, source)
 
     def _charge(self, source: str, now: float) -> None:
-        if not self.rate.allow(source, now):
-            self.refusals.note("rate")
-            raise TooMany(f"too many registrations from {source or 'this source'}; slow down")
+        if not self.rate.allow(source_key(source), now):
+            self.limited.note("rate")
+            raise TooMany(f"too many registrations from {source_key(source)}; slow down")
 
-    async def _interactive(self, machine_key: bytes, req: wire.RegisterRequest, now: float,
-                           source: str) -> dict[str, Any]:
+    async def _interactive(
+        self, machine_key: bytes, req: wire.RegisterRequest, now: float, source: str
+    ) -> dict[str, Any]:
         self._charge(source, now)
         self._expire(now)
         if req.followup:
             auth_id = req.followup.rstrip("/").rsplit("/", 1)[-1]
+            if self.links is not None:
+                auth_id = self.links.resolve(auth_id) or ""
             p = self.pending.get(auth_id)
             if p is None or p.machine_key != machine_key:
                 raise Unauthorized("unknown or expired login; start again")
@@ -159,21 +188,28 @@ class Logins:
         for p in self.pending.values():
             if p.machine_key == machine_key:
                 p.request = req
+                if source and source_key(source) != source_key(p.source):
+                    self._uncount(p.source)
+                    self.per_source[source_key(source)] += 1
+                p.source = source or p.source
                 return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(p.auth_id)}
-        if self.per_source[source] >= self.pending_per_source:
-            self.refusals.note("pending_source")
-            raise TooMany(f"{self.pending_per_source} registrations from {source or 'this source'} are already "
-                          "waiting for approval; approve them or wait until they expire")
+        key = source_key(source)
+        if self.per_source[key] >= self.pending_per_source:
+            self.limited.note("pending_source")
+            raise TooMany(f"{self.pending_per_source} registrations from {key} are already waiting for approval; "
+                          "approve them or wait until they expire")
         if len(self.pending) >= self.max_pending:
-            self.refusals.note("pending_total")
+            self.limited.note("pending_total")
             raise Busy("too many registrations are waiting for approval; try again later (or use an auth key)")
         auth_id = secrets.token_urlsafe(12)
         self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future(),
-                                        source)
-        self.per_source[source] += 1
+                                        source=source)
+        self.per_source[key] += 1
         return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(auth_id)}
 
     def _auth_url(self, auth_id: str) -> str:
+        if self.links is not None:
+            return self.links.login_url(auth_id)
         return f"{self.server_url.rstrip('/')}/register/{auth_id}"
 
     def _expire(self, now: float) -> None:
@@ -189,11 +225,16 @@ class Logins:
 
     def _forget(self, auth_id: str) -> None:
         p = self.pending.pop(auth_id, None)
-        if p is None:
-            return
-        self.per_source[p.source] -= 1
-        if self.per_source[p.source] <= 0:
-            del self.per_source[p.source]
+        if self.links is not None:
+            self.links.forget(auth_id)
+        if p is not None:
+            self._uncount(p.source)
+
+    def _uncount(self, source: str) -> None:
+        key = source_key(source)
+        self.per_source[key] -= 1
+        if self.per_source[key] <= 0:
+            del self.per_source[key]
 
     # --- admin side ---------------------------------------------------------------------------------------
 
@@ -211,13 +252,50 @@ class Logins:
         recs = await svc.execute(
             lambda s: decide.register(s, p.machine_key, p.request, owner, svc.rules, svc.clock()), Actor.ADMIN
         )
-        nid = svc.state.by_machine[wire.key_text("mkey", p.machine_key)]
-        self._forget(auth_id)
+        return views.node(svc.state.nodes[self._approved(p, recs)])
+
+    def _approved(self, p: Pending, recs: list[ev.Record]) -> int:
+        nid = self.service.state.by_machine[wire.key_text("mkey", p.machine_key)]
+        self._forget(p.auth_id)
         p.state = LoginState.APPROVED
         if not p.done.done():
             p.done.set_result(nid)
         self.lifecycle.registered(recs)
-        return views.node(svc.state.nodes[nid])
+        return nid
+
+    # --- sign-in side (coord.auth.web.Host) ----------------------------------------------------------------
+
+    def machine(self, pending_id: str) -> pages.Machine | None:
+        p = self.waiting(pending_id)
+        if p is None or now_expired(p, self.service.clock()):
+            return None
+        hi = p.request.hostinfo
+        return pages.Machine(hi.hostname, hi.os, p.source, self.service.clock() - p.created)
+
+    def check(self, profile: Profile) -> None:
+        decide.sign_in_user(self.service.state, profile)
+
+    async def approve_signed_in(self, pending_id: str, profile: Profile) -> Approved:
+        svc = self.service
+        p = self.waiting(pending_id)
+        if p is None:
+            raise NotFound("the machine is no longer waiting (approved, expired or removed); run `shoal up` again")
+        recs = await svc.execute(
+            lambda s: decide.approve_sign_in(s, p.machine_key, p.request, profile, svc.rules, svc.clock()),
+            machine_actor(wire.key_text("mkey", p.machine_key)),
+        )
+        n = svc.state.nodes[self._approved(p, recs)]
+        return Approved(n.given_name, profile.name, n.ipv4)
+
+    async def refused(self, code: str, identity: Identity | None, pending_id: str | None) -> None:
+        """Counted always; an audit event only for a known person, at most once per person per minute, so an
+        IdP account cannot grow the log at will (and an anonymous caller cannot at all)."""
+        now = self.service.clock()
+        key = identity.key if identity is not None else "-"
+        if self.refusals.count(key, code, now) and identity is not None:
+            await self.service.execute(
+                lambda s: [ev.SignInRefused(identity.issuer, identity.subject, code)], Actor.SYSTEM
+            )
 
     def pending_json(self) -> list[dict[str, Any]]:
         return [

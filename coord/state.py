@@ -37,6 +37,15 @@ class User:
     id: int
     name: str
     created: float
+    # From the identity provider (empty for users an admin created): identity, claims, last sign-in.
+    issuer: str = ""
+    subject: str = ""
+    email: str = ""
+    email_verified: bool = False
+    display_name: str = ""
+    idp_groups: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    last_sign_in: float | None = None
 
 
 @dataclass
@@ -106,6 +115,7 @@ class State:
     by_machine: dict[str, int] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)
     by_given_name: dict[str, int] = field(default_factory=dict)
+    by_identity: dict[tuple[str, str], int] = field(default_factory=dict)  # (issuer, subject) -> user id
     keys_by_prefix: dict[str, int] = field(default_factory=dict)
     used_ipv4: set[str] = field(default_factory=set)
     next_user_id: int = 1
@@ -139,7 +149,22 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             state.users[uid].name = name
             return Change()
         case ev.UserDeleted(user_id=uid):
-            del state.users[uid]
+            u = state.users.pop(uid)
+            state.by_identity.pop((u.issuer, u.subject), None)
+            return Change()
+        case ev.UserClaimsUpdated(user_id=uid):
+            u = state.users[uid]
+            state.by_identity.pop((u.issuer, u.subject), None)
+            u.issuer, u.subject, u.email = event.issuer, event.subject, event.email
+            u.email_verified, u.display_name = event.email_verified, event.display_name
+            u.idp_groups, u.groups = tuple(event.idp_groups), tuple(event.groups)
+            state.by_identity[(u.issuer, u.subject)] = uid
+            # Group membership reaches netmaps through the policy engine (coord.access observes this event).
+            return Change()
+        case ev.UserSignedIn(user_id=uid):
+            state.users[uid].last_sign_in = ts
+            return Change()
+        case ev.SignInRefused():
             return Change()
         case ev.AuthKeyCreated():
             k = AuthKey(

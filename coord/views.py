@@ -10,7 +10,14 @@ from coord.state import Node, NodeStatus, State, User
 
 
 def user(u: User) -> dict[str, Any]:
-    return {"id": u.id, "name": u.name, "created": ev.rfc3339(u.created)}
+    """``provider`` and ``subject`` are the user's identity at the IdP (empty for users an admin created);
+    ``groups`` are policy groups from the IdP, ``idp_groups`` the IdP's own names for them."""
+    return {
+        "id": u.id, "name": u.name, "created": ev.rfc3339(u.created),
+        "provider": u.issuer, "subject": u.subject, "email": u.email, "email_verified": u.email_verified,
+        "display_name": u.display_name, "groups": list(u.groups), "idp_groups": list(u.idp_groups),
+        "last_sign_in": None if u.last_sign_in is None else ev.rfc3339(u.last_sign_in),
+    }
 
 
 def key(state: State, key_id: int, now: float) -> dict[str, Any]:

@@ -13,16 +13,18 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import httpx
 from nacl.public import PrivateKey
 
+from derp.errors import ConfigError
 from derp.server import DerpServer
 from derp.stunserver import start_stun_server
 
 log = logging.getLogger("derp.cli")
 
 
-class CliError(Exception):
-    pass
+class CliError(ConfigError):
+    """A bad flag or file: printed as ``shoal-derp: <message>``, exit status 2."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -119,7 +121,6 @@ def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext |
 
 def url_admitter(url: str, timeout: float = 5.0) -> Callable[[bytes, str], Awaitable[bool]]:
     """Admission by POSTing to ``url`` (Tailscale's --verify-client-url contract)."""
-    import httpx
 
     async def admit(key: bytes, source: str) -> bool:
         async with httpx.AsyncClient(timeout=timeout) as client:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from derp import frames, http
+from derp.errors import ConfigError, DerpError, RemoteError
 from derp.protocol import ClientInfoJSON, DerpConnection, Role
 from derp.protocol import Connected as _HandshakeDone
 
@@ -52,7 +53,11 @@ class Disconnected:
 ClientEvent = frames.Frame | Connected | Disconnected
 
 
-class _Stop(Exception):
+class RelayRefused(RemoteError, ConnectionError):
+    """The relay did not answer as a DERP relay (no 101, or a ServerKey other than the one it advertised)."""
+
+
+class _Stop(DerpError):
     """Do not reconnect (e.g. a mesh link that dialled its own relay)."""
 
 
@@ -77,7 +82,9 @@ class DerpClient:
     ) -> None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"relay URL must be http://host[:port]/derp or https://..., got {url!r}")
+            raise ConfigError(f"relay URL must be http://host[:port]/derp or https://..., got {url!r}")
+        if mesh_key is not None and len(mesh_key) != 32:
+            raise ConfigError("mesh key must be 32 bytes")
         self.url = url
         self.host = u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
@@ -245,7 +252,7 @@ class DerpClient:
         status = head.split(b" ", 2)
         if len(status) < 2 or status[1] != b"101":
             first = head.split(b"\r\n", 1)[0]
-            raise ConnectionError(f"relay answered {first!r} to the DERP upgrade")
+            raise RelayRefused(f"relay answered {first!r} to the DERP upgrade")
         req = http.parse_head(b"GET / HTTP/1.1\r\n" + head.split(b"\r\n", 1)[1])
         loop = asyncio.get_running_loop()
         conn = DerpConnection(Role.CLIENT, self.private_key, now=loop.time(), client_info=self.info)
@@ -267,7 +274,7 @@ class DerpClient:
     def _handle(self, ev: frames.Frame | _HandshakeDone, writer: asyncio.StreamWriter, advertised: str) -> None:
         if isinstance(ev, frames.ServerKey):
             if advertised and advertised.lower() != ev.key.hex():
-                raise ConnectionError("ServerKey does not match the Derp-Public-Key header")
+                raise RelayRefused("ServerKey does not match the Derp-Public-Key header")
             if self.skip_server_key is not None and ev.key == self.skip_server_key:
                 raise _Stop("this URL is the local relay itself")
             self.server_key = ev.key

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
 from derp import http
 from derp.server import DerpServer
 
@@ -30,11 +32,7 @@ def _could_be_relay(buf: bytes) -> bool:
 
 def derp_http_protocol(relay: DerpServer, inner: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
     """A uvicorn ``http=`` protocol class that serves ``relay`` beside the ASGI app."""
-    if inner is None:
-        from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-        inner = AutoHTTPProtocol
-    inner_cls = inner
+    inner_cls: type[asyncio.Protocol] = AutoHTTPProtocol if inner is None else inner
 
     class DerpUpgradeProtocol(asyncio.Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -54,6 +54,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from derp.errors import DerpError, LocalError, RemoteError
+
 MAGIC = b"DERP\xf0\x9f\x94\x91"
 KEY_LEN = 32
 NONCE_LEN = 24
@@ -104,15 +106,15 @@ class PeerPresentFlags(IntEnum):
     NOT_IDEAL = 8
 
 
-class FrameError(Exception):
+class FrameError(DerpError):
     """Bad input: ``RemoteFrameError`` when it came off the wire, ``LocalFrameError`` when we were misused."""
 
 
-class RemoteFrameError(FrameError):
+class RemoteFrameError(FrameError, RemoteError):
     pass
 
 
-class LocalFrameError(FrameError, ValueError):
+class LocalFrameError(FrameError, LocalError):
     pass
 
 

@@ -19,13 +19,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from derp.errors import CloseReason, RemoteError
+
 MAX_HEAD = 8192
 _CHALLENGE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-class HttpError(ValueError):
-    pass
+class HttpError(RemoteError, ValueError):
+    """A request head we refuse (answered 400)."""
+
+    reason = CloseReason.BAD_HTTP
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,14 @@ Usage: ``receive_data(bytes)``, then drain ``next_event()`` until it returns ``N
 Time is passed in: ``next_timer()`` is the handshake deadline (10 s), ``handle_timer(now)`` expires it.
 
 Errors: a bad peer raises ``RemoteProtocolError`` (the connection is then in ``State.ERROR`` and must be closed);
-misuse raises ``LocalProtocolError``.
+misuse raises ``LocalProtocolError``. Before the connection is open every remote error is a ``HandshakeError``
+(``ForgedClientInfo`` when the ClientInfo box does not open, ``HandshakeTimeout`` past the deadline), so the glue
+reads the close reason off the error's class (``e.reason``, see derp.errors).
+
+ClientInfo JSON is read as Go's encoding/json reads Tailscale's ``ClientInfo`` struct: keys match field names
+case-insensitively (``version``, ``Version``, ``VERSION``, and Go's folding of ``K``/``ſ``/``ı``/``İ``), the last
+occurrence of a field wins, ``null`` leaves a field unset, a value of the wrong type is refused, and ``meshKey``, when
+present, must be a 64-digit hex string (a 32-byte ``key.DERPMesh``).
 """
 
 from __future__ import annotations
@@ -26,10 +33,27 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
 from derp import frames
+from derp.errors import CloseReason
 from derp.frames import FrameType, LocalFrameError, RemoteFrameError
 
 RemoteProtocolError = RemoteFrameError
 LocalProtocolError = LocalFrameError
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer broke the handshake (any remote error before the connection is open)."""
+
+    reason = CloseReason.HANDSHAKE_ERROR
+
+
+class ForgedClientInfo(HandshakeError):
+    """The ClientInfo box does not open: the client does not hold the key it claims."""
+
+    reason = CloseReason.FORGED_CLIENT_INFO
+
+
+class HandshakeTimeout(HandshakeError):
+    reason = CloseReason.HANDSHAKE_TIMEOUT
 
 
 class Role(Enum):
@@ -75,24 +99,75 @@ class ClientInfoJSON:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ClientInfoJSON:
+        objects: list[list[tuple[str, Any]]] = []
+
+        def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            objects.append(pairs)  # the outermost object is completed, so appended, last
+            return dict(pairs)
+
         try:
-            d = json.loads(raw)
+            d = json.loads(raw, object_pairs_hook=keep_pairs, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RemoteProtocolError(f"ClientInfo is not JSON: {e}") from None
+            raise HandshakeError(f"ClientInfo is not JSON: {e}") from None
         if not isinstance(d, dict):
-            raise RemoteProtocolError("ClientInfo JSON is not an object")
-        version = d.get("version", 0)
-        mesh_key = d.get("meshKey", "")
-        if not isinstance(version, int) or not isinstance(mesh_key, str):
-            raise RemoteProtocolError("ClientInfo has a bad version or meshKey")
-        known = {"version", "meshKey", "CanAckPings", "IsProber"}
+            raise HandshakeError("ClientInfo JSON is not an object")
+        got: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in objects[-1]:
+            name = _CLIENT_INFO_FIELDS.get(_go_fold(key))
+            if name is None:
+                extra[key] = value
+            elif value is not None or name == "meshKey":
+                got[name] = _check_field(name, value)
         return cls(
-            version=version,
-            mesh_key=mesh_key,
-            can_ack_pings=bool(d.get("CanAckPings", False)),
-            is_prober=bool(d.get("IsProber", False)),
-            extra={k: v for k, v in d.items() if k not in known},
+            version=got.get("version", 0),
+            mesh_key=got.get("meshKey", ""),
+            can_ack_pings=got.get("CanAckPings", False),
+            is_prober=got.get("IsProber", False),
+            extra=extra,
         )
+
+
+# ClientInfo's fields by their folded names. Go's encoding/json matches a key to a field through foldName:
+# ASCII letters upper-cased, any other rune r as ToUpper(ToLower(r)). The field names are ASCII, and the only
+# non-ASCII runes that fold to an ASCII letter are these four; every other one can never match.
+_CLIENT_INFO_FIELDS = {"VERSION": "version", "MESHKEY": "meshKey", "CANACKPINGS": "CanAckPings", "ISPROBER": "IsProber"}
+_FOLD_TO_ASCII = {"\u212a": "K", "\u017f": "S", "\u0131": "I", "\u0130": "I"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+_INT64 = 1 << 63
+
+
+def _go_fold(key: str) -> str:
+    return "".join(c.upper() if c < "\x80" else _FOLD_TO_ASCII.get(c, c) for c in key)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_field(name: str, value: Any) -> Any:
+    if name == "version":
+        if type(value) is not int or not -_INT64 <= value < _INT64:
+            raise HandshakeError(f"ClientInfo version must be an integer, got {_json_type(value)}")
+    elif name == "meshKey":
+        if type(value) is not str:
+            raise HandshakeError(f"ClientInfo meshKey must be a string of 64 hex digits, got {_json_type(value)}")
+        if len(value) != 64 or not _HEX.issuperset(value):
+            what = f"{len(value)} characters" if len(value) != 64 else "non-hex characters"
+            raise HandshakeError(f"ClientInfo meshKey must be 64 hex digits (a 32-byte key), got {what}")
+    elif type(value) is not bool:
+        raise HandshakeError(f"ClientInfo {name} must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer out of range"
+    return {float: "a non-integer number", str: "a string", list: "an array", dict: "an object"}[type(value)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +227,8 @@ class DerpConnection:
             raise LocalProtocolError("connection is in the ERROR state")
         try:
             self._buf.feed(data)
-        except RemoteProtocolError:
-            self.state = State.ERROR
+        except RemoteProtocolError as e:
+            self._fail(e)
             raise
 
     def next_event(self) -> Event | _NeedData:
@@ -167,8 +242,8 @@ class DerpConnection:
             if got is None:
                 return NEED_DATA
             return self._handle(*got)
-        except RemoteProtocolError:
-            self.state = State.ERROR
+        except RemoteProtocolError as e:
+            self._fail(e)
             raise
 
     def next_timer(self) -> float | None:
@@ -178,7 +253,13 @@ class DerpConnection:
         if self._deadline is not None and now >= self._deadline:
             self.state = State.ERROR
             self._deadline = None
-            raise RemoteProtocolError("handshake did not finish within the deadline")
+            raise HandshakeTimeout("handshake did not finish within the deadline")
+
+    def _fail(self, e: RemoteProtocolError) -> None:
+        """Enter ERROR. Before the connection opened, a plain remote error is re-raised as a HandshakeError."""
+        was_open, self.state = self.state is State.OPEN, State.ERROR
+        if not was_open and not isinstance(e, HandshakeError):
+            raise HandshakeError(str(e)) from e
 
     # Outputs
 
@@ -253,7 +334,7 @@ class DerpConnection:
             try:
                 raw = box.decrypt(ci.box, ci.nonce)
             except CryptoError:
-                raise RemoteProtocolError("ClientInfo box does not open: the client does not hold its key") from None
+                raise ForgedClientInfo("ClientInfo box does not open: the client does not hold its key") from None
             info = ClientInfoJSON.from_json(raw)
             self.peer_key, self._box = ci.key, box
             self.state = State.AWAIT_ACCEPT

@@ -16,8 +16,13 @@ Types: 0x0001 binding request, 0x0101 binding success response. Attributes we wr
 
     0x0001 MAPPED-ADDRESS      0x00, family (1 = IPv4, 2 = IPv6), port, address
     0x0020 XOR-MAPPED-ADDRESS  same, port XOR the cookie's top 16 bits, address XOR cookie (+ transaction ID for v6)
+    0x8020 XOR-MAPPED-ADDRESS  the same attribute under a pre-RFC number that some servers still send
     0x8022 SOFTWARE            UTF-8 text
     0x8028 FINGERPRINT         CRC-32 of the message before it, XOR 0x5354554e
+
+Reading, as Tailscale's net/stun reads: a response's address is XOR-MAPPED-ADDRESS (0x0020), else 0x8020, else
+MAPPED-ADDRESS; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) comes back as the IPv4 address; bytes after the
+message (past the header's length) are ignored, not refused; unknown attributes are skipped.
 
 The server answers every binding request (unlike Tailscale's, which wants SOFTWARE "tailnode" and a FINGERPRINT):
 XOR-MAPPED-ADDRESS always, and MAPPED-ADDRESS too when the request has no magic cookie (an RFC 3489 client, RFC 5389
@@ -33,6 +38,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from derp.errors import LocalError, RemoteError
+
 MAGIC_COOKIE = 0x2112A442
 COOKIE = struct.pack(">I", MAGIC_COOKIE)
 HEADER_LEN = 20
@@ -40,6 +47,7 @@ BINDING_REQUEST = 0x0001
 BINDING_RESPONSE = 0x0101
 ATTR_MAPPED_ADDRESS = 0x0001
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
+ATTR_XOR_MAPPED_ADDRESS_ALT = 0x8020
 ATTR_SOFTWARE = 0x8022
 ATTR_FINGERPRINT = 0x8028
 FINGERPRINT_XOR = 0x5354554E
@@ -50,7 +58,7 @@ _HDR = struct.Struct(">HH")
 _ATTR = struct.Struct(">HH")
 
 
-class StunError(ValueError):
+class StunError(RemoteError, ValueError):
     """The datagram is not a STUN message we handle; ``str()`` says why."""
 
 
@@ -93,7 +101,7 @@ def _header(data: bytes) -> tuple[int, int, bytes]:
     mtype, length = _HDR.unpack_from(data)
     if mtype & 0xC000:
         raise StunError("top two bits are not zero")
-    if length % 4 or HEADER_LEN + length != len(data):
+    if length % 4 or HEADER_LEN + length > len(data):
         raise StunError(f"length field {length} does not match a {len(data)}-byte datagram")
     txid = data[8:20] if data[4:8] == COOKIE else data[4:20]
     return mtype, length, bytes(txid)
@@ -103,6 +111,7 @@ def parse_request(data: bytes) -> BindingRequest:
     """Parse a binding request. A FINGERPRINT, when present, must be right; other attributes are ignored."""
     data = bytes(data)
     mtype, length, txid = _header(data)
+    data = data[: HEADER_LEN + length]  # what follows the message is not part of it
     if mtype != BINDING_REQUEST:
         raise StunError(f"message type 0x{mtype:04x} is not a binding request")
     attrs = _attrs(data, length)
@@ -150,7 +159,7 @@ def build_request(txid: bytes, software: bytes = b"tailnode", fingerprint: bool 
     """A binding request in Tailscale's form (SOFTWARE + FINGERPRINT), which every STUN server answers.
     ``txid``: 12 random bytes from the caller (sans-IO: no randomness here)."""
     if len(txid) != 12:
-        raise ValueError("transaction ID must be 12 bytes")
+        raise LocalError("transaction ID must be 12 bytes")
     body = _attr(ATTR_SOFTWARE, software) if software else b""
     if not fingerprint:
         return _HDR.pack(BINDING_REQUEST, len(body)) + COOKIE + txid + body
@@ -169,23 +178,28 @@ def _read_address(value: bytes, xor_key: bytes | None) -> tuple[str, int]:
     if xor_key is not None:
         port ^= MAGIC_COOKIE >> 16
         raw = bytes(a ^ b for a, b in zip(raw, xor_key, strict=False))
-    return str(ipaddress.ip_address(raw)), port
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), port
 
 
 def parse_response(data: bytes) -> BindingResponse:
-    """Parse a binding success response; prefers XOR-MAPPED-ADDRESS over MAPPED-ADDRESS."""
+    """Parse a binding success response: XOR-MAPPED-ADDRESS, else its 0x8020 twin, else MAPPED-ADDRESS."""
     data = bytes(data)
     mtype, length, txid = _header(data)
     if mtype != BINDING_RESPONSE:
         raise StunError(f"message type 0x{mtype:04x} is not a binding success response")
     xor_key = COOKIE + txid[-12:]
-    mapped = xored = None
+    mapped = xored = alt = None
     for atype, value in _attrs(data, length):
         if atype == ATTR_XOR_MAPPED_ADDRESS and xored is None:
             xored = _read_address(value, xor_key)
+        elif atype == ATTR_XOR_MAPPED_ADDRESS_ALT and alt is None:
+            alt = _read_address(value, xor_key)
         elif atype == ATTR_MAPPED_ADDRESS and mapped is None:
             mapped = _read_address(value, None)
-    addr = xored or mapped
+    addr = xored or alt or mapped
     if addr is None:
         raise StunError("response has no mapped address")
     return BindingResponse(txid, addr[0], addr[1])

@@ -46,6 +46,8 @@ SANS_IO = [
     "derp/protocol.py",
     "derp/registry.py",
     "derp/stun.py",
+    "derp/errors.py",
+    "derp/metrics.py",
     "node/mapsession.py",
     "node/compile.py",
     "node/disco.py",

@@ -17,12 +17,14 @@ describe from what the file and an optional tailnet state say (see match.Subject
 Whatever a verdict needs that nobody provided makes the assertion SKIPPED with the reason; it is never
 guessed. Tailnet state (the `--tailnet` file, or built from the live tailnet with `tailnet_state`) is:
 
-    {"users": {"alice@example.com": {"roles": ["admin"]}, "bob@other.org": {"shared": true},
+    {"users": {"alice@example.com": {"roles": ["admin"], "groups": ["group:admins"]}, "bob@other.org": {"shared": true},
                "eve@example.org": {"member": false}},
      "nodes": [{"user": "alice@example.com", "tags": [], "addresses": ["100.64.0.1"],
                 "routes": [], "exit_node": false, "posture": {"node:os": "linux"}}]}
 
-Given state is taken as complete: users not listed have no role, addresses not listed are no device.
+A user's `groups` there are the ones the identity provider adds (sign-in with OIDC); they count only for groups
+the policy declares. Given state is taken as complete: users not listed have no role, addresses not listed are no
+device.
 Result shape (exactly): {"ok", "tests", "assertions", "passed", "failed": [{"test", "src", "dst",
 "expected"}], "skipped": [{"test", "src", "dst", "reason"}], "errors": [str]}; `test` is the 0-based index
 into `tests`.
@@ -48,12 +50,20 @@ class TailnetError(ValueError):
     pass
 
 
-def tailnet_state(nodes: Iterable[PolicyNode], roles: Mapping[str, Iterable[str]] | None = None) -> dict[str, Any]:
-    """The live tailnet in the shape `check` takes, for `policy set`/`check` on a running server."""
+def tailnet_state(
+    nodes: Iterable[PolicyNode],
+    roles: Mapping[str, Iterable[str]] | None = None,
+    idp_groups: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """The live tailnet in the shape `check` takes, for `policy set`/`check` on a running server.
+    ``idp_groups``: user -> policy groups from the identity provider (see PolicyEngine)."""
     users: dict[str, Any] = {}
     for u, rs in (roles or {}).items():
         rs = sorted(rs)
         users[u] = {"roles": [r for r in rs if r != "shared"], "shared": "shared" in rs}
+    for u, gs in (idp_groups or {}).items():
+        if gs:
+            users.setdefault(u, {})["groups"] = sorted(gs)
     return {
         "users": users,
         "nodes": [
@@ -74,6 +84,7 @@ class _Tailnet:
     def __init__(self, state: Mapping[str, Any] | None) -> None:
         self.known = state is not None
         self.roles: dict[str, frozenset[str]] = {}
+        self.groups: dict[str, frozenset[str]] = {}  # from the identity provider, on top of the policy's
         self.shared: set[str] = set()
         self.outsiders: set[str] = set()  # logins that are not in the tailnet at all
         self.nodes: list[dict[str, Any]] = []
@@ -88,6 +99,10 @@ class _Tailnet:
             if not isinstance(info, Mapping):
                 raise TailnetError(f"tailnet users[{u!r}]: expected an object")
             self.roles[u] = frozenset(info.get("roles", []))
+            groups = info.get("groups", [])
+            if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+                raise TailnetError(f"tailnet users[{u!r}].groups: expected a list of group names")
+            self.groups[u] = frozenset(groups)
             if info.get("shared"):
                 self.shared.add(u)
             if info.get("member") is False:
@@ -108,7 +123,7 @@ class _Tailnet:
             label=label,
             user=user,
             tags=n["tags"],
-            groups=_groups(policy, user) if user else frozenset(),
+            groups=_groups(policy, user, self) if user else frozenset(),
             roles=self.roles.get(user, frozenset()) if user else frozenset(),
             member=bool(user) and user not in self.shared,
             nets=n["_nets"],
@@ -124,8 +139,10 @@ class _Tailnet:
         return None
 
 
-def _groups(policy: Policy, user: str) -> frozenset[str]:
-    return frozenset(g for g, members in policy.groups.items() if user in members)
+def _groups(policy: Policy, user: str, tn: _Tailnet) -> frozenset[str]:
+    """The policy's members of each group, plus the members the identity provider adds to declared groups."""
+    idp = tn.groups.get(user, frozenset())
+    return frozenset(g for g, members in policy.groups.items() if user in members or g in idp)
 
 
 def _in_tailnet(net: IPNet) -> bool:
@@ -175,7 +192,7 @@ def _user(policy: Policy, login: str, tn: _Tailnet) -> Subject:
     return Subject(
         label=login,
         user=login,
-        groups=_groups(policy, login),
+        groups=_groups(policy, login, tn),
         roles=tn.roles.get(login, frozenset()) if tn.known else None,
         member=login not in tn.shared and login not in tn.outsiders,
         nets=nets or None,

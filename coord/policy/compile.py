@@ -99,18 +99,30 @@ class PolicyEngine:
         policy: Policy | None,
         nodes: Iterable[PolicyNode] = (),
         roles: Mapping[str, Iterable[str]] | None = None,
+        idp_groups: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
+        """``idp_groups``: user -> policy groups the identity provider puts the user in (already mapped to
+        ``group:`` names by the server config). Only groups the policy declares count: the policy still names
+        every group, the IdP only adds members."""
         self.policy = policy
         self.allow_all = policy is None or not policy.has_rules
         self.rules: tuple[Rule, ...] = () if policy is None else policy.rules
         self.roles: dict[str, frozenset[str]] = {u: frozenset(r) for u, r in (roles or {}).items()}
         self.user_groups: dict[str, frozenset[str]] = {}
+        self._declared: frozenset[str] = frozenset()
+        self._policy_groups: dict[str, frozenset[str]] = {}
+        self._idp_groups: dict[str, frozenset[str]] = {u: frozenset(g) for u, g in (idp_groups or {}).items()}
         if policy is not None:
             acc: dict[str, set[str]] = {}
             for g, members in policy.groups.items():
                 for u in members:
                     acc.setdefault(u, set()).add(g)
-            self.user_groups = {u: frozenset(gs) for u, gs in acc.items()}
+            self._declared = frozenset(policy.groups)
+            self._policy_groups = {u: frozenset(gs) for u, gs in acc.items()}
+        for u in set(self._policy_groups) | set(self._idp_groups):
+            gs = self._groups_of(u)
+            if gs:
+                self.user_groups[u] = gs
         self.nodes: dict[int, _Node] = {}
         n = len(self.rules)
         self.src_all: list[set[int]] = [set() for _ in range(n)]
@@ -170,6 +182,25 @@ class PolicyEngine:
         for n in [x.node for x in self.nodes.values() if x.node.user == user]:
             changed |= self.upsert(n)
         return changed
+
+    def set_idp_groups(self, user: str, groups: Iterable[str]) -> set[int]:
+        """The groups the identity provider gives ``user`` changed (a sign-in); returns the IDs whose peers or
+        filter may have changed."""
+        self._idp_groups[user] = frozenset(groups)
+        new = self._groups_of(user)
+        if new == self.user_groups.get(user, frozenset()):
+            return set()
+        if new:
+            self.user_groups[user] = new
+        else:
+            self.user_groups.pop(user, None)
+        changed: set[int] = set()
+        for n in [x.node for x in self.nodes.values() if x.node.user == user]:
+            changed |= self.upsert(n)
+        return changed
+
+    def _groups_of(self, user: str) -> frozenset[str]:
+        return self._policy_groups.get(user, frozenset()) | (self._idp_groups.get(user, frozenset()) & self._declared)
 
     def peers(self, node_id: int) -> frozenset[int]:
         if node_id not in self.nodes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from coord.errors import RemoteError
 
-class WireError(ValueError):
+
+class WireError(RemoteError, ValueError):
     """A malformed, unauthentic or replayed message from the other side."""

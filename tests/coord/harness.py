@@ -45,7 +45,7 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]:
+async def running_server(data: Path, app_kw: dict[str, Any] | None = None, **overrides: Any) -> AsyncIterator[Running]:
     port = free_port()
     settings: dict[str, Any] = {
         "data_dir": str(data), "listen": f"127.0.0.1:{port}", "server_url": f"http://127.0.0.1:{port}",
@@ -53,7 +53,8 @@ async def running_server(data: Path, **overrides: Any) -> AsyncIterator[Running]
     }
     settings.update(overrides)
     config = load(None, env={}, overrides=settings)
-    app = await create_app(config)
+    port = config.listen_addr[1]  # the caller may have chosen it (an IdP must know the callback URL first)
+    app = await create_app(config, **(app_kw or {}))
     await app.start()
     extra: dict[str, Any] = {"http": derp_http_protocol(app.relay)} if app.relay is not None else {}
     userver = QuietServer(

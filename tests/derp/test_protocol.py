@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey
 
 from derp import frames as f
@@ -12,10 +17,12 @@ from derp.protocol import (
     ClientInfoJSON,
     Connected,
     DerpConnection,
+    HandshakeError,
     LocalProtocolError,
     RemoteProtocolError,
     Role,
     State,
+    _go_fold,
 )
 from derp.registry import DUPLICATE_PROBLEM, Announce, Registry, SendHealth, SendPeerGone
 
@@ -139,3 +146,121 @@ def test_registry_forwarders() -> None:
     assert r.remove_forwarder(k, "mesh1") is True
     r.add_forwarder(k, "mesh1")
     assert r.remove_forwarders_of("mesh1") == [k]
+
+
+MESH = "0123456789abcdef" * 4
+BAD_KEY = "ClientInfo meshKey must be 64 hex digits (a 32-byte key), got "
+
+
+def info(raw: str) -> ClientInfoJSON:
+    return ClientInfoJSON.from_json(raw.encode())
+
+
+def server_reading(raw: bytes) -> DerpConnection:
+    """A server that has received a ClientInfo sealing ``raw`` (any bytes) from CLIENT."""
+    s = DerpConnection(Role.SERVER, SERVER)
+    nonce = bytes(24)
+    sealed = Box(PrivateKey(CLIENT), PrivateKey(SERVER).public_key).encrypt(raw, nonce).ciphertext
+    s.receive_data(f.encode_client_info(bytes(PrivateKey(CLIENT).public_key), nonce, sealed))
+    return s
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f'{{"Version": 2, "MeshKey": "{MESH}", "canAckPings": true, "isprober": true}}',
+        f'{{"VERSION": 2, "MESHKEY": "{MESH}", "CANACKPINGS": true, "ISPROBER": true}}',
+        # Go's foldName maps the Kelvin sign to K, the long s to S, dotless i and dotted I to I.
+        f'{{"vers\u0131on": 2, "me\u017fh\u212aey": "{MESH}", "CanAc\u212aPings": true, "\u0130\u017fProber": true}}',
+        # The last occurrence of a field wins, whatever its case.
+        f'{{"version": 1, "Version": 2, "meshKey": "{"00" * 32}", "MeshKey": "{MESH}", "CanAckPings": true,'
+        f' "IsProber": false, "isProber": true}}',
+    ],
+    ids=["camel", "upper", "go-fold", "last-wins"],
+)
+def test_sec_client_info_keys_match_as_go_encoding_json_does(raw: str) -> None:
+    got = info(raw)
+    assert (got.version, got.mesh_key, got.can_ack_pings, got.is_prober, got.extra) == (2, MESH, True, True, {})
+
+
+def test_sec_client_info_null_leaves_a_field_unset_and_unknown_keys_are_kept() -> None:
+    got = info('{"version": null, "CanAckPings": null, "Future": [1, {"a": 2}], "versionx": 3}')
+    assert (got.version, got.can_ack_pings, got.extra) == (0, False, {"Future": [1, {"a": 2}], "versionx": 3})
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (f'{{"meshKey": "{MESH[:-2]}"}}', BAD_KEY + "62 characters"),
+        (f'{{"MeshKey": "{MESH}00"}}', BAD_KEY + "66 characters"),
+        ('{"meshKey": ""}', BAD_KEY + "0 characters"),
+        (f'{{"meshKey": "{"zz" * 32}"}}', BAD_KEY + "non-hex"),
+        ('{"meshKey": 7}', "ClientInfo meshKey must be a string of 64 hex digits, got an integer"),
+        ('{"meshKey": null}', "ClientInfo meshKey must be a string of 64 hex digits, got null"),
+        # A wrong-length key is refused even when a later occurrence is right (Go fails the whole Unmarshal).
+        (f'{{"meshKey": "ab", "meshKey": "{MESH}"}}', "got 2 characters"),
+        ('{"version": "2"}', "ClientInfo version must be an integer, got a string"),
+        ('{"Version": 2.0}', "ClientInfo version must be an integer, got a non-integer number"),
+        ('{"version": true}', "ClientInfo version must be an integer, got a boolean"),
+        ('{"version": 9223372036854775808}', "ClientInfo version must be an integer, got an integer out of range"),
+        ('{"canackpings": "yes"}', "ClientInfo CanAckPings must be true or false, got a string"),
+        ('{"IsProber": 1}', "ClientInfo IsProber must be true or false, got an integer"),
+        ('{"version": NaN}', "ClientInfo is not JSON: NaN is not JSON"),
+        ("[2]", "ClientInfo JSON is not an object"),
+    ],
+)
+def test_sec_client_info_bad_values_are_refused_with_a_clear_error(raw: str, message: str) -> None:
+    with pytest.raises(HandshakeError) as e:
+        info(raw)
+    assert message in str(e.value)
+
+
+def test_sec_wrong_length_mesh_key_fails_the_handshake() -> None:
+    s = server_reading(b'{"version": 2, "meshKey": "abcd"}')
+    with pytest.raises(HandshakeError, match="meshKey must be 64 hex digits") as e:
+        s.next_event()
+    assert e.value.reason == "handshake_error" and s.state is State.ERROR
+
+
+_FIELD_NAMES = ["version", "meshKey", "CanAckPings", "IsProber"]
+_FOLDED = {n.upper() for n in _FIELD_NAMES}
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def recased(draw: st.DrawFn, name: str) -> str:
+    return "".join(c.upper() if draw(st.booleans()) else c.lower() for c in name)
+
+
+@given(st.lists(st.tuples(st.one_of(st.sampled_from(_FIELD_NAMES).flatmap(recased), st.text(max_size=12)), _JSON)))
+def test_fuzz_client_info_json(pairs: list[tuple[str, object]]) -> None:
+    raw = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}").encode()
+    try:
+        got = ClientInfoJSON.from_json(raw)
+    except HandshakeError:
+        return
+    # Accepted: each field holds the last non-null value given under any casing of its name.
+    last = {_go_fold(k): v for k, v in pairs if _go_fold(k) in _FOLDED and v is not None}
+    assert got.version == last.get("VERSION", 0)
+    assert got.mesh_key == last.get("MESHKEY", "")
+    assert got.can_ack_pings is last.get("CANACKPINGS", False)
+    assert got.is_prober is last.get("ISPROBER", False)
+    assert set(got.extra) == {k for k, _ in pairs if _go_fold(k) not in _FOLDED}
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_client_info_bytes(raw: bytes) -> None:
+    with contextlib.suppress(HandshakeError):
+        ClientInfoJSON.from_json(raw)
+
+
+@given(st.sampled_from(_FIELD_NAMES).flatmap(recased), st.booleans(), st.integers(-5, 5))
+def test_fuzz_client_info_any_casing_of_a_field(key: str, flag: bool, version: int) -> None:
+    value = {"VERSION": version, "MESHKEY": MESH}.get(key.upper(), flag)
+    got = ClientInfoJSON.from_json(json.dumps({key: value}).encode())
+    field = {"VERSION": "version", "MESHKEY": "mesh_key", "CANACKPINGS": "can_ack_pings", "ISPROBER": "is_prober"}
+    assert getattr(got, field[key.upper()]) == value and got.extra == {}

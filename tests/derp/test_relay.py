@@ -17,7 +17,7 @@ from nacl.public import Box, PrivateKey
 
 from derp import frames as f
 from derp.client import Connected, DerpClient
-from derp.protocol import NEED_DATA, DerpConnection, Role, State
+from derp.protocol import NEED_DATA, ClientInfoJSON, DerpConnection, Role, State
 from derp.scan import DISCO_MAGIC
 from derp.server import DerpServer
 
@@ -287,7 +287,10 @@ async def read_frames(r: asyncio.StreamReader, until: object, timeout: float = 3
 
 
 async def test_disco_is_not_dropped_behind_bulk_data() -> None:
-    async with relay(queue_bytes=8 << 10, write_high=8 << 10) as (server, url), client(url) as a:
+    # hold=0: the queues, not backpressure, are under test. With a hold the relay may write one more 256 KiB read
+    # of the sender's past write_high (by design), which then drains through the 4 KiB buffers below at tens of
+    # KB/s and outlasted read_frames' timeout in about a third of the runs under uvloop.
+    async with relay(queue_bytes=8 << 10, write_high=8 << 10, hold=0) as (server, url), client(url) as a:
         r, w, slow_pub = await raw_client(url)
         w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await asyncio.sleep(0.1)
@@ -451,3 +454,38 @@ async def test_tls_relay_forwards_runs(tmp_path: Path) -> None:
                 assert await next_of(b, f.RecvPacket) == f.RecvPacket(a.public_key, p)
     finally:
         await server.close()
+
+
+async def handshake_with(url: str, info: ClientInfoJSON) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send ``info`` as ClientInfo on a bare socket; returns once the relay accepted or closed."""
+    r, w, _ = await raw_upgrade(url)
+    conn = DerpConnection(Role.CLIENT, newkey(), client_info=info)
+    while conn.state is not State.OPEN:
+        data = await asyncio.wait_for(r.read(4096), 3)
+        if not data:
+            break
+        conn.receive_data(data)
+        while conn.next_event() is not NEED_DATA:
+            pass
+        w.write(conn.data_to_send())
+    return r, w
+
+
+async def test_sec_mesh_key_under_a_capitalised_json_key_makes_a_mesh_peer() -> None:
+    mesh_key = os.urandom(32)
+    async with relay(mesh_key=mesh_key) as (server, url), client(url) as a:
+        # Go's encoding/json reads "MeshKey" into ClientInfo.MeshKey; so does the relay.
+        r, w = await handshake_with(url, ClientInfoJSON(extra={"MeshKey": mesh_key.hex().upper()}))
+        w.write(f.encode_watch_conns())
+        got = await read_frames(r, lambda fs: any(isinstance(x, f.PeerPresent) for x in fs))
+        assert [x.key for x in got if isinstance(x, f.PeerPresent)] == [a.public_key]
+        assert server.metrics.closes["not_mesh"] == 0
+        w.close()
+
+
+async def test_sec_relay_refuses_a_mesh_key_of_the_wrong_length() -> None:
+    async with relay(mesh_key=os.urandom(32)) as (server, url):
+        r, w = await handshake_with(url, ClientInfoJSON(mesh_key="ab" * 16))
+        assert await asyncio.wait_for(r.read(), 3) == b""
+        assert server.metrics.closes["handshake_error"] == 1 and server.metrics.accepts == 0
+        w.close()
