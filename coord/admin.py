@@ -27,6 +27,7 @@ class Admin:
     service: Service
     logins: Logins
     has_session: Callable[[int], bool]
+    info: Callable[[], dict[str, Any]]
     history: History | None = None
 
 
@@ -139,6 +140,7 @@ COMMANDS: dict[str, Handler] = {
         x.service.diff_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson"))
     ),
     "policy.tailnet": lambda x, a: _value(access.tailnet(x.service.state)),
+    "info": lambda x, a: _value(x.info()),
 }
 
 # Commands that only a running server can answer (its memory holds what they act on).

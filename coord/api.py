@@ -7,7 +7,9 @@ Public routes (the control protocol is documented in coord/wire.py):
     GET  /register/<id>                the page a login URL opens (without sign-in: how an admin approves)
     GET  /login/<token>, /oidc/...     sign-in with OpenID Connect, when configured (coord/auth/web.py)
     POST /derp/admit                   {"NodePublic": "nodekey:..", "Source": ip} -> {"Allow": bool}, for relays
-    GET  /health
+    GET  /health                       {"ok", "nodes", "sessions", "refused": <requests refused by the limits>}
+Registrations that hold no auth key (or a wrong one) are rate-limited per source (coord/logins.py); a source
+whose bucket is empty is answered 429 before its request is opened. coord/limits.py says what a source is.
 Admin route (served by coord/serve.py on ``<data dir>/admin.sock``, mode 0600): POST /admin {"command", "args"}.
 """
 
@@ -30,6 +32,7 @@ from starlette.routing import Route
 from coord import admin, wire
 from coord.errors import DomainError
 from coord.lifecycle import Lifecycle
+from coord.limits import IPNetwork, Refusals, client_address, source_key
 from coord.logins import Logins, active_node_key, node_for_map
 from coord.poll import Poll
 from coord.service import Service
@@ -84,6 +87,8 @@ class Api:
     private_key: bytes
     clock: Callable[[], float]
     guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard)
+    refusals: Refusals = field(default_factory=Refusals)
+    proxies: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
         self.boxes = Boxes(PrivateKey(self.private_key))
@@ -107,22 +112,39 @@ class Api:
             {"publicKey": wire.key_text("mkey", self.public_key), "capabilityVersion": wire.CAPABILITY_VERSION}
         )
 
-    async def _open(self, request: Request) -> tuple[bytes, Box, wire.OpenedRequest]:
+    def address(self, request: Request) -> str:
+        """The sender's address: the TCP peer, or the client behind a trusted proxy (coord/limits.py)."""
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), self.proxies)
+
+    async def _open(self, request: Request, source: str) -> tuple[bytes, Box, wire.OpenedRequest]:
         mkey = wire.parse_hex_key(request.path_params["mkey"], "machine key in URL")
-        body = await read_body(request, wire.MAX_REQUEST)
+        body = await read_body(request, wire.MAX_CONTROL)
         box = self.boxes.get(mkey)
-        opened = wire.open_request(box, body, now=self.clock(), guard=self.guard)
+        try:
+            known = wire.key_text("mkey", mkey) in self.service.state.by_machine
+            opened = wire.open_request(box, body, now=self.clock(), guard=self.guard, source=source, known=known,
+                                       limit=wire.MAX_CONTROL)
+        except wire.Busy:
+            self.refusals.note("replay_guard")
+            raise
         return mkey, box, opened
 
     async def register(self, request: Request) -> Response:
-        mkey, box, opened = await self._open(request)
+        address = self.address(request)
+        source = source_key(address)
+        if not self.logins.rate.available(source, self.clock()):
+            self.refusals.note("rate")
+            return PlainTextResponse(f"too many registrations from {source}; slow down\n", status_code=429,
+                                     headers={"Retry-After": str(int(1 / self.logins.rate.rate))})
+        mkey, box, opened = await self._open(request, source)
         req = wire.RegisterRequest.from_json(opened.body)
-        resp = await self.logins.register(mkey, req, request.client.host if request.client else "")
+        resp = await self.logins.register(mkey, req, address)
         return Response(wire.seal_response(box, opened.request_id, resp, os.urandom(24)),
                         media_type="application/octet-stream")
 
     async def map(self, request: Request) -> Response:
-        mkey, box, opened = await self._open(request)
+        mkey, box, opened = await self._open(request, source_key(self.address(request)))
         req = wire.MapRequest.from_json(opened.body)
         nid = node_for_map(self.service.state, mkey, req, self.clock())
         await self.service.map_update(nid, req)
@@ -167,7 +189,8 @@ class Api:
         return JSONResponse({"Allow": active_node_key(self.service.state, nkey)})
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "nodes": len(self.service.state.nodes), "sessions": len(self.fanout.sessions)})
+        return JSONResponse({"ok": True, "nodes": len(self.service.state.nodes), "sessions": len(self.fanout.sessions),
+                             "refused": self.refusals.as_json()["total"]})
 
     async def admin_request(self, request: Request) -> Response:
         try:
@@ -183,6 +206,8 @@ class Api:
 
 async def wire_error(request: Request, exc: Exception) -> Response:
     mkey = request.path_params.get("mkey", "")[:8]
+    if isinstance(exc, wire.Busy):
+        return PlainTextResponse(f"{exc}\n", status_code=429, headers={"Retry-After": "60"})
     log.warning("rejected %s %s from mkey %s: %s", request.method, request.url.path, mkey or "-", exc)
     return PlainTextResponse(f"bad request: {exc}\n", status_code=400)
 

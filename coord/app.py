@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import httpx
 from nacl.public import PrivateKey
 from starlette.applications import Starlette
 
-from coord import admin, api, decide, logfiles, wire
+from coord import admin, api, decide, logfiles, private, wire
 from coord import events as ev
 from coord.api import Api
 from coord.auth.oidc import Provider
@@ -49,8 +48,9 @@ EMBEDDED_REGION = 900
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The server's long-term private key, created 0600 on first start."""
+    """The server's long-term private key, created 0600 on first start (an older, wider file is narrowed)."""
     if path.exists():
+        private.narrow(path)
         data = path.read_text().strip()
         try:
             raw = bytes.fromhex(data.removeprefix("privkey:"))
@@ -60,13 +60,7 @@ def load_or_create_key(path: Path) -> bytes:
             raise ConfigError(f"{path}: not a server private key; move it away to create a new one")
         return raw
     raw = bytes(PrivateKey.generate())
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("privkey:" + raw.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    private.write_file(path, ("privkey:" + raw.hex() + "\n").encode())
     return raw
 
 
@@ -124,13 +118,30 @@ class App:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.history)
+        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
+        # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
+        guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
-                       self.clock)
+                       self.clock, guard, self.logins.limited, self.config.proxies)
         self.http = self._public_app()
         self.admin_http = Starlette(
             routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
         )
+
+    def info(self) -> dict[str, Any]:
+        """``shoal-server info``: the key nodes pin, and what the limits refused (counters of this process)."""
+        return {
+            "ServerKey": wire.key_text("mkey", bytes(PrivateKey(self.private_key).public_key)),
+            "ServerURL": self.config.server_url,
+            "Running": self.started,
+            "Pending": len(self.logins.pending),
+            "Refused": self.logins.limited.as_json(),
+            "Limits": {
+                "PendingPerSource": self.logins.pending_per_source, "PendingTotal": self.logins.max_pending,
+                "RegisterBurst": self.logins.rate.burst, "RegisterPerSecond": self.logins.rate.rate,
+                "ReplayIdsPerSource": self.api.guard.max_per_source, "ReplayIdsTotal": self.api.guard.max_ids,
+            },
+        }
 
     async def start(self) -> None:
         """Start the background: node timers (after marking every node offline) and the embedded relay."""
@@ -189,7 +200,7 @@ async def create_app(
     never started. ``oidc_http``: the client sign-in talks to the identity provider with (tests pass one).
     """
     oidc = config.oidc_config() if serve else None
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
     settings = Settings(config.base_domain, derp_map(config), default_dns(config.base_domain))
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IdP group -> policy group (repeatable)")
     serve.add_argument("--durability", choices=["normal", "full"],
                        help="normal: commits survive a process crash; full: also an OS crash or power loss")
+    serve.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--trusted-proxies", help="addresses/prefixes of reverse proxies whose X-Forwarded-For "
+                                                 "is believed (comma-separated; default none)")
+
 
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -161,6 +166,7 @@ def config_from(args: argparse.Namespace) -> Config:
             derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
             key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
             log_level=args.log_level, derp=False if args.no_derp else None, durability=args.durability,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=args.trusted_proxies,
         )
         overrides.update({k: v for k, v in vars(args).items() if k.startswith("oidc_") and v is not None})
     return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
@@ -174,7 +180,9 @@ def _split_tags(text: str) -> list[str]:
 
 
 def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    g, c = args.group, args.cmd
+    g, c = args.group, getattr(args, "cmd", None)
+    if g == "info":
+        return "info", {}
     if g == "users":
         return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq")}
     if g == "keys":
@@ -306,6 +314,12 @@ def render(command: str, result: Any) -> str:
         return table(result, [("ID", "id"), ("HOSTNAME", "hostname"), ("REQUESTED", "requested")]) if result else (
             "no pending registrations"
         )
+    if command == "info":
+        refused = ", ".join(f"{k} {v}" for k, v in result["Refused"].items() if k != "total") or "nothing"
+        state = "running" if result["Running"] else "not running (counters are the running server's)"
+        return (f"server key: {result['ServerKey']}\n(nodes pin it with: shoal up --login-server "
+                f"{result['ServerURL']} --server-key {result['ServerKey']})\nserver: {state}\n"
+                f"pending registrations: {result['Pending']}\nrefused: {result['Refused']['total']} ({refused})")
     if command == "keys.create":
         return (
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
@@ -349,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.group == "events":
             return asyncio.run(logcmd.events_cmd(config, args, lambda obj, text: out(obj, args, text)))
         if args.group == "info":
-            return logcmd.info(config, lambda obj, text: out(obj, args, text))
+            # what the server holds (its key, limits, refusals), then what the data dir holds (keys, snapshots)
+            live = run_admin(config, "info", {})
+            return logcmd.info(config, lambda obj, text: out({**live, **obj}, args, f"{render('info', live)}\n{text}"))
         if args.group == "policy" and args.cmd == "check":
             return policy_check(config, args)
         command, cmd_args = admin_request(args)

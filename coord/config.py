@@ -22,6 +22,10 @@ Every key, with its default::
     checkpoint_interval = "10m"                   # ... or this long, when the log grew
     checkpoint_file   = ""                        # replaced with each checkpoint line (0600)
     checkpoint_command = ""                       # run by the shell with each checkpoint line on stdin
+    tls_cert          = ""                        # PEM certificate chain: serve HTTPS (with tls_key)
+    tls_key           = ""                        # PEM private key of tls_cert
+    trusted_proxies   = ""                        # reverse proxies whose X-Forwarded-For is believed, e.g.
+                                                  # "10.0.0.1, 192.0.2.0/24"; limits count the client behind them
     [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
 
 The ``[oidc]`` table's keys come also from SHOAL_OIDC_<KEY> variables and ``--oidc-<key>`` flags (lists comma-
@@ -44,6 +48,7 @@ from urllib.parse import urlsplit
 
 from coord.auth import config as auth_config
 from coord.errors import ConfigError
+from coord.limits import parse_proxies
 
 
 class LogLevel(StrEnum):
@@ -100,6 +105,9 @@ class Config:
     checkpoint_interval: str = "10m"
     checkpoint_file: str = ""
     checkpoint_command: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    trusted_proxies: str = ""
     # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
     oidc: tuple[tuple[str, Any], ...] = ()
 
@@ -129,6 +137,12 @@ class Config:
     def keepalive_s(self) -> float:
         return parse_duration(self.keepalive, "keepalive")
 
+    @property
+    def proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return parse_proxies(self.trusted_proxies)
+        except ValueError as e:
+            raise ConfigError(f"trusted_proxies: {e}") from None
     def oidc_config(self, env: Mapping[str, str] | None = None) -> auth_config.OidcConfig | None:
         """The sign-in config, its secret read from its file or variable; None when sign-in is off."""
         table = {k: _thaw(v) for k, v in self.oidc}
@@ -176,6 +190,13 @@ class Config:
         host = (u.hostname or "").lower()
         if host == self.base_domain or host.endswith("." + self.base_domain):
             raise ConfigError("base_domain: must not be the server URL's host or a suffix of it")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both (HTTPS) or neither")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{key}: cannot read {path}")
+        self.proxies  # noqa: B018 - validates
         if self.log_level not in tuple(LogLevel):
             raise ConfigError("log_level: expected debug, info, warning or error")
         return self

@@ -6,6 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from coord import private
+
 
 class ServerLock:
     def __init__(self, data_dir: Path) -> None:
@@ -13,8 +15,8 @@ class ServerLock:
         self.fd: int | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        private.ensure_dir(self.path.parent)
+        fd = private.open_file(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -35,7 +35,8 @@ class LogCmdError(LocalError):
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, parser_class: type[argparse.ArgumentParser]) -> None:
-    sub.add_parser("info", parents=[common], help="the server's public keys and data dir")
+    sub.add_parser("info", parents=[common],
+                   help="the server key nodes pin (shoal up --server-key), the checkpoint key, limits, refusals")
     events = sub.add_parser("events", parents=[common], help="read the event log").add_subparsers(
         dest="cmd", required=True, parser_class=parser_class
     )

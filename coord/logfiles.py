@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 
 from coord import checkpoint as ckpt
 from coord import events as ev
+from coord import private
 from coord import snapshot as snap
 from coord.errors import ConfigError
 from coord.state import State
@@ -57,6 +58,7 @@ def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
 def load_or_create_signing_key(path: Path) -> SigningKey:
     """The checkpoint signing key (Ed25519), created 0600 on first use."""
     if path.exists():
+        private.narrow(path)  # a key left wider by hand or by an older version is narrowed before it is read
         try:
             return ckpt.parse_private(path.read_text(), str(path))
         except ckpt.CheckpointError as e:

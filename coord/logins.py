@@ -3,14 +3,21 @@
 A node without an auth key gets a login URL and waits on a follow-up request until it is approved. Without
 sign-in configured the URL is ``/register/<id>`` and an admin runs ``nodes approve <id>``; with OIDC (coord.auth)
 it is a single-use ``/login/<token>`` from `links`, and the person approves in the browser after signing in at the
-identity provider (the `coord.auth.web.Host` methods below). Pending logins live in memory only: bounded
-(``MAX_PENDING``), forgotten after ``PENDING_TTL``, and gone with a restart (the node asks again).
+identity provider (the `coord.auth.web.Host` methods below). Pending logins live in memory only, forgotten after
+``PENDING_TTL`` and gone with a restart (the node asks again).
+
+Anyone can ask, so they are bounded: ``PENDING_PER_SOURCE`` per source (an IPv4 address or an IPv6 /64,
+coord/limits.py) and ``MAX_PENDING`` in all; each is at most what the wire schema's field limits allow (a 17 KB
+request, about 40 KB in memory). A source over its share cannot push out anyone else's; logins with an auth key
+hold nothing and are never refused for want of room. Registrations without a good auth key are rate-limited per
+source (``REGISTER_BURST``, then ``REGISTER_RATE`` per second).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -24,11 +31,26 @@ from coord.auth.web import Approved
 from coord.authkey import hash_secret, split_auth_key
 from coord.errors import DomainError, NotFound, Unauthorized
 from coord.lifecycle import Lifecycle
+from coord.limits import RateLimit, source_key
+from coord.limits import Refusals as Limited
 from coord.service import Actor, Service, machine_actor, node_actor
 from coord.state import State
 
+
+class TooMany(DomainError):
+    status = 429
+
+
+class Busy(DomainError):
+    status = 503
+
+
 PENDING_TTL = 1800.0
-MAX_PENDING = 10_000
+MAX_PENDING = 4096
+PENDING_PER_SOURCE = 8
+# Registrations without a good auth key, per source: a node asks at `up`, then follows up once a minute.
+REGISTER_BURST = 20
+REGISTER_RATE = 0.5  # per second
 FOLLOWUP_WAIT = 60.0
 
 
@@ -105,6 +127,11 @@ class Logins:
     pending: dict[str, Pending] = field(default_factory=dict)
     links: LoginLinks | None = None
     refusals: Refusals = field(default_factory=Refusals)
+    limited: Limited = field(default_factory=Limited)  # what the bounds on unauthenticated input refused
+    per_source: Counter[str] = field(default_factory=Counter)
+    max_pending: int = MAX_PENDING
+    pending_per_source: int = PENDING_PER_SOURCE
+    rate: RateLimit = field(default_factory=lambda: RateLimit(REGISTER_RATE, REGISTER_BURST))
 
     async def register(self, machine_key: bytes, req: wire.RegisterRequest, source: str = "") -> dict[str, Any]:
         svc = self.service
@@ -125,17 +152,27 @@ class Logins:
             if expired and n.node_key == wire.key_text("nodekey", req.node_key):
                 return {"MachineAuthorized": False, "NodeKeyExpired": True, "AuthURL": ""}
         if req.auth_key:
-            prefix, secret = split_auth_key(req.auth_key)
-            key = decide.check_auth_key(svc.state, prefix, hash_secret(secret), now)
+            try:
+                prefix, secret = split_auth_key(req.auth_key)
+                key = decide.check_auth_key(svc.state, prefix, hash_secret(secret), now)
+            except DomainError:
+                self._charge(source, now)
+                raise
             owner = decide.owner_from_key(svc.state, key)
             recs = await svc.execute(lambda s: decide.register(s, machine_key, req, owner, svc.rules, now), actor)
             self.lifecycle.registered(recs)
             return authorized(svc.state, svc.state.by_machine[mkey])
         return await self._interactive(machine_key, req, now, source)
 
+    def _charge(self, source: str, now: float) -> None:
+        if not self.rate.allow(source_key(source), now):
+            self.limited.note("rate")
+            raise TooMany(f"too many registrations from {source_key(source)}; slow down")
+
     async def _interactive(
         self, machine_key: bytes, req: wire.RegisterRequest, now: float, source: str
     ) -> dict[str, Any]:
+        self._charge(source, now)
         self._expire(now)
         if req.followup:
             auth_id = req.followup.rstrip("/").rsplit("/", 1)[-1]
@@ -153,13 +190,23 @@ class Logins:
         for p in self.pending.values():
             if p.machine_key == machine_key:
                 p.request = req
+                if source and source_key(source) != source_key(p.source):
+                    self._uncount(p.source)
+                    self.per_source[source_key(source)] += 1
                 p.source = source or p.source
                 return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(p.auth_id)}
-        if len(self.pending) >= MAX_PENDING:
-            raise DomainError("too many pending registrations; try again later")
+        key = source_key(source)
+        if self.per_source[key] >= self.pending_per_source:
+            self.limited.note("pending_source")
+            raise TooMany(f"{self.pending_per_source} registrations from {key} are already waiting for approval; "
+                          "approve them or wait until they expire")
+        if len(self.pending) >= self.max_pending:
+            self.limited.note("pending_total")
+            raise Busy("too many registrations are waiting for approval; try again later (or use an auth key)")
         auth_id = secrets.token_urlsafe(12)
         self.pending[auth_id] = Pending(auth_id, machine_key, req, now, asyncio.get_running_loop().create_future(),
                                         source=source)
+        self.per_source[key] += 1
         return {"MachineAuthorized": False, "NodeKeyExpired": False, "AuthURL": self._auth_url(auth_id)}
 
     def _auth_url(self, auth_id: str) -> str:
@@ -168,14 +215,28 @@ class Logins:
         return f"{self.server_url.rstrip('/')}/register/{auth_id}"
 
     def _expire(self, now: float) -> None:
-        for auth_id, p in list(self.pending.items()):
-            if now - p.created > PENDING_TTL:
-                del self.pending[auth_id]
-                if self.links is not None:
-                    self.links.forget(auth_id)
-                p.state = LoginState.EXPIRED
-                if not p.done.done():
-                    p.done.cancel()
+        # Insertion order is creation order on the server's own clock: the oldest come first.
+        while self.pending:
+            auth_id, p = next(iter(self.pending.items()))
+            if now - p.created <= PENDING_TTL:
+                break
+            self._forget(auth_id)
+            p.state = LoginState.EXPIRED
+            if not p.done.done():
+                p.done.cancel()
+
+    def _forget(self, auth_id: str) -> None:
+        p = self.pending.pop(auth_id, None)
+        if self.links is not None:
+            self.links.forget(auth_id)
+        if p is not None:
+            self._uncount(p.source)
+
+    def _uncount(self, source: str) -> None:
+        key = source_key(source)
+        self.per_source[key] -= 1
+        if self.per_source[key] <= 0:
+            del self.per_source[key]
 
     # --- admin side ---------------------------------------------------------------------------------------
 
@@ -197,9 +258,7 @@ class Logins:
 
     def _approved(self, p: Pending, recs: list[ev.Record]) -> int:
         nid = self.service.state.by_machine[wire.key_text("mkey", p.machine_key)]
-        self.pending.pop(p.auth_id, None)
-        if self.links is not None:
-            self.links.forget(p.auth_id)
+        self._forget(p.auth_id)
         p.state = LoginState.APPROVED
         if not p.done.done():
             p.done.set_result(nid)

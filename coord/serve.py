@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from coord import private
 from coord.app import create_app
 from coord.config import Config
 from coord.lock import ServerLock
@@ -37,27 +37,28 @@ async def run(config: Config) -> None:
     if app.relay is not None:
         # One port for both: DERP upgrades go to the relay, everything else to the app.
         extra["http"] = derp_http_protocol(app.relay)
+    if config.tls_cert:
+        extra["ssl_certfile"] = config.tls_cert
+        extra["ssl_keyfile"] = config.tls_key
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the API reads it itself,
+    # and only from the proxies the configuration names (trusted_proxies).
     public = QuietServer(
         uvicorn.Config(app.http, host=host, port=port, log_level="warning", lifespan="off", timeout_keep_alive=75,
-                       **extra)
+                       proxy_headers=False, **extra)
     )
     sock = config.data_path / "admin.sock"
-    if sock.exists():
-        sock.unlink()
-    admin_srv = QuietServer(
-        uvicorn.Config(app.admin_http, uds=str(sock), log_level="warning", lifespan="off")
-    )
+    # Bound by us, not uvicorn: uvicorn creates a Unix socket 0666 and leaves it so.
+    admin_sock = private.bind_unix(sock)
+    admin_srv = QuietServer(uvicorn.Config(app.admin_http, log_level="warning", lifespan="off"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(public.serve()), asyncio.create_task(admin_srv.serve())]
+    tasks = [asyncio.create_task(public.serve()), asyncio.create_task(admin_srv.serve(sockets=[admin_sock]))]
     while not (public.started and admin_srv.started):
         if any(t.done() for t in tasks):
             break
         await asyncio.sleep(0.02)
-    if sock.exists():
-        os.chmod(sock, 0o600)
     log.info("shoal-server listening on %s (server URL %s, data %s)", config.listen, config.server_url,
              config.data_dir)
     waiter = asyncio.create_task(stop.wait())
@@ -66,7 +67,8 @@ async def run(config: Config) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     waiter.cancel()
     await app.close()
-    if sock.exists():
+    admin_sock.close()
+    with contextlib.suppress(FileNotFoundError):
         sock.unlink()
 
 

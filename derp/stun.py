@@ -34,7 +34,6 @@ server answers them.
 from __future__ import annotations
 
 import ipaddress
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -77,10 +76,6 @@ class BindingResponse:
     txid: bytes
     host: str
     port: int
-
-
-def new_txid() -> bytes:
-    return os.urandom(12)
 
 
 def _attrs(data: bytes, length: int) -> list[tuple[int, bytes]]:
@@ -160,9 +155,9 @@ def build_response(req: BindingRequest, host: str, port: int) -> bytes:
     return head + body
 
 
-def build_request(txid: bytes | None = None, software: bytes = b"tailnode", fingerprint: bool = True) -> bytes:
-    """A binding request in Tailscale's form (SOFTWARE + FINGERPRINT), which every STUN server answers."""
-    txid = new_txid() if txid is None else txid
+def build_request(txid: bytes, software: bytes = b"tailnode", fingerprint: bool = True) -> bytes:
+    """A binding request in Tailscale's form (SOFTWARE + FINGERPRINT), which every STUN server answers.
+    ``txid``: 12 random bytes from the caller (sans-IO: no randomness here)."""
     if len(txid) != 12:
         raise LocalError("transaction ID must be 12 bytes")
     body = _attr(ATTR_SOFTWARE, software) if software else b""

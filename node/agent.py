@@ -184,14 +184,16 @@ class Agent:
     # --- commands from the local API ----------------------------------------------------------------------
 
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
-                 advertise_tags: list[str] | None = None, wait: float = UP_WAIT) -> dict[str, Any]:
+                 advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
+                 ca_file: str | None = None) -> dict[str, Any]:
         async with self._op_lock:
-            return await self._up(login_server, auth_key, hostname, advertise_tags, wait)
+            return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
-                  advertise_tags: list[str] | None, wait: float) -> dict[str, Any]:
+                  advertise_tags: list[str] | None, wait: float, server_key: str = "",
+                  ca_file: str | None = None) -> dict[str, Any]:
         try:
-            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags)
+            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file)
         except login.UpRefused as e:
             raise AgentError(e.status, str(e)) from None
         server = prefs.login_server
@@ -378,7 +380,7 @@ class Agent:
         prefs = prefs or self.prefs
         return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
                              server_public=prefs.server_key_raw(), clock=self.clock,
-                             timeout=self.cfg.control_timeout)
+                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file)
 
     async def _pin(self, client: ControlClient, prefs: Prefs | None = None) -> None:
         """Pins on first contact. `prefs` other than ours (a tentative `up`) is updated but not saved."""

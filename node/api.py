@@ -2,7 +2,8 @@
 
     GET  /status                    -> Status (below)
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
-                   "wait"?: seconds}  -> Status once the first netmap is applied (or a login URL is known)
+                   "server_key"?: "mkey:<64 hex>", "ca_file"?: path, "wait"?: seconds}
+                  -> Status once the first netmap is applied (or a login URL is known)
     POST /down    {}                -> Status
     POST /logout  {}                -> Status
     POST /ping    {"peer": name|tailnet IP|nodekey, "timeout"?: seconds}
@@ -45,6 +46,7 @@ from node.errors import LocalError
 MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
+    "server_key": str, "ca_file": str,
 }
 
 
@@ -96,7 +98,8 @@ def create_app(agent: Agent) -> Starlette:
         return JSONResponse(await agent.up(
             login_server=args.get("login_server", ""), auth_key=args.get("auth_key", ""),
             hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
-            wait=float(args.get("wait", 20.0)),
+            wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
+            ca_file=args.get("ca_file"),
         ))
 
     async def down(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """`shoal`: the node CLI. It talks only to shoald's local API (node/api.py) over its Unix socket.
 
     shoal [--socket PATH] up --login-server URL [--auth-key K] [--hostname H] [--advertise-tags tag:a,tag:b]
+                             [--server-key mkey:HEX] [--ca-file PEM]
     shoal down | logout
     shoal status [--json]
     shoal ip [-4|-6] [PEER]
@@ -23,6 +24,7 @@ from typing import Any, NoReturn
 
 import httpx
 
+from coord import wire
 from node.errors import LocalError
 
 DEFAULT_SOCKET = "/run/shoal/shoald.sock"
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pre-auth key (default $SHOAL_AUTH_KEY); without one, a login URL is printed")
     up.add_argument("--hostname", default=None, help="name to register (default: the machine's)")
     up.add_argument("--advertise-tags", default=None, help="comma-separated tag:name list")
+    up.add_argument("--server-key", default=None, type=server_key_arg,
+                    help="the server key to pin, as `shoal-server info` prints it (mkey:<64 hex>); a server "
+                         "presenting another is refused. Default: pin the key the server presents first")
+    up.add_argument("--ca-file", default=None, type=ca_file_arg,
+                    help="PEM CA bundle an https login server's certificate must chain to (remembered; "
+                         "default: the system store)")
     up.add_argument("--timeout", type=float, default=0,
                     help="give up waiting for login approval after this many seconds (default: wait)")
     sub.add_parser("down", help="take the tunnel down; stay registered")
@@ -71,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     nc = sub.add_parser("netcheck", help="UDP reachability, public address per DERP region, NAT kind, latency")
     nc.add_argument("--json", action="store_true")
     return p
+
+
+def server_key_arg(text: str) -> str:
+    try:
+        return wire.key_text("mkey", wire.parse_key(text.strip(), "mkey", "server key"))
+    except wire.WireError as e:
+        raise argparse.ArgumentTypeError(f"{e} (copy it from `shoal-server info`)") from None
+
+
+def ca_file_arg(text: str) -> str:
+    # shoald reads it, from its own working directory: pass an absolute path
+    path = os.path.abspath(text)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a readable file")
+    return path
 
 
 class Api:
@@ -104,6 +127,10 @@ def parse_tags(text: str) -> list[str]:
 
 def cmd_up(api: Api, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"login_server": args.login_server, "auth_key": args.auth_key}
+    if args.server_key:
+        body["server_key"] = args.server_key
+    if args.ca_file is not None:
+        body["ca_file"] = args.ca_file
     if args.hostname is not None:
         body["hostname"] = args.hostname
     if args.advertise_tags is not None:

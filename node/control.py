@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -41,14 +42,22 @@ class ControlClient:
     clock: Callable[[], float] = time.time
     timeout: float = 30.0
     transport: httpx.AsyncBaseTransport | None = None
+    ca_file: str = ""  # PEM CA bundle an https server's certificate must chain to ("" = the system store)
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self.ca_file:
+                try:
+                    verify = ssl.create_default_context(cafile=self.ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise ControlError(0, f"CA file {self.ca_file}: {e}") from None
             self._client = httpx.AsyncClient(
                 base_url=self.server_url.rstrip("/"),
                 timeout=httpx.Timeout(self.timeout, read=None),
                 transport=self.transport,
+                verify=verify,
             )
         return self._client
 
@@ -78,7 +87,8 @@ class ControlClient:
         elif key != self.server_public:
             raise PinMismatch(
                 f"{self.server_url} presents server key {wire.key_text('mkey', key)}, but this node pinned "
-                f"{wire.key_text('mkey', self.server_public)}; refusing to talk to it"
+                f"{wire.key_text('mkey', self.server_public)}; refusing to talk to it (a different server, or "
+                "someone in between)"
             )
         return key
 

@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from coord import wire
 from node.state import Prefs
 
 
@@ -115,7 +116,8 @@ class UpRefused(Exception):
         self.status = status
 
 
-def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[str] | None) -> Prefs:
+def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[str] | None,
+             server_key: str = "", ca_file: str | None = None) -> Prefs:
     """The prefs a `shoal up` would leave, checked. A copy: nothing is kept until the server has answered."""
     server = (login_server or prefs.login_server).rstrip("/")
     if not server:
@@ -128,6 +130,18 @@ def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[s
     out = replace(prefs, advertise_tags=list(prefs.advertise_tags), login_server=server)
     if server != have:
         out.server_key = ""
+    if server_key:
+        # pinned up front (`shoal up --server-key`): the first contact is checked too, not trusted
+        try:
+            want = wire.key_text("mkey", wire.parse_key(server_key, "mkey", "--server-key"))
+        except wire.WireError as e:
+            raise UpRefused(400, str(e)) from None
+        if out.server_key and out.server_key != want:
+            raise UpRefused(409, f"this node pinned server key {out.server_key} for {server}, but --server-key "
+                                 f"says {want}; refusing (run `shoal logout` to start over)")
+        out.server_key = want
+    if ca_file is not None:
+        out.ca_file = ca_file
     if hostname is not None:
         out.hostname = hostname
     if tags is not None:

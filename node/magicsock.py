@@ -141,7 +141,7 @@ class MagicSock:
         self.on_endpoints = on_endpoints
         self.poll_interval = poll_interval
         self.held = held  # peers the engine has without an endpoint for now (node/handshake.py)
-        self.magic = paths.Magic(disco_private, node_public)
+        self.magic = paths.Magic(disco_private, node_public, rand=os.urandom)
         self.derpsock = DerpSockets(port, self._wg_to_derp, loop=self.loop)
         self.raw: rawsock.RawPort | None = None
         self.raw_error = ""

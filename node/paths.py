@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -174,7 +173,7 @@ class Peer:
     """Path state for one peer. Inputs: `set_endpoints`, `note_activity`, `handle_ping`, `handle_pong`,
     `handle_call_me_maybe`, `handle_timer`. Outputs: `next_action()`, `next_timer()`, `endpoint`."""
 
-    def __init__(self, endpoints: Iterable[AddrPort] = (), *, rand: Rand = os.urandom) -> None:
+    def __init__(self, endpoints: Iterable[AddrPort] = (), *, rand: Rand) -> None:
         self._rand = rand
         self.endpoints: dict[AddrPort, EndpointState] = {}
         self.sent: dict[bytes, SentPing] = {}
@@ -400,7 +399,7 @@ class Magic:
     (on the raw socket or over DERP); drain `next_action()` after every input; call `handle_timer(now)` at
     `next_timer()`."""
 
-    def __init__(self, private: bytes, node_key: bytes, *, derp_region: int = 0, rand: Rand = os.urandom) -> None:
+    def __init__(self, private: bytes, node_key: bytes, *, derp_region: int = 0, rand: Rand) -> None:
         self._private = private
         self.public = disco.public_key(private)
         self.node_key = node_key

@@ -6,7 +6,9 @@ Files (mode 0600, written atomically with node.keys.write_private):
 
     {"version": 1,
      "login_server": "http://203.0.113.1:8080",   # "" until the first `shoal up`
-     "server_key": "mkey:<64 hex>" | "",          # pinned on first contact; any other key is refused
+     "server_key": "mkey:<64 hex>" | "",          # pinned on first contact (or by `up --server-key`); any
+                                                  # other key is refused
+     "ca_file": "/etc/ssl/shoal-ca.pem" | "",     # CA bundle for an https server ("" = the system store)
      "want_running": true,                        # false after `shoal down`; restored at start
      "logged_out": false,                         # true after `shoal logout`
      "hostname": "", "advertise_tags": ["tag:x"]}
@@ -38,6 +40,7 @@ VERSION = 1
 class Prefs:
     login_server: str = ""
     server_key: str = ""
+    ca_file: str = ""
     want_running: bool = False
     logged_out: bool = False
     hostname: str = ""
@@ -49,7 +52,7 @@ class Prefs:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Prefs:
         out = cls()
-        for name, kind in (("login_server", str), ("server_key", str), ("want_running", bool),
+        for name, kind in (("login_server", str), ("server_key", str), ("ca_file", str), ("want_running", bool),
                            ("logged_out", bool), ("hostname", str)):
             if name in data:
                 if not isinstance(data[name], kind):

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 
 from coord import events as ev
+from coord import private
 from coord.state import State
 from coord.store import ChainBroken, Filter
 
@@ -34,6 +35,11 @@ async def connect(path: str | Path, durability: str = "normal") -> aiosqlite.Con
     """
     if durability not in DURABILITY:
         raise ValueError(f"durability: {durability!r} is not one of {', '.join(DURABILITY)}")
+    # 0600 before sqlite sees it: sqlite creates -wal, -shm and -journal with the database file's mode.
+    path = Path(path)
+    private.touch(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private.narrow(path.with_name(path.name + suffix))
     conn = await aiosqlite.connect(str(path), isolation_level=None)
     # WAL: readers (the CLI, `events tail --follow`) never block the server.
     await conn.execute("PRAGMA journal_mode=WAL")

@@ -68,10 +68,18 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 T = TypeVar("T")
 
-MAX_ENDPOINTS = 64
-MAX_TAGS = 64
-MAX_ROUTES = 1024
-MAX_HOSTNAME = 256
+# What a real client needs, and no more: anyone can send a RegisterRequest, and a server keeps an interactive one
+# until an admin approves it (coord/logins.py bounds how many).
+MAX_ENDPOINTS = 64  # Endpoints and EndpointTypes entries
+MAX_ENDPOINT = 64  # characters of one endpoint ("[v6]:port" is at most 47)
+MAX_TAGS = 64  # RequestTags entries
+MAX_TAG = 64  # characters of one tag, "tag:" included
+MAX_ROUTES = 256  # RoutableIPs entries
+MAX_ROUTE = 43  # characters of one prefix (an IPv6 /128 written out in full)
+MAX_HOSTNAME = 255  # a DNS name's length
+MAX_OS = 64
+MAX_AUTH_KEY = 128  # skey-<prefix>-<secret> is about 70
+MAX_FOLLOWUP = 512  # a login URL this server handed out
 EP_LOCAL = 1  # EndpointTypes: an address of one of the node's interfaces
 EP_STUN = 2  # EndpointTypes: our address as a STUN server saw it
 
@@ -156,25 +164,33 @@ def _items(v: object, where: str, parse: Callable[[object, str], T], problems: l
     return tuple(out)
 
 
-def _opt_str(d: dict[str, Any], key: str, limit: int = 4096) -> str:
+def _opt_str(d: dict[str, Any], key: str, limit: int, where: str = "") -> str:
+    path = f"{where}.{key}" if where else key
     v = d.get(key, "")
     if v is None:
         return ""
     if not isinstance(v, str):
-        raise WireError(f"{key}: expected a string")
+        raise WireError(f"{path}: expected a string")
     if len(v) > limit:
-        raise WireError(f"{key}: longer than {limit} characters")
+        raise WireError(f"{path}: {len(v)} characters; at most {limit}")
     return v
 
 
-def _str_list(d: dict[str, Any], key: str, limit: int) -> tuple[str, ...]:
+def _str_list(d: dict[str, Any], key: str, limit: int, each: int, where: str = "") -> tuple[str, ...]:
+    """A list of at most ``limit`` strings of at most ``each`` characters."""
+    path = f"{where}.{key}" if where else key
     v = d.get(key)
     if v is None:
         return ()
-    if not isinstance(v, list) or not all(isinstance(x, str) and len(x) <= 256 for x in v):
-        raise WireError(f"{key}: expected a list of strings")
+    if not isinstance(v, list):
+        raise WireError(f"{path}: expected a list of strings")
     if len(v) > limit:
-        raise WireError(f"{key}: more than {limit} entries")
+        raise WireError(f"{path}: {len(v)} entries; at most {limit}")
+    for i, x in enumerate(v):
+        if not isinstance(x, str):
+            raise WireError(f"{path}[{i}]: expected a string")
+        if len(x) > each:
+            raise WireError(f"{path}[{i}]: {len(x)} characters; at most {each}")
     return tuple(v)
 
 
@@ -313,10 +329,10 @@ class Hostinfo:
         if not isinstance(v, dict):
             raise WireError("Hostinfo: expected an object")
         return cls(
-            hostname=_opt_str(v, "Hostname", MAX_HOSTNAME),
-            os=_opt_str(v, "OS", 64),
-            request_tags=_str_list(v, "RequestTags", MAX_TAGS),
-            routable_ips=_str_list(v, "RoutableIPs", MAX_ROUTES),
+            hostname=_opt_str(v, "Hostname", MAX_HOSTNAME, "Hostinfo"),
+            os=_opt_str(v, "OS", MAX_OS, "Hostinfo"),
+            request_tags=_str_list(v, "RequestTags", MAX_TAGS, MAX_TAG, "Hostinfo"),
+            routable_ips=_str_list(v, "RoutableIPs", MAX_ROUTES, MAX_ROUTE, "Hostinfo"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -356,9 +372,9 @@ class RegisterRequest:
             node_key=parse_key(d.get("NodeKey"), "nodekey", "NodeKey"),
             old_node_key=parse_key(old, "nodekey", "OldNodeKey") if old else None,
             disco_key=parse_key(disco, "discokey", "DiscoKey") if disco else None,
-            auth_key=_opt_str(auth, "AuthKey", 256),
+            auth_key=_opt_str(auth, "AuthKey", MAX_AUTH_KEY, "Auth"),
             hostinfo=Hostinfo.from_json(d.get("Hostinfo")),
-            followup=_opt_str(d, "Followup", 1024),
+            followup=_opt_str(d, "Followup", MAX_FOLLOWUP),
             expiry=None if expiry is None else float(expiry),
             ephemeral=eph,
         )
@@ -397,12 +413,17 @@ class MapRequest:
             if not isinstance(d.get(k, False), bool):
                 raise WireError(f"{k}: expected a boolean")
         eps = d.get("Endpoints")
-        endpoints = None if eps is None else _str_list(d, "Endpoints", MAX_ENDPOINTS)
-        for ep in endpoints or ():
-            Endpoint.parse(ep)
+        endpoints = None if eps is None else _str_list(d, "Endpoints", MAX_ENDPOINTS, MAX_ENDPOINT)
+        for i, ep in enumerate(endpoints or ()):
+            Endpoint.parse(ep, f"Endpoints[{i}]")
         types = d.get("EndpointTypes") or []
         if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
             raise WireError("EndpointTypes: expected a list of integers")
+        if len(types) > MAX_ENDPOINTS:
+            raise WireError(f"EndpointTypes: {len(types)} entries; at most {MAX_ENDPOINTS}")
+        for i, t in enumerate(types):
+            if not 0 <= t < 256:
+                raise WireError(f"EndpointTypes[{i}]: expected 0-255")
         if endpoints is not None and types and len(types) != len(endpoints):
             raise WireError("EndpointTypes: must be as long as Endpoints")
         home = d.get("HomeDERP")

@@ -12,9 +12,10 @@ Sealed request (node -> server)::
     nonce[24] || crypto_box(machine_priv -> server_pub, JSON)
     JSON = {"ts": <unix seconds, float>, "id": "<32 hex, random>", "body": {...}}
 
-The server refuses a request whose ``ts`` is more than ``MAX_SKEW`` (300 s) from its clock, or whose ``id`` it has
-already seen inside that window, so a captured body cannot be replayed. Request bodies are capped at
-``MAX_REQUEST`` (1 MiB).
+The server refuses a request whose ``ts`` is more than ``MAX_SKEW`` (300 s) from its clock, or from before the
+server started, or whose ``id`` it has already seen inside that window, so a captured body cannot be replayed,
+not even after a restart. Register and map bodies are capped at ``MAX_CONTROL`` (64 KiB: the biggest request the
+schema's field limits allow is about 17 KB of JSON), other sealed bodies at ``MAX_REQUEST`` (1 MiB).
 
 Sealed response (server -> node), for register and non-streaming map::
 
@@ -24,8 +25,9 @@ Sealed response (server -> node), for register and non-streaming map::
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections.abc import MutableMapping
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ from coord.wire.errors import WireError
 
 MAX_SKEW = 300.0
 MAX_REQUEST = 1 << 20
+MAX_CONTROL = 64 << 10
 NONCE_LEN = 24
 
 
@@ -74,31 +77,65 @@ def seal_request(box: Box, body: dict[str, Any], *, now: float, request_id: str,
     return seal(box, dumps({"ts": now, "id": request_id, "body": body}), nonce)
 
 
+class Busy(WireError):
+    """The server holds as much of something as it will for one source, or in all: try again later."""
+
+
 @dataclass
 class ReplayGuard:
-    """Request ids seen within the skew window. Callers pass ``now``; old ids are forgotten lazily."""
+    """Request ids seen within the skew window, bounded. Callers pass ``now`` and the request's source.
+
+    An id is remembered while a request carrying it could still pass the time check (until ``ts + window``),
+    then forgotten, in order of ``ts`` whatever order the requests came in. Ids from machine keys the server does
+    not know yet (anyone can mint one) are bounded, ``max_per_source`` per source and ``max_ids`` in all; past a
+    bound such a request is refused (``Busy``), never let through unchecked. Ids of known machines
+    (``bounded=False``) are neither capped nor crowded out by the others. ``not_before`` is when the server
+    started: the ids it saw before are gone, so a request sealed before then is refused rather than replayable.
+    """
 
     window: float = MAX_SKEW
-    seen: MutableMapping[str, float] = field(default_factory=dict)
+    not_before: float = 0.0
+    max_ids: int = 200_000
+    max_per_source: int = 8_192
+    seen: dict[str, str | None] = field(default_factory=dict)  # request id -> source (None: a known machine)
+    expiry: list[tuple[float, str]] = field(default_factory=list)  # heap of (ts, request id)
+    per_source: Counter[str] = field(default_factory=Counter)
+    bounded: int = 0  # ids that count against the bounds
 
-    def check(self, request_id: str, ts: float, now: float) -> None:
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def check(self, request_id: str, ts: float, now: float, source: str = "", bounded: bool = True) -> None:
         if abs(now - ts) > self.window:
             raise WireError(f"request time is {now - ts:+.0f}s off the server clock (limit {self.window:.0f}s)")
+        if ts < self.not_before:
+            raise WireError(f"request was sealed {self.not_before - ts:.1f}s before the server started: a replay, "
+                            "or a node clock behind the server's (seal a new one)")
         self._expire(now)
         if request_id in self.seen:
             raise WireError("request id already seen (replay)")
-        self.seen[request_id] = ts
+        if bounded:
+            if self.per_source[source] >= self.max_per_source:
+                raise Busy(f"too many requests from {source or 'this source'} within {self.window:.0f}s; "
+                           "try again later")
+            if self.bounded >= self.max_ids:
+                raise Busy(f"too many requests in total within {self.window:.0f}s; try again later")
+            self.per_source[source] += 1
+            self.bounded += 1
+        self.seen[request_id] = source if bounded else None
+        heapq.heappush(self.expiry, (ts, request_id))
 
     def _expire(self, now: float) -> None:
-        # dicts keep insertion order; ids arrive roughly in time order, so stop at the first fresh one.
-        horizon = now - 2 * self.window
-        stale = []
-        for rid, ts in self.seen.items():
-            if ts >= horizon:
-                break
-            stale.append(rid)
-        for rid in stale:
-            del self.seen[rid]
+        horizon = now - self.window
+        while self.expiry and self.expiry[0][0] < horizon:
+            _, rid = heapq.heappop(self.expiry)
+            source = self.seen.pop(rid)
+            if source is None:
+                continue
+            self.bounded -= 1
+            self.per_source[source] -= 1
+            if not self.per_source[source]:
+                del self.per_source[source]
 
 
 @dataclass(frozen=True)
@@ -108,9 +145,11 @@ class OpenedRequest:
     body: dict[str, Any]
 
 
-def open_request(box: Box, data: bytes, *, now: float, guard: ReplayGuard) -> OpenedRequest:
-    if len(data) > MAX_REQUEST:
-        raise WireError(f"request body is {len(data)} bytes; the limit is {MAX_REQUEST}")
+def open_request(box: Box, data: bytes, *, now: float, guard: ReplayGuard, source: str = "",
+                 known: bool = False, limit: int = MAX_REQUEST) -> OpenedRequest:
+    """Open a sealed request; ``known``: the machine key is one the server knows (its ids are not capped)."""
+    if len(data) > limit:
+        raise WireError(f"request body is {len(data)} bytes; the limit is {limit}")
     obj = loads_object(unseal(box, data, "request"), "request")
     rid, ts, body = obj.get("id"), obj.get("ts"), obj.get("body")
     if not isinstance(rid, str) or not 16 <= len(rid) <= 64:
@@ -119,7 +158,7 @@ def open_request(box: Box, data: bytes, *, now: float, guard: ReplayGuard) -> Op
         raise WireError("request: ts must be a number")
     if not isinstance(body, dict):
         raise WireError("request: body must be an object")
-    guard.check(rid, float(ts), now)
+    guard.check(rid, float(ts), now, source, bounded=not known)
     return OpenedRequest(rid, float(ts), body)
 
 

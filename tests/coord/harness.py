@@ -58,7 +58,8 @@ async def running_server(data: Path, app_kw: dict[str, Any] | None = None, **ove
     await app.start()
     extra: dict[str, Any] = {"http": derp_http_protocol(app.relay)} if app.relay is not None else {}
     userver = QuietServer(
-        uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **extra)
+        uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                       proxy_headers=False, **extra)
     )
     task = asyncio.create_task(userver.serve())
     while not userver.started:

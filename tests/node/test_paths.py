@@ -336,7 +336,7 @@ def test_hysteresis_between_two_paths() -> None:
 def test_drops_are_counted_not_raised() -> None:
     _, a, b = pair()
     m = a.magic
-    stranger = paths.Magic(C_PRIV, C_NODE)
+    stranger = paths.Magic(C_PRIV, C_NODE, rand=counter_rand())
     stranger.upsert_peer(m.public, A_NODE, [A_ADDR], 0.0)
     stranger.note_activity(A_NODE, 0.0)
     from_stranger = next(x for x in iter(stranger.next_action, None) if isinstance(x, paths.Transmit))
@@ -425,7 +425,7 @@ def test_learned_endpoints_are_capped() -> None:
 
 @given(st.lists(st.binary(max_size=200), max_size=20))
 def test_fuzz_receive(packets: list[bytes]) -> None:
-    m = paths.Magic(A_PRIV, A_NODE)
+    m = paths.Magic(A_PRIV, A_NODE, rand=counter_rand())
     m.upsert_peer(disco.public_key(B_PRIV), B_NODE, [B_ADDR], 0.0)
     box_b = disco.box_for(B_PRIV, m.public)
     for i, p in enumerate(packets):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 
 import pytest
@@ -44,7 +45,7 @@ class Mini:
         self.loop = asyncio.get_running_loop()
         self.key = PrivateKey.generate()
         self.node_key = self.key.public().raw
-        self.magic = paths.Magic(PrivateKey.generate().raw, self.node_key)
+        self.magic = paths.Magic(PrivateKey.generate().raw, self.node_key, rand=os.urandom)
         self.engine = GoEngine(lab.iface(name), netns=lab.ns(name))
         self.peer: Mini | None = None
         self.endpoint_log: list[tuple[float, AddrPort | None]] = []
