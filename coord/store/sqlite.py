@@ -36,10 +36,11 @@ async def connect(path: str | Path, durability: str = "normal") -> aiosqlite.Con
     if durability not in DURABILITY:
         raise ValueError(f"durability: {durability!r} is not one of {', '.join(DURABILITY)}")
     # 0600 before sqlite sees it: sqlite creates -wal, -shm and -journal with the database file's mode.
-    path = Path(path)
-    private.touch(path)
-    for suffix in ("-wal", "-shm", "-journal"):
-        private.narrow(path.with_name(path.name + suffix))
+    if str(path) != ":memory:":  # sqlite's in-memory database has no file to narrow (nor to create in the cwd)
+        path = Path(path)
+        private.touch(path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            private.narrow(path.with_name(path.name + suffix))
     conn = await aiosqlite.connect(str(path), isolation_level=None)
     # WAL: readers (the CLI, `events tail --follow`) never block the server.
     await conn.execute("PRAGMA journal_mode=WAL")
