@@ -18,13 +18,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab import Lab, Topology
+from tests.lab import Topology
 from tests.lab_tests.tailnet import Tailnet
 from tests.oidc.browser import local_context, open_browser, sign_in
 from tests.oidc.idp import CLIENT_ID, Idp
@@ -38,19 +37,6 @@ POLICY = """{
   "acls": [{"action": "accept", "src": ["group:admins"], "dst": ["group:admins:*"]}],
 }
 """
-
-
-@pytest.fixture
-def tailnet(lab: Lab, tmp_path: Path) -> Iterator[Tailnet]:
-    tn = Tailnet(lab, tmp_path)
-    try:
-        yield tn
-    finally:
-        for name in list(tn.agents):
-            print(f"--- shoald {name} ---\n{tn.log(name)[-3000:]}")
-        server_log = tmp_path / "server.log"
-        if server_log.exists():
-            print(f"--- server ---\n{server_log.read_text(errors='replace')[-4000:]}")
 
 
 def start_idp(tn: Tailnet, workdir: Path) -> Idp:

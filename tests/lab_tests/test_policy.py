@@ -13,13 +13,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, Topology
+from tests.lab import Topology
 from tests.lab.udp import py
 from tests.lab_tests.tailnet import Tailnet
 
@@ -136,16 +135,6 @@ except Exception as e:
     out["error"] = repr(e)
 print(json.dumps(out), flush=True)
 """
-
-
-@pytest.fixture
-def tailnet(lab: Lab, tmp_path: Path) -> Iterator[Tailnet]:
-    tn = Tailnet(lab, tmp_path)
-    try:
-        yield tn
-    finally:
-        for name in list(tn.agents):
-            print(f"--- shoald {name} ---\n{tn.log(name)[-3000:]}")
 
 
 def policy_cli(tn: Tailnet, *args: str) -> subprocess.CompletedProcess[str]:

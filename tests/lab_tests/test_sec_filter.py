@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, Topology
+from tests.lab import Topology
 from tests.lab.udp import py
 from tests.lab_tests.tailnet import Tailnet
 from tests.lab_tests.test_policy import SERVE, TABLE, hp, probe, set_policy, table
@@ -49,16 +48,6 @@ s.bind((sys.argv[1], 0))
 for _ in range(3):
     s.sendto(sys.argv[4].encode(), (sys.argv[2], int(sys.argv[3])))
 """
-
-
-@pytest.fixture
-def tailnet(lab: Lab, tmp_path: Path) -> Iterator[Tailnet]:
-    tn = Tailnet(lab, tmp_path)
-    try:
-        yield tn
-    finally:
-        for name in list(tn.agents):
-            print(f"--- shoald {name} ---\n{tn.log(name)[-3000:]}")
 
 
 def spoofed(tn: Tailnet, name: str) -> int:

@@ -6,27 +6,14 @@ import base64
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, one_lan
+from tests.lab import one_lan
 from tests.lab_tests.tailnet import Tailnet
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def tailnet(lab: Lab, tmp_path: Path) -> Iterator[Tailnet]:
-    tn = Tailnet(lab, tmp_path)
-    try:
-        yield tn
-    finally:
-        # on failure the logs are what tells why; pytest shows this captured output
-        for name in list(tn.agents):
-            print(f"--- shoald {name} ---\n{tn.log(name)[-3000:]}")
 
 
 def wg_peers(tn: Tailnet, name: str) -> set[str]:

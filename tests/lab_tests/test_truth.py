@@ -12,29 +12,17 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, Topology
+from tests.lab import Topology
 from tests.lab_tests.tailnet import Tailnet
 
 pytestmark = pytest.mark.lab
 
 STARTS = 10
 HANDSHAKE_WITHIN = 2.0
-
-
-@pytest.fixture
-def tailnet(lab: Lab, tmp_path: Path) -> Iterator[Tailnet]:
-    tn = Tailnet(lab, tmp_path)
-    try:
-        yield tn
-    finally:
-        for name in list(tn.agents):
-            print(f"--- shoald {name} ---\n{tn.log(name)[-3000:]}")
 
 
 def wg_peer(tn: Tailnet, name: str) -> tuple[str, int]:
