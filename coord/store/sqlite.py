@@ -313,13 +313,13 @@ class SqliteStore:
         self.writer = writer
         self.failpoint: Callable[[str], None] = _no_failpoint
         self.split_commit = False
+        self._txn_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, durability: str = "normal") -> SqliteStore:
         conn = await connect(path, durability)
-        # Appends run on their own connection, on the event loop: with WAL and synchronous=NORMAL a commit is a
-        # few tens of microseconds, less than the two thread switches an aiosqlite call costs (those were most of
-        # the time of an append). Reads stay on the aiosqlite connection, off the loop.
+        # Appends run on their own connection, one transaction per batch of commands (group commit); reads stay
+        # on the aiosqlite connection.
         writer = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         writer.execute("PRAGMA journal_mode=WAL")
         writer.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
@@ -339,16 +339,18 @@ class SqliteStore:
         return 0 if row is None or row[0] is None else int(row[0])
 
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
+        # Everything read from ``state`` is read here, before the first await: the service folds the next commands
+        # while this transaction runs (group commit, coord/service.py).
         users, keys, nodes = touched([r.event for r in records])
         rows = event_rows(records)
         ops = projection_ops(state, users, keys, nodes, policy)
-        if self.writer is None:
-            await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
-        else:
-            self._append_txn(self.writer, rows, ops, len(records) > 1)
-            # An append no longer waits for a thread: yield once, or a caller appending in a loop would starve
-            # every other task (snapshot writes, checkpoints, streams).
-            await asyncio.sleep(0)
+        async with self._txn_lock:
+            if self.writer is None:
+                await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
+            else:
+                # In a thread: the event loop folds the next batch meanwhile (sqlite releases the GIL), and an
+                # fsync (``--durability full``) never stalls it. One thread switch per transaction, not per event.
+                await asyncio.to_thread(self._append_txn, self.writer, rows, ops, len(records) > 1)
 
     def _append_txn(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]], ops: list[tuple[str, tuple[Any, ...]]],
                     batch: bool) -> None:
