@@ -25,8 +25,8 @@ from coord.change import Change
 from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import State, User, apply
-from coord.wire.schema import parse_time
 from coord.store import Filter, Store, load_state
+from coord.wire.schema import parse_time
 
 log = logging.getLogger("shoal.service")
 

@@ -21,6 +21,7 @@ Posture-gated rules match only nodes whose reported attributes satisfy the postu
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +46,15 @@ class PolicyNode:
     posture: tuple[tuple[str, str], ...] = ()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def parse_net(text: str, strict: bool = True) -> IPNet:
+    """``ipaddress.ip_network``, remembered: a policy rebuilt over 10,000 nodes parsed 20,000 addresses each time
+    (the objects are immutable, so sharing them is safe)."""
+    return ipaddress.ip_network(text, strict=strict)
+
+
 def node_nets(addresses: Iterable[str]) -> tuple[IPNet, ...]:
-    return tuple(ipaddress.ip_network(a.split("/")[0]) for a in addresses)
+    return tuple(parse_net(a.split("/")[0]) for a in addresses)
 
 
 def net_str(n: IPNet) -> str:
@@ -240,7 +248,7 @@ class PolicyEngine:
             roles=roles if user else frozenset(),
             member=user is not None and "shared" not in roles,
             nets=node_nets(node.addresses),
-            routes=tuple(ipaddress.ip_network(r, strict=False) for r in node.approved_routes),
+            routes=tuple(parse_net(r, False) for r in node.approved_routes),
             exit_node=node.exit_node,
             posture=dict(node.posture),
         )
