@@ -108,7 +108,8 @@ class Service:
             if not events:
                 return []
             pending = self._fold(events, actor)
-        await asyncio.shield(pending.done)
+        # A caller that goes away cancels only its wait: the committer skips a future that is done already.
+        await pending.done
         return pending.records
 
     def _fold(self, events: list[ev.Event], actor: str) -> _Pending:
