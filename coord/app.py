@@ -38,6 +38,7 @@ from coord.logins import Logins, active_node_key
 from coord.netmap import Settings, default_dns
 from coord.poll import Poll
 from coord.service import Service
+from coord.state import State
 from coord.store import Filter
 from coord.store.sqlite import SqliteStore
 from coord.supervise import Supervisor
@@ -169,6 +170,7 @@ class App:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.service.drain()
         await self.history.flush()
         await self.service.store.close()
 
@@ -217,12 +219,15 @@ async def create_app(
     except BaseException:
         await store.close()
         raise
-    service = Service(store, state, rules, settings, clock)
+    async def reload() -> State:
+        return (await history.load()).state
+
+    service = Service(store, state, rules, settings, clock, reload=reload)
     service.appended.append(history.maybe_snapshot)
     supervisor = Supervisor()
     checkpointer = Checkpointer(
         checkpoint_key, logfiles.CheckpointSink(config.checkpoint_file, config.checkpoint_command),
-        lambda: (service.state.last_seq, service.state.last_hash), clock,
+        lambda: service.committed, clock,
         config.checkpoint_every_n, config.checkpoint_interval_s,
     )
     service.appended.append(checkpointer.appended)

@@ -117,6 +117,8 @@ class Fanout:
         return woken
 
     def _targets(self, c: Change) -> list[Session]:
+        if not self.sessions:
+            return []  # the peers of every changed node would be computed for no one
         if c.policy or c.removed:
             return list(self.sessions.values())
         vis = self.netmaps.visibility

@@ -103,8 +103,8 @@ class History:
         """After an append: every ``every`` events, snapshot ``state`` (its body now, the file in a thread)."""
         if not self.due(state) or (self._writing is not None and not self._writing.done()):
             return None
-        # The fold mutates the state in place: its JSON must be taken now, before the next append.
-        body = ev.canonical_json(snap.body(state)).encode()
+        # The fold mutates the state in place: its encoding must be taken now, before the next append.
+        body = snap.body_bytes(state)
         seq, hash_, time = state.last_seq, state.last_hash, state.last_time
         self.last_snapshot = seq
         self._writing = asyncio.get_running_loop().create_task(self._write(seq, hash_, time, body))

@@ -20,7 +20,7 @@ from coord import events as ev
 from coord import logfiles, wire
 from coord.config import Config
 from coord.errors import LocalError
-from coord.state import fold
+from coord.state import State, fold
 from coord.store import ChainBroken, Filter, Store
 from coord.store import sqlite as db
 from coord.store.sqlite import SqliteStore
@@ -181,18 +181,22 @@ async def tail(store: Store, args: argparse.Namespace, out: Out) -> int:
 async def replay(store: SqliteStore, into: Path, out: Out) -> int:
     if into.exists():
         raise LogCmdError(f"{into} exists; replay writes a new database")
-    records = [r async for r in store.read()]
-    state = fold(records)
+    # Streamed: the rows are copied as stored and folded as they go by, so memory stays that of the state.
+    state = State()
+    n = 0
     new = await db.connect(into)
     try:
         await new.execute("BEGIN IMMEDIATE")
-        await db.insert(new, records)
+        async for rows in db.read_rows(store.conn, batch=20_000):
+            await new.executemany(db.INSERT_EVENTS, rows)
+            fold([db.decode_row(row) for row in rows], state)
+            n += len(rows)
         await db.write_all_projections(new, state)
         await new.execute("COMMIT")
         same = await db.dump_projections(new) == await db.dump_projections(store.conn)
     finally:
         await new.close()
-    out({"events": len(records), "into": str(into), "projections_equal_live": same},
-        f"replayed {len(records)} events into {into}; projections "
+    out({"events": n, "into": str(into), "projections_equal_live": same},
+        f"replayed {n} events into {into}; projections "
         + ("equal the live ones" if same else "DIFFER from the live ones"))
     return 0 if same else EXIT_ERROR

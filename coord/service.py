@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -26,6 +26,7 @@ from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import State, User, apply
 from coord.store import Filter, Store, load_state
+from coord.wire.schema import parse_time
 
 log = logging.getLogger("shoal.service")
 
@@ -51,6 +52,15 @@ def _discard(change: Change) -> None:
 
 
 @dataclass
+class _Pending:
+    """A command folded and waiting for its transaction: ``done`` resolves once it committed."""
+
+    records: list[ev.Record]
+    change: Change
+    done: asyncio.Future[None]
+
+
+@dataclass
 class Service:
     store: Store
     state: State
@@ -60,8 +70,11 @@ class Service:
     # Where each committed Change goes: the fan-out (create_app connects it).
     publish: Callable[[Change], None] = _discard
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Called with the state after each committed append (snapshots, checkpoints); they must not block.
+    # Called with the state each transaction commits, as it is handed to the store (snapshots, checkpoints); they
+    # must not block. A snapshot may so be written of a batch that then fails: start-up checks it against the log.
     appended: list[Callable[[State], object]] = field(default_factory=list)
+    # The fold of the log, when an append failed (create_app gives the snapshot series; default: the whole log).
+    reload: Callable[[], Awaitable[State]] | None = None
 
     def __post_init__(self) -> None:
         self.builder = Builder(self.state, self.settings)
@@ -69,6 +82,12 @@ class Service:
         self._policy: policy.Policy | None = None
         self._visibility: Visibility = AllowAll(self.state)
         self.policy_changed()
+        self._queue: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        # (seq, hash) of the last committed event; state.last_seq may be ahead while a transaction is in flight.
+        self.committed: tuple[int, str] = (self.state.last_seq, self.state.last_hash)
+        if self.reload is None:
+            self.reload = lambda: load_state(self.store)
 
     @property
     def visibility(self) -> Visibility:
@@ -77,13 +96,23 @@ class Service:
     # --- the write path -----------------------------------------------------------------------------------
 
     async def execute(self, decide_fn: Callable[[State], list[ev.Event]], actor: str) -> list[ev.Record]:
+        """Decide on the current state, seal and fold the events, and return once they are committed.
+
+        Group commit: the commands decided while a transaction is in flight are committed together in the next one
+        (``_commit``), each still decided on the fold of every command before it. A command returns (is
+        acknowledged) only after its transaction committed; if that transaction fails, it and every command decided
+        after it fail with the same error and the state is reloaded from the log.
+        """
         async with self.lock:
             events = decide_fn(self.state)
             if not events:
                 return []
-            return await self._append(events, actor)
+            pending = self._fold(events, actor)
+        # A caller that goes away cancels only its wait: the committer skips a future that is done already.
+        await pending.done
+        return pending.records
 
-    async def _append(self, events: list[ev.Event], actor: str) -> list[ev.Record]:
+    def _fold(self, events: list[ev.Event], actor: str) -> _Pending:
         # Never earlier than the event before (the clock may step back): the log is ordered by time as by seq, so
         # a point in time is a prefix of the log (`--at`).
         time_text = max(ev.rfc3339(self.clock()), self.state.last_time)
@@ -95,25 +124,70 @@ class Service:
             records.append(r)
             prev = r.hash
         change = Change()
+        ts = parse_time(time_text)  # the stored time, to the microsecond: a replay must fold the same values
         for r in records:
-            # r.ts (the stored time, to the microsecond), not now: a replay of the log must fold the same values.
-            change.merge(apply(self.state, r.event, r.ts))
+            change.merge(apply(self.state, r.event, ts))
         self.state.last_seq, self.state.last_hash, self.state.last_time = seq, prev, time_text
-        try:
-            await self.store.append(records, self.state, change.policy)
-        except BaseException:
-            # The in-memory fold ran ahead of a transaction that did not commit: rebuild it from the log.
-            log.exception("append failed; reloading state from the event log")
-            self._replace_state(await load_state(self.store))
-            raise
-        self._after(change, records)
-        for hook in self.appended:
+        # The policy and the visibility engine follow the fold at once: the next command decides on them.
+        if change.policy:
+            self.policy_changed()
+        else:
+            hook = getattr(self._visibility, "observe", None)
+            if hook is not None:
+                change.merge(hook(records))
+        pending = _Pending(records, change, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(self._commit())
+        return pending
+
+    async def _commit(self) -> None:
+        """The one committer: everything folded since the last transaction goes into the next one."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            records = [r for p in batch for r in p.records]
+            policy_changed = any(p.change.policy for p in batch)
+            # The state is now exactly the fold of the log plus this batch (every fold queues itself at once):
+            # the store reads the projection rows from it before its first await; snapshots are taken of it.
+            for hook in self.appended:
+                try:
+                    hook(self.state)
+                except Exception:
+                    log.exception("after-append hook %r failed", hook)
             try:
-                hook(self.state)
-            except Exception:
-                # The command committed; a snapshot or checkpoint that failed to start is retried later.
-                log.exception("after-append hook %r failed", hook)
-        return records
+                await self.store.append(records, self.state, policy_changed)
+            except BaseException as e:
+                await self._failed(batch, e)
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            self.committed = (records[-1].seq, records[-1].hash)
+            for p in batch:
+                self.publish(p.change)
+                if not p.done.done():
+                    p.done.set_result(None)
+
+    async def _failed(self, batch: list[_Pending], error: BaseException) -> None:
+        """A transaction failed: none of its events is stored, and every command decided since was decided on
+        them. Fail them all with ``error`` and rebuild the state from the log (what was acknowledged stays)."""
+        async with self.lock:
+            failed, self._queue = batch + self._queue, []
+            log.error("append of %d command(s) failed (%s); reloading state from the event log",
+                      len(failed), error)
+            try:
+                assert self.reload is not None
+                self._replace_state(await self.reload())
+            finally:
+                for p in failed:
+                    if not p.done.done():
+                        p.done.set_exception(error)
+                        # A caller that went away must not leave "exception never retrieved" behind.
+                        p.done.exception()
+
+    async def drain(self) -> None:
+        """Wait until every folded command is committed (or failed): before the store closes."""
+        while self._committer is not None and not self._committer.done():
+            await asyncio.gather(self._committer, return_exceptions=True)
 
     def _replace_state(self, fresh: State) -> None:
         self.state.__dict__.update(fresh.__dict__)
@@ -132,15 +206,6 @@ class Service:
         if self._policy is None or user is None:
             return False
         return policy.tag_allowed(self._policy, user.name, tag)
-
-    def _after(self, change: Change, records: list[ev.Record]) -> None:
-        if change.policy:
-            self.policy_changed()
-        else:
-            hook = getattr(self._visibility, "observe", None)
-            if hook is not None:
-                change.merge(hook(records))
-        self.publish(change)
 
     # --- admin commands -----------------------------------------------------------------------------------
 

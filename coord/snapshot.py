@@ -6,8 +6,8 @@ fingerprint differs from this code's, or whose (seq, hash) is not the log's, is 
 
 Format (``encode``/``decode``)::
 
-    shoal-snapshot/1 <seq> <hash> <time> <layout> <sha256>\\n
-    <zlib-compressed canonical JSON of the state>
+    shoal-snapshot/2 <seq> <hash> <time> <layout> <sha256>\\n
+    <zlib-compressed marshal of the state>
 
     seq     decimal: the state is the fold of events 1..seq
     hash    64 hex digits: the ``hash`` of event ``seq`` (``"0"*64`` for seq 0), checked against the log on load
@@ -16,10 +16,16 @@ Format (``encode``/``decode``)::
             renames a field invalidates older snapshots instead of misreading them)
     sha256  64 hex digits: SHA-256 of the compressed body (a torn or bit-rotted file is caught before parsing)
 
-The JSON body is ``{"users": [...], "keys": [...], "nodes": [...], "state": {...}}``: each dataclass is a list of
-its field values in declaration order (dicts as ``[key, value]`` pairs in insertion order, so iteration order
-survives the round trip; sets sorted). Encoding the same state always gives the same bytes, and
-``decode(encode(s)) == s`` for every state the fold makes.
+The body is ``marshal`` (format version 2) of ``{"users": [...], "keys": [...], "nodes": [...], "index": {...},
+"state": {...}}``: each dataclass is a tuple of its field values in declaration order, built back positionally
+(dicts as ``(key, value)`` pairs in insertion order, so iteration order survives the round trip; ``by_identity``
+as ``[issuer, subject, user id]``; sets sorted). Why marshal: it is C both ways and keeps tuples and lists apart,
+so a 10,000-node state encodes and loads in tens of milliseconds (JSON took most of a second each way, on the
+event loop for the encoding); version 2 writes no object references, so equal states give equal bytes. marshal is
+not meant for bytes from strangers, and these are not: the file is the server's own, 0600 in its data directory
+(whoever can write it can write shoal.db), and its sha256 is checked before it is unmarshalled. Encoding the same
+state always gives the same bytes, and ``decode(encode(s)) == s`` for every state the fold makes. Version 2
+(``shoal-snapshot/2``); version 1 (JSON) could not encode ``by_identity`` (tuple keys) at all.
 
 Retention (``keep``): snapshots are taken every N events; as they age they are thinned to the *oldest* snapshot of
 each bucket. Buckets are aligned to the epoch, 5 minutes wide, then 1 hour once the whole hour ended more than an
@@ -36,19 +42,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
+import marshal
+import operator
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from coord import events as ev
 from coord.state import AuthKey, Node, State, User
 
-MAGIC = "shoal-snapshot/1"
+MAGIC = "shoal-snapshot/2"
 _HEADER = re.compile(
-    r"^shoal-snapshot/1 (0|[1-9][0-9]{0,18}) ([0-9a-f]{64}) "
+    r"^shoal-snapshot/2 (0|[1-9][0-9]{0,18}) ([0-9a-f]{64}) "
     r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z) ([0-9a-f]{16}) ([0-9a-f]{64})$"
 )
 MAX_HEADER = 256
@@ -56,7 +62,7 @@ MAX_HEADER = 256
 _CLASSES: tuple[type[Any], ...] = (User, AuthKey, Node, State)
 # State fields that hold records or indexes, encoded by hand below; the rest are plain JSON values.
 _STATE_SPECIAL = {"users", "keys", "nodes", "by_machine", "by_node_key", "by_given_name", "keys_by_prefix",
-                  "used_ipv4"}
+                  "by_identity", "used_ipv4"}
 
 
 class SnapshotError(ValueError):
@@ -68,53 +74,51 @@ def layout() -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
-    return v
+def _getter(cls: type[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    get = operator.attrgetter(*names)
+    return lambda obj: get(obj)  # a tuple of the field values, in declaration order (json writes tuples as lists)
 
 
-def _row(obj: Any) -> list[Any]:
-    return [_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+def _tuple_fields(cls: type[Any]) -> tuple[int, list[int], list[int]]:
+    """(number of fields, indexes of tuple fields, indexes of list fields): how a JSON row comes back."""
+    fs = dataclasses.fields(cls)
+    tuples = [i for i, f in enumerate(fs) if str(f.type).startswith("tuple")]
+    lists = [i for i, f in enumerate(fs) if str(f.type).startswith("list")]
+    return len(fs), tuples, lists
 
 
-def _kinds(cls: type[Any]) -> list[tuple[str, str]]:
-    """(field name, "tuple" | "list" | "") for each field: how a JSON list comes back."""
+def _rows(cls: type[Any], rows: Any) -> list[Any]:
+    """One object per row, built positionally (no per-field dict): a 10,000-node snapshot loads in milliseconds."""
+    n, tuples, lists = _tuple_fields(cls)
+    if not isinstance(rows, list):
+        raise SnapshotError(f"{cls.__name__}: expected a list of rows")
     out = []
-    for f in dataclasses.fields(cls):
-        t = str(f.type)
-        out.append((f.name, "tuple" if t.startswith("tuple") else "list" if t.startswith("list") else ""))
+    for row in rows:
+        if not isinstance(row, tuple) or len(row) != n:
+            raise SnapshotError(f"{cls.__name__}: expected {n} fields")
+        for want, idx in ((tuple, tuples), (list, lists)):
+            for i in idx:
+                if not isinstance(row[i], want):
+                    name = dataclasses.fields(cls)[i].name
+                    raise SnapshotError(f"{cls.__name__}.{name}: expected a {want.__name__}")
+        out.append(cls(*row))
     return out
 
 
-def _unrow(cls: type[Any], kinds: list[tuple[str, str]], row: list[Any]) -> Any:
-    if not isinstance(row, list) or len(row) != len(kinds):
-        raise SnapshotError(f"{cls.__name__}: expected {len(kinds)} fields")
-    kw: dict[str, Any] = {}
-    for (name, kind), v in zip(kinds, row, strict=True):
-        if kind and not isinstance(v, list):
-            raise SnapshotError(f"{cls.__name__}.{name}: expected a list")
-        kw[name] = tuple(_plain_tuple(x) for x in v) if kind == "tuple" else list(v) if kind == "list" else v
-    return cls(**kw)
-
-
-def _plain_tuple(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
-
-
 def body(state: State) -> dict[str, Any]:
-    rest = {
-        f.name: _plain(getattr(state, f.name)) for f in dataclasses.fields(State) if f.name not in _STATE_SPECIAL
-    }
+    rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(State) if f.name not in _STATE_SPECIAL}
+    user, key, node = _getter(User), _getter(AuthKey), _getter(Node)
     return {
-        "users": [_row(u) for u in state.users.values()],
-        "keys": [_row(k) for k in state.keys.values()],
-        "nodes": [_row(n) for n in state.nodes.values()],
+        "users": [user(u) for u in state.users.values()],
+        "keys": [key(k) for k in state.keys.values()],
+        "nodes": [node(n) for n in state.nodes.values()],
         "index": {
             "by_machine": list(state.by_machine.items()),
             "by_node_key": list(state.by_node_key.items()),
             "by_given_name": list(state.by_given_name.items()),
             "keys_by_prefix": list(state.keys_by_prefix.items()),
+            "by_identity": [[i, s, uid] for (i, s), uid in state.by_identity.items()],
             "used_ipv4": sorted(state.used_ipv4),
         },
         "state": rest,
@@ -123,10 +127,9 @@ def body(state: State) -> dict[str, Any]:
 
 def from_body(obj: Any) -> State:
     try:
-        uk, kk, nk = _kinds(User), _kinds(AuthKey), _kinds(Node)
-        users = [_unrow(User, uk, r) for r in obj["users"]]
-        keys = [_unrow(AuthKey, kk, r) for r in obj["keys"]]
-        nodes = [_unrow(Node, nk, r) for r in obj["nodes"]]
+        users = _rows(User, obj["users"])
+        keys = _rows(AuthKey, obj["keys"])
+        nodes = _rows(Node, obj["nodes"])
         idx = obj["index"]
         rest = obj["state"]
         plain = {f.name for f in dataclasses.fields(State)} - _STATE_SPECIAL
@@ -140,6 +143,7 @@ def from_body(obj: Any) -> State:
             by_node_key={str(k): int(v) for k, v in idx["by_node_key"]},
             by_given_name={str(k): int(v) for k, v in idx["by_given_name"]},
             keys_by_prefix={str(k): int(v) for k, v in idx["keys_by_prefix"]},
+            by_identity={(str(i), str(s)): int(uid) for i, s, uid in idx["by_identity"]},
             used_ipv4={str(a) for a in idx["used_ipv4"]},
             **rest,
         )
@@ -149,14 +153,22 @@ def from_body(obj: Any) -> State:
         raise SnapshotError(f"snapshot body: {type(e).__name__}: {e}") from None
 
 
+def body_bytes(state: State) -> bytes:
+    """The encoded body of ``state`` (the part that must be taken before the state folds on)."""
+    return marshal.dumps(body(state), MARSHAL_VERSION)
+
+
+MARSHAL_VERSION = 2  # no object references: the bytes depend on the values only
+
+
 def encode(state: State, time: str, level: int = 1) -> bytes:
     """The snapshot of ``state`` (the fold of events 1..state.last_seq); ``time`` is event last_seq's time."""
-    return seal(state.last_seq, state.last_hash, time, ev.canonical_json(body(state)).encode(), level)
+    return seal(state.last_seq, state.last_hash, time, body_bytes(state), level)
 
 
-def seal(seq: int, hash_: str, time: str, json_body: bytes, level: int = 1) -> bytes:
+def seal(seq: int, hash_: str, time: str, body_data: bytes, level: int = 1) -> bytes:
     """Compress and frame an encoded body (split from ``encode`` so the costly part can run off the event loop)."""
-    payload = zlib.compress(json_body, level)
+    payload = zlib.compress(body_data, level)
     digest = hashlib.sha256(payload).hexdigest()
     head = f"{MAGIC} {seq} {hash_} {time} {layout()} {digest}\n"
     if not _HEADER.match(head[:-1]):
@@ -192,8 +204,8 @@ def decode(data: bytes) -> State:
     if hashlib.sha256(payload).hexdigest() != h.sha256:
         raise SnapshotError("snapshot body does not match its sha256 (torn or corrupted file)")
     try:
-        obj = json.loads(zlib.decompress(payload))
-    except (zlib.error, ValueError) as e:
+        obj = marshal.loads(zlib.decompress(payload))
+    except (zlib.error, ValueError, EOFError, TypeError) as e:
         raise SnapshotError(f"snapshot body: {e}") from None
     state = from_body(obj)
     if (state.last_seq, state.last_hash) != (h.seq, h.hash):

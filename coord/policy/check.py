@@ -32,12 +32,11 @@ into `tests`.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .compile import PolicyNode
+from .compile import PolicyNode, node_nets, parse_net
 from .hujson import PolicyError
 from .match import Subject, Verdict, all_of, any_of, rule_allows
 from .model import INTERNET, TAILNET_RANGES, IPNet, Policy, Test
@@ -111,9 +110,9 @@ class _Tailnet:
             if not isinstance(n, Mapping):
                 raise TailnetError(f"tailnet nodes[{i}]: expected an object")
             try:
-                nets = tuple(ipaddress.ip_network(a.split("/")[0]) for a in n.get("addresses", []))
-                routes = tuple(ipaddress.ip_network(r, strict=False) for r in n.get("routes", []))
-            except (ValueError, AttributeError) as e:
+                nets = node_nets(n.get("addresses", []))
+                routes = tuple(parse_net(r, False) for r in n.get("routes", []))
+            except (ValueError, AttributeError, TypeError) as e:
                 raise TailnetError(f"tailnet nodes[{i}]: {e}") from None
             self.nodes.append({**n, "_nets": nets, "_routes": routes, "tags": frozenset(n.get("tags", []))})
 

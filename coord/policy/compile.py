@@ -21,6 +21,7 @@ Posture-gated rules match only nodes whose reported attributes satisfy the postu
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +46,54 @@ class PolicyNode:
     posture: tuple[tuple[str, str], ...] = ()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def parse_net(text: str, strict: bool = True) -> IPNet:
+    """``ipaddress.ip_network``, remembered: a policy rebuilt over 10,000 nodes parsed 20,000 addresses each time
+    (the objects are immutable, so sharing them is safe). A plain address takes a short path (most of a start-up
+    at 10,000 nodes was ``ipaddress`` parsing node addresses); anything else goes to ``ipaddress``."""
+    n = _plain_v4(text)
+    if n is not None:
+        return ipaddress.IPv4Network((n, 32))
+    n = _plain_v6(text)
+    if n is not None:
+        return ipaddress.IPv6Network((n, 128))
+    return ipaddress.ip_network(text, strict=strict)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _plain_v4(text: str) -> int | None:
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    n = 0
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (len(p) > 1 and p[0] == "0") or int(p) > 255:
+            return None
+        n = n << 8 | int(p)
+    return n
+
+
+def _plain_v6(text: str) -> int | None:
+    """Hex groups with at most one ``::``; no embedded IPv4, no zone (those go to ``ipaddress``)."""
+    if ":" not in text or text.count("::") > 1:
+        return None
+    head, sep, tail = text.partition("::")
+    hs = head.split(":") if head else []
+    ts = tail.split(":") if tail else []
+    if (sep and len(hs) + len(ts) > 7) or (not sep and len(hs) != 8):
+        return None
+    n = 0
+    for g in hs + ["0"] * (8 - len(hs) - len(ts)) + ts:
+        if not 1 <= len(g) <= 4 or not _HEX.issuperset(g):
+            return None
+        n = n << 16 | int(g, 16)
+    return n
+
+
 def node_nets(addresses: Iterable[str]) -> tuple[IPNet, ...]:
-    return tuple(ipaddress.ip_network(a.split("/")[0]) for a in addresses)
+    return tuple(parse_net(a.split("/")[0]) for a in addresses)
 
 
 def net_str(n: IPNet) -> str:
@@ -240,7 +287,7 @@ class PolicyEngine:
             roles=roles if user else frozenset(),
             member=user is not None and "shared" not in roles,
             nets=node_nets(node.addresses),
-            routes=tuple(ipaddress.ip_network(r, strict=False) for r in node.approved_routes),
+            routes=tuple(parse_net(r, False) for r in node.approved_routes),
             exit_node=node.exit_node,
             posture=dict(node.posture),
         )

@@ -63,7 +63,14 @@ class Store(Protocol):
 
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
         """Store ``records`` and the projection rows they touch (read from ``state``, already folded) in one
-        transaction: all of it or none. ``policy``: the policy row changed too."""
+        transaction: all of it or none; return once it is durable at the configured level. ``policy``: the policy
+        row changed too.
+
+        Group commit (coord/service.py): ``records`` are those of one or more commands, and the service calls
+        ``append`` from one committer, never twice at once. ``state`` is the fold through ``records[-1]`` at the
+        moment of the call, but the service folds further commands while the transaction runs: read every
+        projection row from it before the first ``await``. ``Record.data_text``, when set, is the canonical JSON
+        of the event's data (the ``data`` column), already encoded."""
         ...
 
     async def verify(self) -> int:

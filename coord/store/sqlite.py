@@ -8,10 +8,12 @@ connection, for the CLI's maintenance commands (``events replay``) and the migra
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,10 @@ def _statements(sql: str) -> list[str]:
 # --- projections ------------------------------------------------------------------------------------------
 
 
+# Events that change only a node's patchable columns (none of them UNIQUE): their rows get an UPDATE of those.
+PATCH_EVENTS = ("NodeEndpointsChanged", "NodeConnected", "NodeDisconnected", "NodeDiscoKeyChanged")
+
+
 def touched(events: list[ev.Event]) -> tuple[set[int], set[int], set[int]]:
     users: set[int] = set()
     keys: set[int] = set()
@@ -109,16 +115,41 @@ def touched(events: list[ev.Event]) -> tuple[set[int], set[int], set[int]]:
     return users, keys, nodes
 
 
+def patched_only(events: list[ev.Event], nodes: set[int]) -> set[int]:
+    """The touched nodes that only patch events touched (their row exists and keeps its UNIQUE columns)."""
+    out = set(nodes)
+    for e in events:
+        if e.type not in PATCH_EVENTS:
+            out.discard(getattr(e, "node_id", None))
+    return out
+
+
+_LIST = json.JSONEncoder(separators=(",", ":"))
+
+
 def _j(v: Any) -> str:
-    return json.dumps(list(v), separators=(",", ":"))
+    return _LIST.encode(list(v))
+
+
+PATCH_NODE = (
+    "UPDATE nodes SET disco_key = ?, endpoints = ?, endpoint_types = ?, home_derp = ?, online = ?, last_seen = ? "
+    "WHERE id = ?"
+)
 
 
 def projection_ops(
-    state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
+    state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool,
+    patched: AbstractSet[int] = frozenset(),
 ) -> list[tuple[str, tuple[Any, ...]]]:
     """The statements that bring the projection rows of these ids up to ``state`` (built on the event loop, where
-    the state is consistent; run in the connection's thread)."""
+    the state is consistent; run in the connection's thread). ``patched``: nodes among ``nodes`` whose row only
+    needs its patchable columns (``patched_only``), an UPDATE instead of a delete and insert."""
     ops: list[tuple[str, tuple[Any, ...]]] = []
+    for nid in sorted(patched):
+        p = state.nodes[nid]
+        ops.append((PATCH_NODE, (p.disco_key, _j(p.endpoints), _j(p.endpoint_types), p.home_derp, p.online,
+                                 p.last_seen, nid)))
+    nodes = nodes - patched
     for uid in users:
         u = state.users.get(uid)
         if u is None:
@@ -166,8 +197,8 @@ def projection_ops(
 async def write_projections(
     conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
 ) -> None:
-    for sql, params in projection_ops(state, users, keys, nodes, policy):
-        await conn.execute(sql, params)
+    for sql, group in itertools.groupby(projection_ops(state, users, keys, nodes, policy), key=lambda op: op[0]):
+        await conn.executemany(sql, [params for _, params in group])
 
 
 async def write_all_projections(conn: aiosqlite.Connection, state: State) -> None:
@@ -231,6 +262,15 @@ def _where(f: Filter) -> tuple[str, list[object]]:
 
 async def read(conn: aiosqlite.Connection, f: Filter = Filter(), batch: int = 5000) -> AsyncIterator[ev.Record]:
     """Records in order. Rows are decoded without trusting them: use ``verify`` to check the chain."""
+    async for rows in read_rows(conn, f, batch):
+        for row in rows:
+            yield decode_row(row)
+
+
+async def read_rows(
+    conn: aiosqlite.Connection, f: Filter = Filter(), batch: int = 5000
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """The stored rows (``INSERT_EVENTS`` order), ``batch`` at a time."""
     where, args = _where(f)
     seq = f.since_seq
     while True:
@@ -239,9 +279,9 @@ async def read(conn: aiosqlite.Connection, f: Filter = Filter(), batch: int = 50
             "ORDER BY seq LIMIT ?",
             [seq, *args[1:], batch],
         ) as cur:
-            rows = list(await cur.fetchall())
-        for row in rows:
-            yield decode_row(tuple(row))
+            rows = [tuple(r) for r in await cur.fetchall()]
+        if rows:
+            yield rows
         if len(rows) < batch:
             return
         seq = int(rows[-1][0])
@@ -272,7 +312,11 @@ async def verify(conn: aiosqlite.Connection) -> int:
                 ev.from_data(str(type_name), int(schema), obj)
             except (ValueError, ev.BadEvent) as e:
                 raise ChainBroken(seq, f"undecodable data ({e})") from None
-            want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
+            # The stored text as it is, then (if it was re-encoded, e.g. by hand) its canonical form: a match of
+            # the first proves the text is the one sealed, since the list around it is canonical JSON too.
+            want = ev.chain_hash_text(prev, seq, str(time), str(actor), str(type_name), int(schema), str(data))
+            if want != hash_:
+                want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
             if want != hash_:
                 raise ChainBroken(seq, "hash does not match the event's contents")
             prev, expect_seq = str(hash_), seq + 1
@@ -284,8 +328,8 @@ async def verify(conn: aiosqlite.Connection) -> int:
 
 def event_rows(records: list[ev.Record]) -> list[tuple[Any, ...]]:
     return [
-        (r.seq, r.time, r.actor, r.event.type, r.event.SCHEMA, ev.canonical_json(r.event.data()), r.prev_hash,
-         r.hash)
+        (r.seq, r.time, r.actor, r.event.type, r.event.SCHEMA, r.data_text or ev.canonical_json(r.event.data()),
+         r.prev_hash, r.hash)
         for r in records
     ]
 
@@ -293,6 +337,12 @@ def event_rows(records: list[ev.Record]) -> list[tuple[Any, ...]]:
 INSERT_EVENTS = (
     "INSERT INTO events (seq, time, actor, type, schema, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def _run(c: sqlite3.Connection, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run ``ops`` in order, each run of one statement as one executemany."""
+    for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
+        c.executemany(sql, [params for _, params in group])
 
 
 def _no_failpoint(where: str) -> None:
@@ -313,13 +363,13 @@ class SqliteStore:
         self.writer = writer
         self.failpoint: Callable[[str], None] = _no_failpoint
         self.split_commit = False
+        self._txn_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, durability: str = "normal") -> SqliteStore:
         conn = await connect(path, durability)
-        # Appends run on their own connection, on the event loop: with WAL and synchronous=NORMAL a commit is a
-        # few tens of microseconds, less than the two thread switches an aiosqlite call costs (those were most of
-        # the time of an append). Reads stay on the aiosqlite connection, off the loop.
+        # Appends run on their own connection, one transaction per batch of commands (group commit); reads stay
+        # on the aiosqlite connection.
         writer = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         writer.execute("PRAGMA journal_mode=WAL")
         writer.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
@@ -339,16 +389,19 @@ class SqliteStore:
         return 0 if row is None or row[0] is None else int(row[0])
 
     async def append(self, records: list[ev.Record], state: State, policy: bool) -> None:
-        users, keys, nodes = touched([r.event for r in records])
+        # Everything read from ``state`` is read here, before the first await: the service folds the next commands
+        # while this transaction runs (group commit, coord/service.py).
+        events = [r.event for r in records]
+        users, keys, nodes = touched(events)
         rows = event_rows(records)
-        ops = projection_ops(state, users, keys, nodes, policy)
-        if self.writer is None:
-            await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
-        else:
-            self._append_txn(self.writer, rows, ops, len(records) > 1)
-            # An append no longer waits for a thread: yield once, or a caller appending in a loop would starve
-            # every other task (snapshot writes, checkpoints, streams).
-            await asyncio.sleep(0)
+        ops = projection_ops(state, users, keys, nodes, policy, patched_only(events, nodes))
+        async with self._txn_lock:
+            if self.writer is None:
+                await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]
+            else:
+                # In a thread: the event loop folds the next batch meanwhile (sqlite releases the GIL), and an
+                # fsync (``--durability full``) never stalls it. One thread switch per transaction, not per event.
+                await asyncio.to_thread(self._append_txn, self.writer, rows, ops, len(records) > 1)
 
     def _append_txn(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]], ops: list[tuple[str, tuple[Any, ...]]],
                     batch: bool) -> None:
@@ -361,12 +414,10 @@ class SqliteStore:
                 self.failpoint("split")
                 c.execute("BEGIN IMMEDIATE")
             half = len(ops) // 2 if batch else len(ops)
-            for sql, params in ops[:half]:
-                c.execute(sql, params)
+            _run(c, ops[:half])
             if batch:
                 self.failpoint("batch")
-            for sql, params in ops[half:]:
-                c.execute(sql, params)
+            _run(c, ops[half:])
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")

@@ -251,12 +251,15 @@ def test_log_expiry_loop_survives_a_failing_sweep(tmp_path: Path, caplog: pytest
             node_for_map(svc.state, m, wire.MapRequest(node_key=nk), clock.now)
         await app.start()
         try:
-            for _ in range(300):
-                if svc.state.nodes[nid].expired:
+            stats = app.lifecycle.supervisor.stats
+            for _ in range(1000):
+                # the fold runs ahead of the commit: wait for the sweep that committed, not for the flag alone
+                if svc.state.nodes[nid].expired and "expiry" in stats and stats["expiry"].failures == 2 \
+                        and stats["expiry"].consecutive == 0:
                     break
                 await asyncio.sleep(0.01)
             assert svc.state.nodes[nid].expired
-            st = app.lifecycle.supervisor.stats["expiry"]
+            st = stats["expiry"]
             assert st.failures == 2 and st.consecutive == 0 and "database is locked" in st.last_error
         finally:
             await app.close()
