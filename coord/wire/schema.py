@@ -38,7 +38,10 @@ them reaches an nft script.
 DERPMap: ``{Regions: {"<id>": {RegionID, RegionCode, RegionName, NoMeasureNoHome?, Nodes: [{Name, RegionID,
 HostName, IPv4?, IPv6?, STUNPort (0 = 3478, -1 = none), DERPPort (0 = 443), URL?, InsecureForTests?,
 STUNOnly?}]}}}``. ``URL`` (a Shoal extension) wins over HostName and DERPPort. DNSConfig: ``{Resolvers:
-[{Addr}], Domains: [str], Proxied, Routes: {suffix: [{Addr}]}}``.
+[{Addr}], Domains: [str], Proxied, Routes: {suffix: [{Addr}]}, ExtraRecords?: [{Name, Type?, Value}]}``:
+``Proxied`` is MagicDNS on; ``Routes`` with an empty list means "answer locally" (the base domain, and the
+reverse zones); ``ExtraRecords`` are A/AAAA records (``Type`` "" or absent = by the value's family), their
+names FQDNs without the trailing dot, as in Tailscale's tailcfg.DNSRecord.
 
 What a node tolerates
 ---------------------
@@ -748,10 +751,19 @@ class DNSConfig:
     domains: tuple[str, ...] = ()
     proxied: bool = False
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (suffix, resolvers), in the map's order
+    extra_records: tuple[tuple[str, str, str], ...] = ()  # (name, type, value)
 
     @classmethod
     def from_json(cls, v: object, where: str = "DNSConfig") -> DNSConfig:
         d = _obj(v, where)
+        records: list[tuple[str, str, str]] = []
+        extra = d.get("ExtraRecords")
+        for i, r in enumerate(_list(extra or [], f"{where}.ExtraRecords")):
+            at = f"{where}.ExtraRecords[{i}]"
+            o = _obj(r, at)
+            kind = o.get("Type")
+            records.append((_str(o.get("Name"), f"{at}.Name"), "" if kind is None else _str(kind, f"{at}.Type"),
+                            _str(o.get("Value"), f"{at}.Value")))
         routes = d.get("Routes")
         pairs: list[tuple[str, tuple[str, ...]]] = []
         for suffix, rs in _obj(routes, f"{where}.Routes").items() if routes is not None else ():
@@ -764,15 +776,19 @@ class DNSConfig:
             domains=_strs(d.get("Domains"), f"{where}.Domains"),
             proxied=_bool(d.get("Proxied"), f"{where}.Proxied"),
             routes=tuple(pairs),
+            extra_records=tuple(records),
         )
 
     def to_json(self) -> JSON:
-        return {
+        out: JSON = {
             "Resolvers": [{"Addr": r} for r in self.resolvers],
             "Domains": list(self.domains),
             "Proxied": self.proxied,
             "Routes": {s: [{"Addr": r} for r in rs] for s, rs in self.routes},
         }
+        if self.extra_records:
+            out["ExtraRecords"] = [{"Name": n, "Type": t, "Value": v} for n, t, v in self.extra_records]
+        return out
 
 
 # --- nodes ------------------------------------------------------------------------------------------------
