@@ -209,12 +209,13 @@ class App:
 
 async def create_app(
     config: Config, *, serve: bool = True, clock: Callable[[], float] = time.time,
-    oidc_http: httpx.AsyncClient | None = None,
+    oidc_http: httpx.AsyncClient | None = None, dns_poll: float = 1.0,
 ) -> App:
     """Build the server on ``config``'s data dir: open the store, fold the log, wire the parts.
 
     ``serve=False`` (the CLI running an admin command in-process) builds no relay and no sign-in; such an App is
     never started. ``oidc_http``: the client sign-in talks to the identity provider with (tests pass one).
+    ``dns_poll``: seconds between polls of the extra records file.
     """
     oidc = config.oidc_config() if serve else None
     private.ensure_dir(config.data_path)
@@ -257,7 +258,7 @@ async def create_app(
         signin = SignIn(oidc, Provider(oidc, f"{base}/oidc/callback", http, clock), logins, config.server_url, clock)
         logins.links = signin
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
-              signin=signin)
+              signin=signin, dns_poll=dns_poll)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.
         async def admit(node_key: bytes, source: str) -> bool:

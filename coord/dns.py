@@ -108,18 +108,17 @@ def resolver(text: object, what: str = "nameserver") -> str:
 
 def record(name: object, kind: object, value: object, what: str = "extra record") -> Record:
     n = dns_name(name, f"{what} name")
+    if kind is not None and not isinstance(kind, str):
+        raise DnsError(f"{what} {n}: type must be A or AAAA")
+    if kind and kind.strip().upper() not in RECORD_TYPES:
+        raise DnsError(f"{what} {n}: type {kind!r} is not A or AAAA (only those are served)")
     if not isinstance(value, str):
         raise DnsError(f"{what} {n}: value must be an IP address")
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:
         raise DnsError(f"{what} {n}: {value!r} is not an IP address") from None
-    t = "" if kind is None else kind
-    if not isinstance(t, str):
-        raise DnsError(f"{what} {n}: type must be A or AAAA")
-    t = t.strip().upper() or ("A" if ip.version == 4 else "AAAA")
-    if t not in RECORD_TYPES:
-        raise DnsError(f"{what} {n}: type {kind!r} is not A or AAAA (only those are served)")
+    t = (kind or "").strip().upper() or ("A" if ip.version == 4 else "AAAA")
     if (t == "A") != (ip.version == 4):
         raise DnsError(f"{what} {n}: type {t} needs an IPv{4 if t == 'A' else 6} address, not {value!r}")
     return (n, t, str(ip))

@@ -226,7 +226,9 @@ class Builder:
             # change naming the peer in ``peers`` replaces it with the whole record.
             if had == ~p.version and pid not in change.peers:
                 continue
-            if had is not None and pid in change.patches and pid not in change.peers:
+            # After a policy or visibility change the viewer may not have seen this peer for a while (a record
+            # change made while it was hidden was never pushed to it): only the whole record is safe then.
+            if had is not None and pid in change.patches and pid not in change.peers and current is None:
                 patches.append(self.patch_json(p))
                 sent[pid] = ~p.version
             else:

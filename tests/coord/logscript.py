@@ -212,6 +212,17 @@ class PureLog:
             self.decide(lambda s: decide.delete_node(s, str(nid)))
 
 
+# Every DNS op, for tests that pick one from a list.
+DNS_OPS: tuple[tuple[Any, ...], ...] = (
+    *(("dns_set", m, n, sp, se, o) for m, n, sp, se, o in
+      ((None, 2, 1, 2, None), (False, 0, 0, 0, None), (True, 3, 3, 3, False), (None, 1, 2, 1, True))),
+    *(("dns_record_add", i) for i in range(len(DNS_RECORDS))),
+    ("dns_record_remove", 0, True), ("dns_record_remove", 0, False), ("dns_record_remove", 2, True),
+    *(("dns_seed", i) for i in range(len(DNS_SEEDS))),
+    *(("dns_file", i) for i in range(len(DNS_FILES))),
+)
+
+
 def dns_args(op: tuple[Any, ...]) -> dict[str, Any]:
     """``decide.set_dns``'s keyword arguments for a ``dns_set`` op."""
     return {"magic_dns": op[1], "nameservers": DNS_NAMESERVERS[op[2]], "split": DNS_SPLITS[op[3]],

@@ -2,14 +2,13 @@
 
 Random command sequences (users created, renamed and deleted; register with advertised routes, re-auth, rename,
 hostinfo with routes, tag, endpoints with their types, disco key, connect, disconnect, expire, key expiry, logout,
-delete, three policies set and cleared) are decided with ``decide.*`` and run through the real write
-path (``Service.execute`` on an in-memory store, so the real fold, visibility hook and publish), into the real
-sans-IO fan-out core (``coord.fanout.Fanout``). Time is stepped by hand: ticks (``flush``) and stream drains
-(``next_frame``) interleave with later events, as they do on the event loop. Streams open and end through the
-real ``node_for_map`` check and ``Lifecycle.connected``/``disconnected``. At the end every live session's first
-full map with all its deltas applied through ``wire.NetMap`` must equal a full map computed fresh (ControlTime
-aside). Every key a command uses is drawn by hypothesis (or the seeded generator), so a failure replays exactly.
-"""
+delete, three policies set and cleared, DNS settings, records and records files) are decided with ``decide.*`` and run
+through the real write path (``Service.execute`` on an in-memory store, so the real fold, visibility hook and
+publish), into the real sans-IO fan-out core (``coord.fanout.Fanout``). Time is stepped by hand: ticks (``flush``) and
+stream drains (``next_frame``) interleave with later events, as they do on the event loop. Streams open and end
+through the real ``node_for_map`` check and ``Lifecycle.connected``/``disconnected``. At the end every live session's
+first full map with all its deltas applied through ``wire.NetMap`` must equal a full map computed fresh (ControlTime
+aside). Every key a command uses is drawn by hypothesis (or the seeded generator), so a failure replays exactly. """
 
 from __future__ import annotations
 
@@ -36,6 +35,7 @@ from coord.netmap import Settings
 from coord.service import Service
 from coord.state import State
 from coord.store.memory import MemoryStore
+from tests.coord.logscript import DNS_OPS, dns_events
 from tests.coord.util import DAY, POOL
 
 USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
@@ -211,6 +211,8 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("drain"), sched),
         st.tuples(st.just("drain"), sched),
         st.tuples(st.just("burst"), node, st.integers(60, 80)),
+        # DNS settings and records: a DNSConfig delta to every session
+        st.tuples(st.just("dns"), st.sampled_from(DNS_OPS)),
     )
 
 
@@ -218,7 +220,7 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
     kind = op[0]
     ids = sorted(sim.state.nodes)
     pick: Any
-    global_ops = ("register", "policy", "tick", "drain", "sweep", "user_create", "user_rename", "user_delete")
+    global_ops = ("register", "policy", "tick", "drain", "sweep", "user_create", "user_rename", "user_delete", "dns")
     pick = ids[op[1] % len(ids)] if ids and kind not in global_ops else None
     if kind == "register":
         await sim.register(*op[1:])
@@ -261,6 +263,8 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
         if (text or None) != sim.state.policy_text:
             sha = hashlib.sha256(text.encode()).hexdigest() if text else ""
             await sim.decide(lambda s: [ev.PolicySet(text, sha)])
+    elif kind == "dns":
+        await sim.decide(lambda s: dns_events(s, op[1]))
     elif kind in ("tick", "drain"):
         if kind == "tick":
             await sim.flush()
@@ -353,8 +357,8 @@ def test_patch_sent_before_an_unflushed_change_is_not_mistaken_for_the_whole_rec
 
 
 OPS = ["register", "reauth", "update", "rename", "tag", "connect", "disconnect", "expire", "expiry", "sweep", "logout",
-       "delete", "policy", "tick", "drain", "user_create", "user_rename", "user_delete"]
-WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8, 1, 1, 1]
+       "delete", "policy", "tick", "drain", "user_create", "user_rename", "user_delete", "dns"]
+WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8, 1, 1, 1, 1]
 
 
 def _random_op(rnd: random.Random, weights: list[int] = WEIGHTS) -> tuple[Any, ...]:
@@ -387,4 +391,6 @@ def _random_op(rnd: random.Random, weights: list[int] = WEIGHTS) -> tuple[Any, .
         return (k, rnd.randrange(-1, len(POLICIES)))
     if k in ("tick", "drain"):
         return (k, [rnd.random() < 0.6 for _ in range(8)])
+    if k == "dns":
+        return (k, rnd.choice(DNS_OPS))
     return (k, n)
