@@ -341,7 +341,7 @@ class Service:
 
     def dns_records(self) -> dict[str, Any]:
         st = self.state
-        rows = [{"name": n, "type": t, "value": v, "source": "admin"} for n, t, v in st.dns.extra_records]
+        rows = [{"name": n, "type": t, "value": v, "source": "config/admin"} for n, t, v in st.dns.extra_records]
         rows += [{"name": n, "type": t, "value": v, "source": "file"} for n, t, v in st.dns_file_records]
         return {"records": rows}
 
