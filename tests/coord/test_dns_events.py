@@ -248,3 +248,38 @@ def test_dns_records_file_is_watched_and_each_change_is_an_event(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     asyncio.run(records_file_watched(tmp_path, caplog))
+
+
+POLICY = """{"acls": [{"action": "accept", "src": ["alice@example.com"], "dst": ["alice@example.com:*"]}]}"""
+
+
+async def hidden_peers_get_no_names(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as r:
+        for u in ("alice@example.com", "bob@example.com"):
+            await r.svc.create_user(u)
+        keys = {u: (await r.svc.create_key(u, reusable=True, ephemeral=False, expiration=3600.0, tags=()))["key"]
+                for u in ("alice@example.com", "bob@example.com")}
+        await r.svc.set_policy(POLICY)
+        a1, a2, b = sim_node(r.url, "a1"), sim_node(r.url, "a2"), sim_node(r.url, "b")
+        for n, u in ((a1, "alice@example.com"), (a2, "alice@example.com"), (b, "bob@example.com")):
+            await n.join(keys[u])
+        its = [n.client.stream(n.map_request()) for n in (a1, a2, b)]
+        fulls = [await next_map(it) for it in its]
+        assert [p["Name"] for p in fulls[0]["Peers"]] == [f"a2.{BASE}."]
+        assert fulls[2]["Peers"] == []  # bob's node is told no name of alice's
+        await r.svc.rename_node("a2", "db")
+        d = await until(its[0], "PeersChanged")
+        assert [p["Name"] for p in d["PeersChanged"]] == [f"db.{BASE}."]
+        # the hidden viewer gets no frame for it: the next thing it sees is the DNS change everyone gets
+        await admin.run(r.app.admin, "dns.records.add", {"name": "x.example.com", "type": "A", "value": "100.64.0.7"})
+        while "DNSConfig" not in (d := await next_map(its[2])):
+            assert not d.get("PeersChanged") and not d.get("Peers"), d
+        assert not d.get("PeersChanged") and not d.get("Peers")
+        for it in its:
+            await it.aclose()
+        for n in (a1, a2, b):
+            await n.client.close()
+
+
+def test_dns_names_reach_only_the_peers_the_policy_lets_see(tmp_path: Path) -> None:
+    asyncio.run(hidden_peers_get_no_names(tmp_path))
