@@ -35,10 +35,10 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
       }
     }
 
-The two `spoofed` rules and the two quad-100 drops are in every table we render, whatever the policy (an allow-all one included,
-`render_allow_all`): identity is by address (the policy here; later the resolver, SSH, `whois`), so a tailnet
-source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key. Loopback is
-exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
+The two `spoofed` rules and the two quad-100 drops are in every table we render, whatever the policy (an
+allow-all one included, `render_allow_all`): identity is by address (the policy here; later SSH, `whois`),
+so a tailnet source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key.
+Loopback is exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
 dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
 
 The agent applies it with `nft -f -` (`NftApplier`); the same input always renders the same text, so
