@@ -5,11 +5,12 @@ The renderer compares a desired `RouteConfig` with the interface's current `Link
 that close the gap, in an order the kernel accepts: MTU, link up (routes need an up device), stale addresses
 out, new addresses in, stale routes out, new routes in.
 
-What we own on the interface: every global-scope address, the host-scope ones (quad-100's, added `scope host`
-so the kernel never picks them as a source address for traffic to peers), and routes with protocol boot/static (the ones `ip
-route add` makes). Link-local addresses and kernel-made routes (protocol kernel: fe80::/64, an IPv6 /128 of a
-local address) are left alone. IPv6 addresses are added with `nodad`: there is nobody to collide with on a
-WireGuard link, and duplicate address detection would hold them tentative for a second.
+What we own on the interface: every global-scope address, the host-scope ones (quad-100's, added `scope
+host` so the kernel never picks them as a source address for traffic to peers), and routes with protocol
+boot/static (the ones `ip route add` makes). Link-local addresses and kernel-made routes (protocol kernel:
+fe80::/64, an IPv6 /128 of a local address) are left alone. IPv6 addresses are added with `nodad`: there is
+nobody to collide with on a WireGuard link, and duplicate address detection would hold them tentative for a
+second.
 
 The applier has no I/O of its own: it awaits an injected Runner (node.run), so tests read its command
 transcript.
