@@ -112,6 +112,48 @@ async def keys_list(a: Admin, args: dict[str, Any]) -> Any:
     return [views.key(svc.state, k, now) for k in sorted(svc.state.keys)]
 
 
+def _opt_bool(args: dict[str, Any], key: str) -> bool | None:
+    v = args.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise DomainError(f"{key}: expected true or false")
+    return v
+
+
+def _opt_strs(args: dict[str, Any], key: str) -> list[str] | None:
+    v = args.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise DomainError(f"{key}: expected a list of strings")
+    return [x for x in v if x]
+
+
+def _opt_split(args: dict[str, Any]) -> dict[str, list[str]] | None:
+    v = args.get("split")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(rs, list) and all(isinstance(r, str) for r in rs) for k, rs in v.items()
+    ):
+        raise DomainError("split: expected {suffix: [resolver, ...]}")
+    return v
+
+
+async def dns_set(a: Admin, args: dict[str, Any]) -> Any:
+    return await a.service.set_dns(
+        magic_dns=_opt_bool(args, "magic_dns"), nameservers=_opt_strs(args, "nameservers"),
+        split=_opt_split(args), clear_split=bool(args.get("clear_split")),
+        search_domains=_opt_strs(args, "search_domains"), override_local_dns=_opt_bool(args, "override_local_dns"),
+    )
+
+
+def _opt_str(args: dict[str, Any], key: str) -> str | None:
+    v = args.get(key)
+    if v is not None and not isinstance(v, str):
+        raise DomainError(f"{key}: expected a string")
+    return v or None
+
+
 COMMANDS: dict[str, Handler] = {
     "users.create": lambda x, a: x.service.create_user(_str(a, "name")),
     "users.list": users_list,
@@ -140,6 +182,13 @@ COMMANDS: dict[str, Handler] = {
         x.service.diff_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson"))
     ),
     "policy.tailnet": lambda x, a: _value(access.tailnet(x.service.state)),
+    "dns.get": lambda x, a: _value(x.service.get_dns()),
+    "dns.set": dns_set,
+    "dns.records.list": lambda x, a: _value(x.service.dns_records()),
+    "dns.records.add": lambda x, a: x.service.add_dns_record(_str(a, "name"), _str(a, "type"), _str(a, "value")),
+    "dns.records.remove": lambda x, a: x.service.remove_dns_record(
+        _str(a, "name"), _opt_str(a, "type"), _opt_str(a, "value")
+    ),
     "info": lambda x, a: _value(x.info()),
 }
 

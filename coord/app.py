@@ -22,20 +22,21 @@ import httpx
 from nacl.public import PrivateKey
 from starlette.applications import Starlette
 
-from coord import admin, api, decide, logfiles, private, wire
+from coord import admin, api, decide, dns, logfiles, private, wire
 from coord import events as ev
 from coord.api import Api
 from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
 from coord.checkpoints import Checkpointer
 from coord.config import Config, parse_hostport
+from coord.dnswatch import RecordsWatch
 from coord.errors import ConfigError, DomainError
 from coord.fanout import Fanout
 from coord.history import History
 from coord.ipam import Pool
 from coord.lifecycle import Lifecycle
 from coord.logins import Logins, active_node_key
-from coord.netmap import Settings, default_dns
+from coord.netmap import Settings
 from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
@@ -117,6 +118,8 @@ class App:
     signin: SignIn | None = None
     started: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # How often the extra records file is polled (seconds).
+    dns_poll: float = 1.0
 
     def __post_init__(self) -> None:
         self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
@@ -147,6 +150,7 @@ class App:
     async def start(self) -> None:
         """Start the background: node timers (after marking every node offline) and the embedded relay."""
         self.started = True
+        await self.seed_dns()
         await self.lifecycle.start()
         self.tasks.append(asyncio.create_task(
             self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
@@ -157,6 +161,17 @@ class App:
                 host, port = parse_hostport(self.config.stun_listen, "stun_listen")
                 self.stun = await start_stun_server(host, port)
                 self.relay.stun = self.stun
+
+    async def seed_dns(self) -> None:
+        """The config's [dns] table and records file into the log (each an event only when it changed), then the
+        file's watch. Only a serving server seeds: an admin command run in-process may not have the config."""
+        await self.service.seed_dns(self.config.dns_settings())
+        path = self.config.dns_records_file
+        if path:
+            watch = RecordsWatch(Path(path), self.service)
+            await watch.start()
+            self.tasks.append(asyncio.create_task(self.supervisor.periodic("dns-records-file", self.dns_poll,
+                                                                           watch.poll)))
 
     async def close(self) -> None:
         if self.stun is not None:
@@ -204,7 +219,7 @@ async def create_app(
     oidc = config.oidc_config() if serve else None
     private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
-    settings = Settings(config.base_domain, derp_map(config), default_dns(config.base_domain))
+    settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6))
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
     store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)

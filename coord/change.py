@@ -19,6 +19,8 @@ class Change:
     visibility: set[int] = field(default_factory=set)
     # Every node's visibility and filter may have changed (policy set).
     policy: bool = False
+    # The DNS settings changed: every node gets the new DNSConfig.
+    dns: bool = False
     # Sessions of these nodes must end (logout, delete, key rotation).
     close: set[int] = field(default_factory=set)
 
@@ -29,9 +31,10 @@ class Change:
         self.removed |= other.removed
         self.visibility |= other.visibility
         self.policy = self.policy or other.policy
+        self.dns = self.dns or other.dns
         self.close |= other.close
         return self
 
     def __bool__(self) -> bool:
         sets = (self.peers, self.patches, self.self_nodes, self.removed, self.visibility, self.close)
-        return self.policy or any(sets)
+        return self.policy or self.dns or any(sets)

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow an http:// server URL off loopback (labs)")
     o.add_argument("--oidc-group-map", action="append", metavar="IDP_GROUP=group:NAME",
                    help="IdP group -> policy group (repeatable)")
+    d = serve.add_argument_group("MagicDNS (the [dns] config table; seeds the settings `dns set` changes)")
+    d.add_argument("--dns-magic-dns", metavar="on|off")
+    d.add_argument("--dns-nameservers", metavar="ADDR[,ADDR]", help="global upstream resolvers")
+    d.add_argument("--dns-split", action="append", metavar="SUFFIX=ADDR[,ADDR]", help="split DNS (repeatable)")
+    d.add_argument("--dns-search-domains", metavar="DOMAIN[,DOMAIN]")
+    d.add_argument("--dns-override-local-dns", metavar="on|off")
+    d.add_argument("--dns-extra-record", dest="dns_extra_records", action="append", metavar="'NAME TYPE VALUE'",
+                   help="an A/AAAA record (repeatable)")
+    d.add_argument("--dns-extra-records-file", metavar="PATH", help="JSON records file, watched for changes")
     serve.add_argument("--durability", choices=["normal", "full"],
                        help="normal: commits survive a process crash; full: also an OS crash or power loss")
     serve.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key")
@@ -154,6 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     x = pol.add_parser("diff", parents=[common], help="what a file would change against the current tailnet")
     x.add_argument("file")
 
+    dns = sub.add_parser("dns", parents=[common], help="MagicDNS settings and extra records").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    dns.add_parser("get", parents=[common], help="the DNS settings, and the DNSConfig every node is sent")
+    x = dns.add_parser("set", parents=[common], help="change DNS settings (each change is an event)")
+    x.add_argument("--magic-dns", choices=["on", "off"])
+    x.add_argument("--nameserver", action="append", metavar="ADDR",
+                   help="global upstream (repeatable; replaces the list; '' clears it)")
+    x.add_argument("--split", action="append", metavar="SUFFIX=ADDR[,ADDR]",
+                   help="split DNS for a suffix (repeatable; SUFFIX= removes the suffix)")
+    x.add_argument("--clear-split", action="store_true", help="remove every split DNS route first")
+    x.add_argument("--search", action="append", metavar="DOMAIN",
+                   help="search domain after the base domain (repeatable; replaces the list; '' clears it)")
+    x.add_argument("--override-local-dns", choices=["on", "off"],
+                   help="on: the nameservers answer everything; off: the host's resolvers stay, nameservers back "
+                        "them up")
+    rec = dns.add_parser("records", parents=[common], help="extra A/AAAA records").add_subparsers(
+        dest="rcmd", required=True, parser_class=Parser
+    )
+    rec.add_parser("list", parents=[common])
+    x = rec.add_parser("add", parents=[common])
+    x.add_argument("name")
+    x.add_argument("type", metavar="TYPE", help="A or AAAA")
+    x.add_argument("value")
+    x = rec.add_parser("remove", parents=[common], help="remove a name's records (only TYPE VALUE if given)")
+    x.add_argument("name")
+    x.add_argument("type", nargs="?", metavar="TYPE")
+    x.add_argument("value", nargs="?")
+
     logcmd.add_parsers(sub, common, Parser)
     return p
 
@@ -168,7 +206,8 @@ def config_from(args: argparse.Namespace) -> Config:
             log_level=args.log_level, derp=False if args.no_derp else None, durability=args.durability,
             tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=args.trusted_proxies,
         )
-        overrides.update({k: v for k, v in vars(args).items() if k.startswith("oidc_") and v is not None})
+        overrides.update({k: v for k, v in vars(args).items()
+                          if k.startswith(("oidc_", "dns_")) and v is not None})
     return load(args.config or os.environ.get("SHOAL_CONFIG"), overrides=overrides)
 
 
@@ -199,11 +238,46 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if c == "expiry":
             a["expiry"] = None if args.never else time.time() + parse_duration(args.expires_in, "--in")
         return f"nodes.{c}", a
+    if g == "dns":
+        return dns_request(args)
     if g == "policy":
         if c in ("set", "diff"):
             return f"policy.{c}", {"text": read_text(args.file), "filename": args.file}
         return f"policy.{c}", {}
     raise CliError(f"unknown command {g} {c}")
+
+
+def _on_off(v: str | None) -> bool | None:
+    return None if v is None else v == "on"
+
+
+def dns_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    c = args.cmd
+    if c == "get":
+        return "dns.get", {}
+    if c == "set":
+        split: dict[str, list[str]] | None = None
+        for item in args.split or ():
+            suffix, sep, addrs = item.partition("=")
+            if not sep or not suffix.strip():
+                raise CliError(f"--split: {item!r} is not SUFFIX=ADDR[,ADDR] (SUFFIX= removes the suffix)")
+            split = split or {}
+            split[suffix.strip()] = [a.strip() for a in addrs.split(",") if a.strip()]
+        a: dict[str, Any] = {
+            "magic_dns": _on_off(args.magic_dns), "override_local_dns": _on_off(args.override_local_dns),
+            "nameservers": args.nameserver, "search_domains": args.search, "split": split,
+            "clear_split": args.clear_split,
+        }
+        if all(v is None for k, v in a.items() if k != "clear_split") and not args.clear_split:
+            raise CliError("dns set: nothing to change (see --help)")
+        return "dns.set", a
+    if args.rcmd == "list":
+        return "dns.records.list", {}
+    if args.rcmd == "add":
+        return "dns.records.add", {"name": args.name, "type": args.type, "value": args.value}
+    if args.type is not None and args.value is None:
+        raise CliError("dns records remove: give NAME, or NAME TYPE VALUE")
+    return "dns.records.remove", {"name": args.name, "type": args.type, "value": args.value}
 
 
 def read_text(path: str) -> str:
@@ -336,10 +410,32 @@ def render(command: str, result: Any) -> str:
         t = result["tests"]
         verb = "policy applied" if result["changed"] else "policy unchanged"
         return f"{verb} (sha256 {result['sha256'][:16]}); tests: {t['passed']} passed, {len(t['skipped'])} skipped"
+    if command == "dns.get" or command == "dns.set":
+        return render_dns(result)
+    if command.startswith("dns.records."):
+        rows = result["records"]
+        return table(rows, [("NAME", "name"), ("TYPE", "type"), ("VALUE", "value"), ("SOURCE", "source")]) if rows \
+            else "no extra records"
     if isinstance(result, dict):
         return "\n".join(f"{k}: {_fmt_time(v) if k in ('key_expiry', 'last_seen', 'created') else v}"
                          for k, v in result.items())
     return json.dumps(result, indent=2)
+
+
+def render_dns(r: dict[str, Any]) -> str:
+    lines = []
+    if "changed" in r:
+        lines.append("DNS settings changed" if r["changed"] else "DNS settings unchanged")
+    lines += [
+        f"base domain:        {r['base_domain']}",
+        f"MagicDNS:           {'on' if r['magic_dns'] else 'off'}",
+        f"nameservers:        {', '.join(r['nameservers']) or '-'}",
+        f"override local DNS: {'on' if r['override_local_dns'] else 'off'}",
+        f"search domains:     {', '.join(r['search_domains']) or '-'}",
+        "split DNS:          " + ("; ".join(f"{k} -> {', '.join(v)}" for k, v in r["split"].items()) or "-"),
+        f"extra records:      {len(r['extra_records'])} (admin/config), {len(r['file_records'])} (file)",
+    ]
+    return "\n".join(lines)
 
 
 def out(obj: Any, args: argparse.Namespace, text: str) -> None:

@@ -27,10 +27,26 @@ Every key, with its default::
     trusted_proxies   = ""                        # reverse proxies whose X-Forwarded-For is believed, e.g.
                                                   # "10.0.0.1, 192.0.2.0/24"; limits count the client behind them
     [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
+    [dns]                                         # MagicDNS (docs/dns.md, coord/dns.py)
+    magic_dns          = true
+    nameservers        = []                       # global upstreams: "1.1.1.1", "[2606:4700::1111]:53"
+    search_domains     = []                       # after the base domain
+    override_local_dns = true                     # false: the nameservers only back up the host's resolvers
+    extra_records      = []                       # [{name = "grafana.example.com", type = "A", value = "100.64.0.9"}]
+    extra_records_file = ""                       # JSON, Tailscale's ExtraRecords shape; watched for changes
+    [dns.split]                                   # split DNS: suffix -> resolvers
+    "corp.example" = ["192.0.2.53"]
 
 The ``[oidc]`` table's keys come also from SHOAL_OIDC_<KEY> variables and ``--oidc-<key>`` flags (lists comma-
 separated; ``--oidc-group-map IDP=group:NAME``, repeatable). Without an issuer, sign-in is off and nodes without
 an auth key wait for ``nodes approve``.
+
+The ``[dns]`` table's keys come also from SHOAL_DNS_<KEY> variables and ``--dns-<key>`` flags (on ``serve``):
+booleans true/false/on/off; lists comma-separated; ``split`` as ``SUFFIX=ADDR[,ADDR]`` (the variable joins several
+with ``;``, the flag repeats); ``extra_records`` as ``NAME TYPE VALUE`` (the variable joins several with ``;``, the
+flag ``--dns-extra-record`` repeats). They seed the log's DNS settings at start (coord/app.py ``seed_dns``): a field
+whose configured value changed since the last start replaces the setting, so ``shoal-server dns set`` wins until
+the config's value for that field changes.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from coord import dns as dnsmod
 from coord.auth import config as auth_config
 from coord.errors import ConfigError
 from coord.limits import parse_proxies
@@ -110,6 +127,8 @@ class Config:
     trusted_proxies: str = ""
     # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
     oidc: tuple[tuple[str, Any], ...] = ()
+    # The [dns] table as given (validated by `dns_settings`): sorted (key, value) pairs.
+    dns: tuple[tuple[str, Any], ...] = ()
 
     # --- derived, validated views ---
     @property
@@ -153,6 +172,25 @@ class Config:
         cfg = auth_config.parse(table, env=env if env is not None else os.environ)
         auth_config.check_server_url(cfg, self.server_url)
         return cfg
+    def dns_settings(self) -> dnsmod.DnsSettings:
+        """The [dns] table's settings (the defaults for keys it does not give); ConfigError naming the key."""
+        table = {k: _thaw_deep(v) for k, v in self.dns}
+        unknown = set(table) - set(DNS_KEYS)
+        if unknown:
+            raise ConfigError(f"dns: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(DNS_KEYS)})")
+        kw = {k: table[k] for k in dnsmod.FIELDS if k in table}
+        try:
+            return dnsmod.settings(base_domain=self.base_domain, **kw)
+        except dnsmod.DnsError as e:
+            raise ConfigError(f"dns.{e}") from None
+
+    @property
+    def dns_records_file(self) -> str:
+        v = dict(self.dns).get("extra_records_file", "")
+        if not isinstance(v, str):
+            raise ConfigError("dns.extra_records_file: expected a path")
+        return v
+
     @property
     def snapshot_every_n(self) -> int:
         return _count(self.snapshot_every, "snapshot_every")
@@ -187,9 +225,16 @@ class Config:
                 raise ConfigError(f"{key}: expected an IPv{version} prefix")
         if not re.match(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$", self.base_domain):
             raise ConfigError(f"base_domain: {self.base_domain!r} is not a lowercase DNS name with a dot")
-        host = (u.hostname or "").lower()
+        host = (u.hostname or "").lower().rstrip(".")
         if host == self.base_domain or host.endswith("." + self.base_domain):
-            raise ConfigError("base_domain: must not be the server URL's host or a suffix of it")
+            what = ("is the server URL's host" if host == self.base_domain
+                    else f"is a suffix of the server URL's host {host}")
+            raise ConfigError(
+                f"base_domain: {self.base_domain!r} {what}: nodes would resolve the server's name through MagicDNS "
+                "and lose it; choose a domain the server URL is not in (the default is shoal.internal)"
+            )
+        self.dns_settings()
+        self.dns_records_file  # noqa: B018 - validates
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key: give both (HTTPS) or neither")
         for key in ("tls_cert", "tls_key"):
@@ -202,7 +247,8 @@ class Config:
         return self
 
 
-FIELDS = {f.name: f for f in fields(Config) if f.name != "oidc"}
+FIELDS = {f.name: f for f in fields(Config) if f.name not in ("oidc", "dns")}
+DNS_KEYS = (*dnsmod.FIELDS, "extra_records_file")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -221,6 +267,7 @@ def _coerce(key: str, value: Any) -> Any:
 def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     values: dict[str, Any] = {}
     table: dict[str, Any] = {}
+    dns_table: dict[str, Any] = {}
     if path:
         try:
             with open(path, "rb") as f:
@@ -232,6 +279,9 @@ def load(path: str | None = None, env: dict[str, str] | None = None, overrides: 
         for key, value in data.items():
             if key == "oidc" and isinstance(value, dict):
                 table.update(value)
+                continue
+            if key == "dns" and isinstance(value, dict):
+                dns_table.update(value)
                 continue
             if key not in FIELDS:
                 raise ConfigError(f"config file {path}: unknown key {key!r}")
@@ -248,17 +298,56 @@ def load(path: str | None = None, env: dict[str, str] | None = None, overrides: 
         value = environ.get("SHOAL_OIDC_" + key.upper())
         if value is not None:
             table[key] = value
+    for key in DNS_KEYS:
+        value = environ.get("SHOAL_DNS_" + key.upper())
+        if value is not None:
+            dns_table[key] = _dns_text(key, value, f"SHOAL_DNS_{key.upper()}")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key.startswith("oidc_"):
             table[key[5:]] = value
+        elif key.startswith("dns_"):
+            dns_table[key[4:]] = _dns_text(key[4:], value, "--dns-" + key[4:].replace("_", "-"))
         else:
             values[key] = _coerce(key, value)
     if "group_map" in table and isinstance(table["group_map"], (str, list, tuple)):
         table["group_map"] = _group_map(table["group_map"])
     values["oidc"] = tuple(sorted((k, _freeze(v)) for k, v in table.items()))
+    values["dns"] = tuple(sorted((k, _freeze(v)) for k, v in dns_table.items()))
     return replace(Config(), **values).validate()
+
+
+def _dns_text(key: str, value: Any, where: str) -> Any:
+    """A [dns] value from a variable or a flag (text, or a list of texts for repeated flags) as TOML gives it."""
+    if not isinstance(value, (str, list, tuple)):
+        return value
+    items = [value] if isinstance(value, str) else list(value)
+    if key in ("magic_dns", "override_local_dns"):
+        text = str(items[-1]).strip().lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{where}: expected on or off, got {items[-1]!r}")
+        return text in ("1", "true", "yes", "on")
+    if key == "extra_records_file":
+        return str(items[-1])
+    if key in ("split", "extra_records"):
+        entries = [e.strip() for item in items for e in str(item).split(";") if e.strip()]
+        if key == "extra_records":
+            out = []
+            for e in entries:
+                parts = e.split()
+                if len(parts) != 3:
+                    raise ConfigError(f"{where}: {e!r} is not NAME TYPE VALUE")
+                out.append({"name": parts[0], "type": parts[1], "value": parts[2]})
+            return out
+        routes: dict[str, list[str]] = {}
+        for e in entries:
+            suffix, sep, addrs = e.partition("=")
+            if not sep or not suffix.strip():
+                raise ConfigError(f"{where}: {e!r} is not SUFFIX=ADDR[,ADDR]")
+            routes[suffix.strip()] = [a.strip() for a in addrs.split(",") if a.strip()]
+        return routes
+    return [x.strip() for item in items for x in str(item).split(",") if x.strip()]
 
 
 def _group_map(value: str | list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -287,4 +376,12 @@ def _freeze(v: Any) -> Any:
 def _thaw(v: Any) -> Any:
     if isinstance(v, tuple) and len(v) == 2 and v[0] == "table":
         return {k: _thaw(x) for k, x in v[1]}
+    return v
+
+
+def _thaw_deep(v: Any) -> Any:
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "table" and isinstance(v[1], tuple):
+        return {k: _thaw_deep(x) for k, x in v[1]}
+    if isinstance(v, tuple):
+        return [_thaw_deep(x) for x in v]
     return v

@@ -6,12 +6,14 @@ clock are passed in by the caller.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
+from coord import dns, names
 from coord import events as ev
-from coord import names
 from coord.auth.claims import Profile, Refused
 from coord.errors import Conflict, DomainError, NotFound, Unauthorized
 from coord.ipam import Pool, PoolExhausted
@@ -402,3 +404,105 @@ def approve_sign_in(
         out.append(ev.NodeKeyExpirySet(e.node_id, p.expiry))
     out.append(ev.UserSignedIn(user.id, p.identity.issuer, p.identity.subject, e.node_id))
     return out
+
+
+# --- DNS (coord/dns.py) -----------------------------------------------------------------------------------
+
+
+def _dns_error(e: dns.DnsError) -> DomainError:
+    return DomainError(str(e))
+
+
+def _split_json(split: dns.Split) -> tuple[list[Any], ...]:
+    return tuple([s, list(rs)] for s, rs in split)
+
+
+def seed_dns(state: State, configured: dns.DnsSettings) -> list[ev.Event]:
+    """The config's [dns] table at start: an event when it differs from the one the log last saw."""
+    if configured == state.dns_seed:
+        return []
+    c = configured
+    return [ev.DNSConfigSeeded(c.magic_dns, c.nameservers, _split_json(c.split), c.search_domains,
+                               c.override_local_dns, tuple(list(r) for r in c.extra_records))]
+
+
+def set_dns(
+    state: State, base_domain: str, *, magic_dns: bool | None = None, nameservers: list[str] | None = None,
+    split: dict[str, list[str]] | None = None, clear_split: bool = False, search_domains: list[str] | None = None,
+    override_local_dns: bool | None = None,
+) -> list[ev.Event]:
+    """``dns set``: given fields replace the current ones; ``split`` sets each suffix's resolvers (an empty list
+    removes the suffix), after ``clear_split`` dropped them all. No event when nothing changes."""
+    cur = state.dns
+    routes = {} if clear_split else dict(cur.split)
+    try:
+        for suffix, addrs in (split or {}).items():
+            name = dns.dns_name(suffix, "split suffix")
+            if addrs:
+                routes[name] = tuple(addrs)
+            elif name in routes:
+                del routes[name]
+            else:
+                raise NotFound(f"split: no split DNS route for {name} to remove")
+        new = dns.settings(
+            magic_dns=cur.magic_dns if magic_dns is None else magic_dns,
+            nameservers=cur.nameservers if nameservers is None else nameservers,
+            split=routes,
+            search_domains=cur.search_domains if search_domains is None else search_domains,
+            override_local_dns=cur.override_local_dns if override_local_dns is None else override_local_dns,
+            extra_records=cur.extra_records, base_domain=base_domain,
+        )
+    except dns.DnsError as e:
+        raise _dns_error(e) from None
+    if new == cur:
+        return []
+    return [ev.DNSSettingsSet(new.magic_dns, new.nameservers, _split_json(new.split), new.search_domains,
+                              new.override_local_dns)]
+
+
+def add_dns_record(state: State, name: str, kind: str, value: str) -> list[ev.Event]:
+    try:
+        rec = dns.record(name, kind, value)
+    except dns.DnsError as e:
+        raise _dns_error(e) from None
+    if rec in state.dns.extra_records:
+        raise Conflict(f"record {' '.join(rec)} exists already")
+    if len(state.dns.extra_records) >= dns.MAX_RECORDS:
+        raise DomainError(f"at most {dns.MAX_RECORDS} extra records")
+    return [ev.DNSRecordAdded(*rec)]
+
+
+def remove_dns_record(state: State, name: str, kind: str | None = None, value: str | None = None) -> list[ev.Event]:
+    """Remove the records of ``name`` (of ``kind``, with ``value``, when given) an admin or the config added."""
+    try:
+        n = dns.dns_name(name, "record name")
+        if value is not None:
+            match: tuple[str, ...] = dns.record(n, kind, value)
+        elif kind is not None:
+            t = kind.strip().upper()
+            if t not in dns.RECORD_TYPES:
+                raise dns.DnsError(f"record {n}: type {kind!r} is not A or AAAA")
+            match = (n, t)
+        else:
+            match = (n,)
+    except dns.DnsError as e:
+        raise _dns_error(e) from None
+    gone = [r for r in state.dns.extra_records if r[: len(match)] == match]
+    if not gone:
+        in_file = [r for r in state.dns_file_records if r[: len(match)] == match]
+        if in_file:
+            raise Conflict(f"{' '.join(match)} comes from the extra records file; edit the file to remove it")
+        raise NotFound(f"no extra record {' '.join(match)}")
+    return [ev.DNSRecordRemoved(*r) for r in gone]
+
+
+def load_dns_file(state: State, path: str, text: str) -> list[ev.Event]:
+    """The watched records file's content: an event when its records differ from those the log holds."""
+    try:
+        recs = dns.parse_records_file(text, path)
+    except dns.DnsError as e:
+        raise _dns_error(e) from None
+    if recs == state.dns_file_records:
+        return []
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return [ev.DNSRecordsFileLoaded(path, sha, tuple(list(r) for r in recs))]

@@ -265,6 +265,57 @@ class PolicySet(Event):
     sha256: str
 
 
+# --- DNS (coord/dns.py) ---------------------------------------------------------------------------------
+# ``split`` is a list of [suffix, [resolvers]], records are [name, type, value]; all already validated.
+
+
+@dataclass(frozen=True)
+class DNSConfigSeeded(Event):
+    """The server config's [dns] table at start, when it differs from the one the log last saw: each field it
+    changed replaces the current setting, the others keep what an admin set."""
+
+    magic_dns: bool
+    nameservers: tuple[str, ...]
+    split: tuple[Any, ...]
+    search_domains: tuple[str, ...]
+    override_local_dns: bool
+    extra_records: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class DNSSettingsSet(Event):
+    """``shoal-server dns set``: the settings after the change (extra records have their own events)."""
+
+    magic_dns: bool
+    nameservers: tuple[str, ...]
+    split: tuple[Any, ...]
+    search_domains: tuple[str, ...]
+    override_local_dns: bool
+
+
+@dataclass(frozen=True)
+class DNSRecordAdded(Event):
+    name: str
+    record_type: str  # A or AAAA (not ``type``: that is the event's type)
+    value: str
+
+
+@dataclass(frozen=True)
+class DNSRecordRemoved(Event):
+    name: str
+    record_type: str  # A or AAAA (not ``type``: that is the event's type)
+    value: str
+
+
+@dataclass(frozen=True)
+class DNSRecordsFileLoaded(Event):
+    """The watched extra_records_file's records (they replace the file's previous ones)."""
+
+    path: str
+    sha256: str
+    records: tuple[Any, ...]
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -290,6 +341,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         NodeConnected,
         NodeDisconnected,
         PolicySet,
+        DNSConfigSeeded,
+        DNSSettingsSet,
+        DNSRecordAdded,
+        DNSRecordRemoved,
+        DNSRecordsFileLoaded,
     )
 }
 

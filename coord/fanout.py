@@ -119,7 +119,7 @@ class Fanout:
     def _targets(self, c: Change) -> list[Session]:
         if not self.sessions:
             return []  # the peers of every changed node would be computed for no one
-        if c.policy or c.removed:
+        if c.policy or c.removed or c.dns:
             return list(self.sessions.values())
         vis = self.netmaps.visibility
         ids: set[int] = set(c.self_nodes) | c.visibility

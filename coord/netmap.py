@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from coord import dns
 from coord.change import Change
 from coord.events import rfc3339
 from coord.state import Node, State
@@ -52,7 +53,8 @@ def _dumps(obj: Any) -> bytes:
 class Settings:
     domain: str
     derp_map: dict[str, Any]
-    dns: dict[str, Any]
+    # The reverse zones MagicDNS answers (``dns.reverse_zones`` of the tailnet prefixes).
+    reverse_zones: tuple[str, ...] = dns.reverse_zones("100.64.0.0/10", "fd7a:115c:a1e0::/48")
 
 
 def node_record(n: Node, domain: str) -> dict[str, Any]:
@@ -98,10 +100,13 @@ class Builder:
     # Patches and the ControlTime text are the same for every viewer of a change: encode them once, not per viewer.
     _patch_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     _time_cache: tuple[float, bytes] = (0.0, b"")
-    _settings_json: tuple[bytes, bytes] | None = None
+    _settings_json: bytes | None = None
+    # (state.dns_version, the encoded DNSConfig): the same for every node, encoded once per DNS change.
+    _dns_json: tuple[int, bytes] = (-1, b"")
 
     def invalidate_settings(self) -> None:
         self._settings_json = None
+        self._dns_json = (-1, b"")
 
     def peer_json(self, n: Node) -> bytes:
         hit = self._peer_cache.get(n.id)
@@ -135,8 +140,18 @@ class Builder:
 
     def _settings(self) -> tuple[bytes, bytes]:
         if self._settings_json is None:
-            self._settings_json = (_dumps(self.settings.derp_map), _dumps(self.settings.dns))
-        return self._settings_json
+            self._settings_json = _dumps(self.settings.derp_map)
+        return self._settings_json, self.dns_json()
+
+    def dns_config(self) -> dict[str, Any]:
+        st = self.state
+        return dns.render(st.dns, st.dns_file_records, self.settings.domain, self.settings.reverse_zones)
+
+    def dns_json(self) -> bytes:
+        version = self.state.dns_version
+        if self._dns_json[0] != version:
+            self._dns_json = (version, _dumps(self.dns_config()))
+        return self._dns_json[1]
 
     def visible(self, vis: Visibility, node_id: int) -> dict[int, Node]:
         me = self.state.nodes.get(node_id)
@@ -227,11 +242,14 @@ class Builder:
             parts.append(b'"PeersChangedPatch":[' + b",".join(patches) + b"]")
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
+        if change.dns:
+            parts.append(b'"DNSConfig":' + self.dns_json())
         if not parts:
             return None
         parts.append(b'"ControlTime":' + self.control_time(now))
         return b"{" + b",".join(parts) + b"}"
 
 
-def default_dns(domain: str) -> dict[str, Any]:
-    return {"Resolvers": [], "Domains": [domain], "Proxied": True, "Routes": {f"{domain}.": []}}
+def default_dns(domain: str, zones: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The DNSConfig of a tailnet whose log has no DNS event: MagicDNS on, no upstreams."""
+    return dns.render(dns.DEFAULT, (), domain, zones)

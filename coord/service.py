@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from coord import access, decide, policy, views, wire
+from coord import access, decide, dns, policy, views, wire
 from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
@@ -316,6 +316,42 @@ class Service:
             raise DomainError(str(e)) from None
         names = {n.id: n.given_name for n in self.state.nodes.values()}
         return {"diff": d, "text": policy.render_diff(d, names)}
+
+    # --- DNS ----------------------------------------------------------------------------------------------
+
+    def get_dns(self) -> dict[str, Any]:
+        st = self.state
+        out = dns.as_json(st.dns)
+        out["base_domain"] = self.settings.domain
+        out["file_records"] = [{"name": n, "type": t, "value": v} for n, t, v in st.dns_file_records]
+        out["netmap"] = self.builder.dns_config()
+        return out
+
+    async def set_dns(self, **changes: Any) -> dict[str, Any]:
+        records = await self.execute(lambda s: decide.set_dns(s, self.settings.domain, **changes), Actor.ADMIN)
+        return {"changed": bool(records), **self.get_dns()}
+
+    async def add_dns_record(self, name: str, kind: str, value: str) -> dict[str, Any]:
+        await self.execute(lambda s: decide.add_dns_record(s, name, kind, value), Actor.ADMIN)
+        return self.dns_records()
+
+    async def remove_dns_record(self, name: str, kind: str | None, value: str | None) -> dict[str, Any]:
+        await self.execute(lambda s: decide.remove_dns_record(s, name, kind, value), Actor.ADMIN)
+        return self.dns_records()
+
+    def dns_records(self) -> dict[str, Any]:
+        st = self.state
+        rows = [{"name": n, "type": t, "value": v, "source": "admin"} for n, t, v in st.dns.extra_records]
+        rows += [{"name": n, "type": t, "value": v, "source": "file"} for n, t, v in st.dns_file_records]
+        return {"records": rows}
+
+    async def seed_dns(self, configured: dns.DnsSettings) -> bool:
+        """The config's [dns] table at start; True when it changed the log's settings."""
+        return bool(await self.execute(lambda s: decide.seed_dns(s, configured), Actor.SYSTEM))
+
+    async def load_dns_file(self, path: str, text: str) -> bool:
+        """The watched records file's content; True when its records changed. DomainError when it is bad."""
+        return bool(await self.execute(lambda s: decide.load_dns_file(s, path, text), Actor.SYSTEM))
 
     # --- what a node's map request reports ----------------------------------------------------------------
 

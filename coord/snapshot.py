@@ -16,12 +16,12 @@ Format (``encode``/``decode``)::
             renames a field invalidates older snapshots instead of misreading them)
     sha256  64 hex digits: SHA-256 of the compressed body (a torn or bit-rotted file is caught before parsing)
 
-The body is ``marshal`` (format version 2) of ``{"users": [...], "keys": [...], "nodes": [...], "index": {...},
-"state": {...}}``: each dataclass is a tuple of its field values in declaration order, built back positionally
-(dicts as ``(key, value)`` pairs in insertion order, so iteration order survives the round trip; ``by_identity``
-as ``[issuer, subject, user id]``; sets sorted). Why marshal: it is C both ways and keeps tuples and lists apart,
-so a 10,000-node state encodes and loads in tens of milliseconds (JSON took most of a second each way, on the
-event loop for the encoding); version 2 writes no object references, so equal states give equal bytes. marshal is
+The body is ``marshal`` (format version 2) of ``{"dns": [settings, seed], "users": [...], "keys": [...], "nodes":
+[...], "index": {...}, "state": {...}}``: each dataclass is a tuple of its field values in declaration order, built
+back positionally (dicts as ``(key, value)`` pairs in insertion order, so iteration order survives the round trip;
+``by_identity`` as ``[issuer, subject, user id]``; sets sorted). Why marshal: it is C both ways and keeps tuples and
+lists apart, so a 10,000-node state encodes and loads in tens of milliseconds (JSON took most of a second each way, on
+the event loop for the encoding); version 2 writes no object references, so equal states give equal bytes. marshal is
 not meant for bytes from strangers, and these are not: the file is the server's own, 0600 in its data directory
 (whoever can write it can write shoal.db), and its sha256 is checked before it is unmarshalled. Encoding the same
 state always gives the same bytes, and ``decode(encode(s)) == s`` for every state the fold makes. Version 2
@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from coord.dns import DnsSettings
 from coord.state import AuthKey, Node, State, User
 
 MAGIC = "shoal-snapshot/2"
@@ -59,10 +60,10 @@ _HEADER = re.compile(
 )
 MAX_HEADER = 256
 
-_CLASSES: tuple[type[Any], ...] = (User, AuthKey, Node, State)
+_CLASSES: tuple[type[Any], ...] = (User, AuthKey, Node, State, DnsSettings)
 # State fields that hold records or indexes, encoded by hand below; the rest are plain JSON values.
 _STATE_SPECIAL = {"users", "keys", "nodes", "by_machine", "by_node_key", "by_given_name", "keys_by_prefix",
-                  "by_identity", "used_ipv4"}
+                  "by_identity", "used_ipv4", "dns", "dns_seed"}
 
 
 class SnapshotError(ValueError):
@@ -108,8 +109,9 @@ def _rows(cls: type[Any], rows: Any) -> list[Any]:
 
 def body(state: State) -> dict[str, Any]:
     rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(State) if f.name not in _STATE_SPECIAL}
-    user, key, node = _getter(User), _getter(AuthKey), _getter(Node)
+    user, key, node, dns = _getter(User), _getter(AuthKey), _getter(Node), _getter(DnsSettings)
     return {
+        "dns": [dns(state.dns), dns(state.dns_seed)],
         "users": [user(u) for u in state.users.values()],
         "keys": [key(k) for k in state.keys.values()],
         "nodes": [node(n) for n in state.nodes.values()],
@@ -130,6 +132,7 @@ def from_body(obj: Any) -> State:
         users = _rows(User, obj["users"])
         keys = _rows(AuthKey, obj["keys"])
         nodes = _rows(Node, obj["nodes"])
+        dns, dns_seed = _rows(DnsSettings, obj["dns"])
         idx = obj["index"]
         rest = obj["state"]
         plain = {f.name for f in dataclasses.fields(State)} - _STATE_SPECIAL
@@ -145,6 +148,8 @@ def from_body(obj: Any) -> State:
             keys_by_prefix={str(k): int(v) for k, v in idx["keys_by_prefix"]},
             by_identity={(str(i), str(s)): int(uid) for i, s, uid in idx["by_identity"]},
             used_ipv4={str(a) for a in idx["used_ipv4"]},
+            dns=dns,
+            dns_seed=dns_seed,
             **rest,
         )
     except (KeyError, TypeError, ValueError) as e:

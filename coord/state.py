@@ -8,9 +8,10 @@ thousands of nodes the fold updates the state in place rather than copying it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from coord import dns as dnsmod
 from coord import events as ev
 from coord.change import Change
 
@@ -125,6 +126,12 @@ class State:
     last_ipv4: str = ""
     policy_text: str | None = None
     policy_sha256: str | None = None
+    # MagicDNS (coord/dns.py): the settings in force, the config's [dns] table last seeded, the watched file's
+    # records, and how many DNS events were folded (0: none, the defaults; keys the netmap's DNSConfig cache).
+    dns: dnsmod.DnsSettings = dnsmod.DEFAULT
+    dns_seed: dnsmod.DnsSettings = dnsmod.DEFAULT
+    dns_file_records: tuple[tuple[str, str, str], ...] = ()
+    dns_version: int = 0
     last_seq: int = 0
     last_hash: str = ev.GENESIS
     # The time of event last_seq: the next event's time is never earlier (see Service._append).
@@ -278,7 +285,38 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
         case ev.PolicySet(text=text, sha256=sha):
             state.policy_text, state.policy_sha256 = (text or None), (sha or None)
             return Change(policy=True)
+        case ev.DNSConfigSeeded():
+            seed = dnsmod.DnsSettings(
+                event.magic_dns, tuple(event.nameservers), dnsmod.split_from(event.split), tuple(event.search_domains),
+                event.override_local_dns, dnsmod.records_from(event.extra_records),
+            )
+            state.dns = dnsmod.seeded(state.dns, state.dns_seed, seed)
+            state.dns_seed = seed
+            return _dns_changed(state)
+        case ev.DNSSettingsSet():
+            state.dns = replace(
+                state.dns, magic_dns=event.magic_dns, nameservers=tuple(event.nameservers),
+                split=dnsmod.split_from(event.split), search_domains=tuple(event.search_domains),
+                override_local_dns=event.override_local_dns,
+            )
+            return _dns_changed(state)
+        case ev.DNSRecordAdded(name=name, record_type=kind, value=value):
+            if (name, kind, value) not in state.dns.extra_records:
+                state.dns = replace(state.dns, extra_records=(*state.dns.extra_records, (name, kind, value)))
+            return _dns_changed(state)
+        case ev.DNSRecordRemoved(name=name, record_type=kind, value=value):
+            kept = tuple(r for r in state.dns.extra_records if r != (name, kind, value))
+            state.dns = replace(state.dns, extra_records=kept)
+            return _dns_changed(state)
+        case ev.DNSRecordsFileLoaded(records=recs):
+            state.dns_file_records = dnsmod.records_from(recs)
+            return _dns_changed(state)
     raise ev.BadEvent(f"no fold for {type(event).__name__}")
+
+
+def _dns_changed(state: State) -> Change:
+    state.dns_version += 1
+    return Change(dns=True)
 
 
 def fold(records: list[ev.Record], state: State | None = None) -> State:

@@ -137,9 +137,21 @@ PATCH_NODE = (
 )
 
 
+DNS_EVENTS = ("DNSConfigSeeded", "DNSSettingsSet", "DNSRecordAdded", "DNSRecordRemoved", "DNSRecordsFileLoaded")
+
+
+def dns_touched(events: list[ev.Event]) -> bool:
+    return any(e.type in DNS_EVENTS for e in events)
+
+
+def _dns_settings_json(s: Any) -> str:
+    return _LIST.encode([s.magic_dns, s.nameservers, s.split, s.search_domains, s.override_local_dns,
+                         s.extra_records])
+
+
 def projection_ops(
     state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool,
-    patched: AbstractSet[int] = frozenset(),
+    patched: AbstractSet[int] = frozenset(), dns: bool = False,
 ) -> list[tuple[str, tuple[Any, ...]]]:
     """The statements that bring the projection rows of these ids up to ``state`` (built on the event loop, where
     the state is consistent; run in the connection's thread). ``patched``: nodes among ``nodes`` whose row only
@@ -191,23 +203,35 @@ def projection_ops(
         else:
             ops.append(("INSERT OR REPLACE INTO policy (id, text, sha256) VALUES (1, ?, ?)",
                         (state.policy_text, state.policy_sha256)))
+    if dns:
+        d = state.dns
+        ops.append((
+            "INSERT OR REPLACE INTO dns (id, magic_dns, nameservers, split, search_domains, override_local_dns, "
+            "extra_records, file_records, seed) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (d.magic_dns, _j(d.nameservers), _LIST.encode(d.split), _j(d.search_domains), d.override_local_dns,
+             _LIST.encode(d.extra_records), _LIST.encode(state.dns_file_records), _dns_settings_json(state.dns_seed)),
+        ))
     return ops
 
 
 async def write_projections(
-    conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool
+    conn: aiosqlite.Connection, state: State, users: set[int], keys: set[int], nodes: set[int], policy: bool,
+    dns: bool = False,
 ) -> None:
-    for sql, group in itertools.groupby(projection_ops(state, users, keys, nodes, policy), key=lambda op: op[0]):
+    ops = projection_ops(state, users, keys, nodes, policy, dns=dns)
+    for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
         await conn.executemany(sql, [params for _, params in group])
 
 
 async def write_all_projections(conn: aiosqlite.Connection, state: State) -> None:
     await write_projections(
-        conn, state, set(state.users), set(state.keys), set(state.nodes), state.policy_text is not None
+        conn, state, set(state.users), set(state.keys), set(state.nodes), state.policy_text is not None,
+        # The row exists exactly when a DNS event was logged, live and in a replay alike.
+        dns=state.dns_version > 0,
     )
 
 
-PROJECTION_TABLES = ("users", "auth_keys", "nodes", "policy")
+PROJECTION_TABLES = ("users", "auth_keys", "nodes", "policy", "dns")
 
 
 async def dump_projections(conn: aiosqlite.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -394,7 +418,7 @@ class SqliteStore:
         events = [r.event for r in records]
         users, keys, nodes = touched(events)
         rows = event_rows(records)
-        ops = projection_ops(state, users, keys, nodes, policy, patched_only(events, nodes))
+        ops = projection_ops(state, users, keys, nodes, policy, patched_only(events, nodes), dns_touched(events))
         async with self._txn_lock:
             if self.writer is None:
                 await self.conn._execute(self._append_txn, self.conn._conn, rows, ops, len(records) > 1)  # type: ignore[no-untyped-call]

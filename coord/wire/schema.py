@@ -41,7 +41,8 @@ STUNOnly?}]}}}``. ``URL`` (a Shoal extension) wins over HostName and DERPPort. D
 [{Addr}], Domains: [str], Proxied, Routes: {suffix: [{Addr}]}, ExtraRecords?: [{Name, Type?, Value}]}``:
 ``Proxied`` is MagicDNS on; ``Routes`` with an empty list means "answer locally" (the base domain, and the
 reverse zones); ``ExtraRecords`` are A/AAAA records (``Type`` "" or absent = by the value's family), their
-names FQDNs without the trailing dot, as in Tailscale's tailcfg.DNSRecord.
+names FQDNs without the trailing dot, as in Tailscale's tailcfg.DNSRecord; ``FallbackResolvers?: [{Addr}]``: the
+global upstreams when the host's own resolvers are kept (override_local_dns off), used when the host has none.
 
 What a node tolerates
 ---------------------
@@ -752,6 +753,7 @@ class DNSConfig:
     proxied: bool = False
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (suffix, resolvers), in the map's order
     extra_records: tuple[tuple[str, str, str], ...] = ()  # (name, type, value)
+    fallback_resolvers: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, v: object, where: str = "DNSConfig") -> DNSConfig:
@@ -770,6 +772,7 @@ class DNSConfig:
             at = f"{where}.Routes[{suffix!r}]"
             pairs.append((suffix, tuple(_resolver(r, f"{at}[{i}]") for i, r in enumerate(_list(rs or [], at)))))
         resolvers = d.get("Resolvers")
+        fallback = d.get("FallbackResolvers")
         return cls(
             resolvers=tuple(_resolver(r, f"{where}.Resolvers[{i}]")
                             for i, r in enumerate(_list(resolvers or [], f"{where}.Resolvers"))),
@@ -777,6 +780,8 @@ class DNSConfig:
             proxied=_bool(d.get("Proxied"), f"{where}.Proxied"),
             routes=tuple(pairs),
             extra_records=tuple(records),
+            fallback_resolvers=tuple(_resolver(r, f"{where}.FallbackResolvers[{i}]")
+                                     for i, r in enumerate(_list(fallback or [], f"{where}.FallbackResolvers"))),
         )
 
     def to_json(self) -> JSON:
@@ -788,6 +793,8 @@ class DNSConfig:
         }
         if self.extra_records:
             out["ExtraRecords"] = [{"Name": n, "Type": t, "Value": v} for n, t, v in self.extra_records]
+        if self.fallback_resolvers:
+            out["FallbackResolvers"] = [{"Addr": r} for r in self.fallback_resolvers]
         return out
 
 

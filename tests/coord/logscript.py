@@ -4,7 +4,8 @@ Every byte a command needs (machine, node and disco keys) is drawn by hypothesis
 exactly. The language covers what the log must fold and project: users created, renamed and deleted; keys; nodes
 registered (with advertised routes), re-authenticated, renamed, tagged, updated (endpoints with their types, home
 relay, hostinfo with routes, disco keys), connected, disconnected, expired, logged out, deleted; several policies
-set and cleared; and a clock that may step back.
+set and cleared; DNS settings set, extra records added and removed, config seeds and records-file loads (a bad
+file among them); and a clock that may step back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from coord import decide, wire
+from coord import decide, dns, wire
 from coord import events as ev
 from coord.errors import DomainError
 from coord.state import State, apply
@@ -38,6 +39,25 @@ ENDPOINTS = ((), ("192.0.2.1:41641",), ("192.0.2.2:41641", "[2001:db8::1]:41641"
 # Tailscale's endpoint types: 1 local, 2 STUN, 3 port-mapped, 4 STUN4LocalPort
 ENDPOINT_TYPES = ((), (1,), (2,), (1, 2), (2, 3), (4, 1))
 NAMES = ("web", "db", "laptop", "x-1")
+# DNS: upstream lists, split routes (an empty list removes the suffix), search domains, records, config seeds and
+# versions of the watched records file (the last one is not a records file: refused, nothing logged)
+DNS_NAMESERVERS = (None, [], ["1.1.1.1"], ["192.0.2.53", "[2001:db8::53]:5353"])
+DNS_SPLITS = (None, {"corp.example": ["192.0.2.53"]}, {"corp.example": []}, {"lab.example": ["192.0.2.1:53"]})
+DNS_SEARCH = (None, [], ["corp.example"], ["a.example", "b.example"])
+DNS_RECORDS = (("grafana.example.com", "A", "100.64.0.9"), ("grafana.example.com", "AAAA", "fd7a:115c:a1e0::9"),
+               ("db.corp.example", "A", "192.0.2.7"))
+DNS_SEEDS = (
+    dns.DnsSettings(),
+    dns.DnsSettings(nameservers=("9.9.9.9",), search_domains=("corp.example",)),
+    dns.DnsSettings(magic_dns=False, extra_records=(("seed.example.com", "A", "100.64.0.42"),)),
+)
+DNS_FILES = (
+    "[]",
+    '[{"Name": "file.example.com", "Type": "A", "Value": "100.64.0.50"}]',
+    '[{"name": "file.example.com", "type": "AAAA", "value": "fd7a:115c:a1e0::50"}, '
+    '{"Name": "other.example.com", "Value": "100.64.0.51"}]',
+    '[{"Name": "bad", "Type": "MX", "Value": "x"}]',
+)
 
 key32 = st.binary(min_size=32, max_size=32)
 
@@ -69,6 +89,13 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("delete"), node),
         st.tuples(st.just("policy"), st.integers(-1, len(POLICIES) - 1)),
         st.tuples(st.just("policy"), st.integers(-1, len(POLICIES) - 1)),
+        st.tuples(st.just("dns_set"), st.one_of(st.none(), st.booleans()), st.integers(0, len(DNS_NAMESERVERS) - 1),
+                  st.integers(0, len(DNS_SPLITS) - 1), st.integers(0, len(DNS_SEARCH) - 1),
+                  st.one_of(st.none(), st.booleans())),
+        st.tuples(st.just("dns_record_add"), st.integers(0, len(DNS_RECORDS) - 1)),
+        st.tuples(st.just("dns_record_remove"), st.integers(0, len(DNS_RECORDS) - 1), st.booleans()),
+        st.tuples(st.just("dns_seed"), st.integers(0, len(DNS_SEEDS) - 1)),
+        st.tuples(st.just("dns_file"), st.integers(0, len(DNS_FILES) - 1)),
         # the clock: forward a little or a lot, or a step back (NTP, a VM restored from a snapshot)
         st.tuples(st.just("clock"), st.sampled_from((0.000001, 0.5, 3.0, 2 * DAY, -0.5, -30.0, -3 * DAY))),
     )
@@ -145,6 +172,8 @@ class PureLog:
         elif kind == "sweep":
             self.wall += 2
             self.decide(lambda s: decide.expire_due(s, self.wall))
+        elif kind.startswith("dns_"):
+            self.decide(lambda s: dns_events(s, op))
         elif nid is None:
             return
         elif kind == "reauth":
@@ -181,6 +210,26 @@ class PureLog:
             self.decide(lambda s: decide.logout(s, self.machines[nid]))
         elif kind == "delete":
             self.decide(lambda s: decide.delete_node(s, str(nid)))
+
+
+def dns_args(op: tuple[Any, ...]) -> dict[str, Any]:
+    """``decide.set_dns``'s keyword arguments for a ``dns_set`` op."""
+    return {"magic_dns": op[1], "nameservers": DNS_NAMESERVERS[op[2]], "split": DNS_SPLITS[op[3]],
+            "search_domains": DNS_SEARCH[op[4]], "override_local_dns": op[5]}
+
+
+def dns_events(s: State, op: tuple[Any, ...]) -> list[ev.Event]:
+    kind = op[0]
+    if kind == "dns_set":
+        return decide.set_dns(s, "shoal.internal", **dns_args(op))
+    if kind == "dns_record_add":
+        return decide.add_dns_record(s, *DNS_RECORDS[op[1]])
+    if kind == "dns_record_remove":
+        name, t, v = DNS_RECORDS[op[1]]
+        return decide.remove_dns_record(s, name, t, v) if op[2] else decide.remove_dns_record(s, name)
+    if kind == "dns_seed":
+        return decide.seed_dns(s, DNS_SEEDS[op[1]])
+    return decide.load_dns_file(s, "/etc/shoal/records.json", DNS_FILES[op[1]])
 
 
 def pure_history(script: list[tuple[Any, ...]], users: int = 2) -> PureLog:

@@ -26,7 +26,17 @@ from coord.config import load
 from coord.errors import DomainError
 from coord.state import State, fold
 from coord.store import sqlite as db
-from tests.coord.logscript import ENDPOINT_TYPES, ENDPOINTS, POLICIES, USERS, scripts
+from tests.coord.logscript import (
+    DNS_FILES,
+    DNS_RECORDS,
+    DNS_SEEDS,
+    ENDPOINT_TYPES,
+    ENDPOINTS,
+    POLICIES,
+    USERS,
+    dns_args,
+    scripts,
+)
 
 T = "2000-01-01T00:00:00.000000Z"
 
@@ -95,6 +105,17 @@ class Driver:
         elif kind == "sweep":
             self.clock.now += 2
             await svc.execute(lambda st: decide.expire_due(st, self.clock()), "system")
+        elif kind == "dns_set":
+            await svc.set_dns(**dns_args(op))
+        elif kind == "dns_record_add":
+            await svc.add_dns_record(*DNS_RECORDS[op[1]])
+        elif kind == "dns_record_remove":
+            name, t, v = DNS_RECORDS[op[1]]
+            await (svc.remove_dns_record(name, t, v) if op[2] else svc.remove_dns_record(name, None, None))
+        elif kind == "dns_seed":
+            await svc.seed_dns(DNS_SEEDS[op[1]])
+        elif kind == "dns_file":
+            await svc.load_dns_file("/etc/shoal/records.json", DNS_FILES[op[1]])
         elif nid is None:
             return
         elif kind == "reauth":

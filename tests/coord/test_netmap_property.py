@@ -32,7 +32,7 @@ from coord.errors import DomainError
 from coord.fanout import KEEPALIVE, Fanout, Session
 from coord.lifecycle import Lifecycle
 from coord.logins import node_for_map
-from coord.netmap import Settings, default_dns
+from coord.netmap import Settings
 from coord.service import Service
 from coord.state import State
 from coord.store.memory import MemoryStore
@@ -84,7 +84,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         self.store = MemoryStore()
-        cfg = Settings("shoal.internal", {"Regions": {}}, default_dns("shoal.internal"))
+        cfg = Settings("shoal.internal", {"Regions": {}})
         self.svc = Service(self.store, State(), decide.Rules(POOL, self.key_expiry), cfg, lambda: self.now,
                            publish=self.publish)
         self.fanout = Fanout(self.svc, 0.05, 50.0)

@@ -18,7 +18,7 @@ from coord.change import Change
 from coord.config import ConfigError, load
 from coord.errors import CoordError, DomainError, LocalError, NotFound, RemoteError
 from coord.fanout import KEEPALIVE, MAX_PENDING, Fanout
-from coord.netmap import AllowAll, Builder, Settings, Visibility, default_dns
+from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import KeyStatus, NodeStatus, State
 from coord.store import ChainBroken, Filter, Store, load_state
 from coord.store.memory import MemoryStore
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Netmaps:
     def __init__(self, state: State) -> None:
-        self.builder = Builder(state, Settings("shoal.internal", {"Regions": {}}, default_dns("shoal.internal")))
+        self.builder = Builder(state, Settings("shoal.internal", {"Regions": {}}))
         self.visibility: Visibility = AllowAll(state)
 
 

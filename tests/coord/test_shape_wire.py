@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from coord import wire
 from coord.change import Change
-from coord.netmap import AllowAll, Builder, Settings, default_dns, node_record, patch_record
+from coord.netmap import AllowAll, Builder, Settings, node_record, patch_record
 from coord.state import Node, State
 from node import mapsession
 
@@ -78,7 +78,7 @@ def _state(ns: list[Node]) -> State:
 @given(st.lists(nodes, min_size=1, max_size=5), st.data())
 def test_shape_full_and_delta_maps_round_trip_to_the_same_bytes(ns: list[Node], data: st.DataObject) -> None:
     state = _state(ns)
-    b = Builder(state, Settings("shoal.internal", DERP_MAP, default_dns("shoal.internal")))
+    b = Builder(state, Settings("shoal.internal", DERP_MAP))
     vis = AllowAll(state)
     body, sent = b.full(vis, 1, NOW)
     msg = wire.MapResponse.from_json(json.loads(body))
