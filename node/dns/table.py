@@ -9,7 +9,8 @@
   MagicDNS suffix (the self name minus its first label) and, when `Proxied`, Tailscale's reverse zones
   `64..127.100.in-addr.arpa.` and `0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.`.
 - split routes: each `Routes` suffix with resolvers; the most specific one wins.
-- upstreams: `Resolvers`; when there are none, the host's original resolvers (passed in by the shell).
+- upstreams: `Resolvers`; when there are none, the host's original resolvers (passed in by the shell), and
+  when the host has none either, `FallbackResolvers`.
 - search domains: `Domains`; a single-label query is also tried under each of them.
 
 Resolver addresses are `IP`, `IP:port` or `[IPv6]:port`; anything else (DoH URLs) is left out and counted in
@@ -133,6 +134,8 @@ class Table:
         skipped += len(cfg.resolvers) - len(glob)
         if not glob:
             glob = [u for r in host_resolvers if (u := parse_upstream(r)) is not None and u[0] not in QUAD100]
+        if not glob:
+            glob = [u for r in cfg.fallback_resolvers if (u := parse_upstream(r)) is not None]
         return cls(
             hosts=hosts, ptr=ptr,
             local_zones=tuple(sorted(dict.fromkeys(local), key=_depth)),

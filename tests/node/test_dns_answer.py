@@ -83,6 +83,9 @@ def test_dns_forwarding_decisions() -> None:
     b = answerer(wire.DNSConfig(routes=(("shoal.internal.", ()),)), host=("100.100.100.100", "203.0.113.5"))
     out = b.handle(DNSRecord.question("example.org", "A").pack())
     assert isinstance(out, Forward) and out.upstreams == (("203.0.113.5", 53),)
+    fb = answerer(wire.DNSConfig(fallback_resolvers=("192.0.2.9",)))
+    out = fb.handle(DNSRecord.question("example.org", "A").pack())
+    assert isinstance(out, Forward) and out.upstreams == (("192.0.2.9", 53),)
     c = answerer(wire.DNSConfig())
     assert ask(c, "example.org").header.rcode == RCODE.SERVFAIL
     assert ask(c, "zzz.shoal.internal").header.rcode == RCODE.NXDOMAIN  # the self name's suffix is local
