@@ -21,6 +21,7 @@ import pytest
 
 from tests.lab import Topology
 from tests.lab.lab import netns_resolv_conf
+from tests.lab.udp import py
 from tests.lab_tests.tailnet import Tailnet
 from tests.lab_tests.test_policy import set_policy
 
@@ -183,3 +184,60 @@ def test_dns_lab_resolv_conf_restored_after_down_and_after_sigkill(tailnet: Tail
     tn.shoal("a", "up", "--accept-dns=false")
     tn.wait_for("resolv.conf given back", lambda: conf.read_text() == original, timeout=10)
     assert short(tn, "a", "b") == [tn.ip("b")]
+
+
+# A UDP "resolver" that reads queries and never answers (argv: address port).
+BLACKHOLE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    s.recvfrom(4096)
+"""
+
+
+def dnsmasq(tn: Tailnet, addr: str, port: int, *records: str, log: Path) -> None:
+    """Debian's dnsmasq binary (dnsmasq-base) in the foreground, answering only what it is given."""
+    argv = ["dnsmasq", "--keep-in-foreground", "--log-facility=-", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--pid-file=", "--user=root", "--bind-interfaces", f"--listen-address={addr}",
+            f"--port={port}", *records]
+    tn.lab.spawn(tn.server_ns, argv, log_path=log)
+
+
+def test_dns_lab_split_dns_upstreams_servfail_and_extra_records(tailnet: Tailnet, tmp_path: Path) -> None:
+    tn, lab = tailnet, tailnet.lab
+    lab.build(Topology.parse("lan: a b"))
+    tn.start_server()
+    up_addr = tn.server_addr  # the resolvers live in the internet namespace, next to the server
+    dnsmasq(tn, up_addr, 5301, "--address=/corp.example/192.0.2.80", log=tmp_path / "corp.log")
+    dnsmasq(tn, up_addr, 5302, "--host-record=www.example.org,198.51.100.80", log=tmp_path / "global.log")
+    lab.spawn(tn.server_ns, py(BLACKHOLE, up_addr, 5303), log_path=tmp_path / "blackhole.log")
+    tn.wait_for("upstreams listening", lambda: all(
+        f":{p}" in lab.exec(tn.server_ns, ["ss", "-Hnul"]).stdout for p in (5301, 5302, 5303)), timeout=10)
+    bring_up(tn, ["a", "b"])
+    tn.admin("dns", "set", "--nameserver", f"{up_addr}:5302", "--split", f"corp.example={up_addr}:5301",
+             "--split", f"drop.example={up_addr}:5303")
+    tn.admin("dns", "records", "add", f"db.{BASE}", "A", "100.64.9.9")
+    print(json.dumps(tn.admin("dns", "get"), indent=1))
+    tn.wait_for("split route on a", lambda: "corp.example." in json.loads(
+        tn.shoal("a", "dns", "status", "--json").stdout)["Routes"], timeout=5)
+
+    out = dig(tn, "a", "-q", "www.corp.example")
+    print(out)
+    assert status_line(out) == "NOERROR" and short(tn, "a", "www.corp.example") == ["192.0.2.80"]
+    assert short(tn, "a", "www.example.org") == ["198.51.100.80"]  # everything else: the global upstream
+    # the OS path too: glibc asks quad-100, which forwards
+    assert lab.exec("a", ["getent", "hosts", "www.corp.example"]).stdout.split()[0] == "192.0.2.80"
+    # an upstream that drops queries: SERVFAIL within the resolver's timeout, not a client timeout
+    t0 = time.monotonic()
+    out = dig(tn, "a", "+time=5", "-q", "x.drop.example")
+    took = time.monotonic() - t0
+    print(f"drop.example: {status_line(out)} after {took:.2f}s")
+    assert status_line(out) == "SERVFAIL" and took < 4.0, out
+    # extra records resolve (name table), and the base domain's own names still do
+    assert short(tn, "a", f"db.{BASE}") == ["100.64.9.9"]
+    assert short(tn, "b", "db") == ["100.64.9.9"]
+    assert short(tn, "a", "b") == [tn.ip("b")]
+    st = json.loads(tn.shoal("a", "dns", "status", "--json").stdout)
+    assert st["ServFail"] >= 1 and st["Forwarded"] >= 3
