@@ -99,7 +99,7 @@ class Answerer:
         fast = _fast_question(packet)
         if fast is not None:
             q, end, edns, size = fast
-            hit = self.cache.get((_key(q), edns))
+            hit = self.cache.get((key(q), edns))
             if hit is not None:
                 self.hits += 1
                 return Reply(_limit(packet[:2] + hit[2:12] + q + hit[end:], udp, edns, size))
@@ -146,7 +146,7 @@ class Answerer:
         out = self._finish(resp, edns, udp, size)
         if fast is not None and len(self.cache) < CACHE_MAX:
             full = self._finish(resp, edns, False, size)
-            self.cache[(_key(fast[0]), fast[2])] = full
+            self.cache[(key(fast[0]), fast[2])] = full
         return Reply(out)
 
     def _local(self, resp: DNSRecord, name: str, qtype: int) -> bool | None:
@@ -195,7 +195,19 @@ class Answerer:
         return self._finish(resp, edns, udp, size)
 
 
-def _key(question: bytes) -> bytes:
+def question_bytes(packet: bytes) -> bytes | None:
+    """The first question of a message as it is on the wire (no compression), or None."""
+    if len(packet) < 17 or struct.unpack_from("!H", packet, 4)[0] != 1:
+        return None
+    i, n = 12, len(packet)
+    while i < n and packet[i] != 0:
+        if packet[i] > 63:
+            return None
+        i += packet[i] + 1
+    return packet[12:i + 5] if i + 5 <= n else None
+
+
+def key(question: bytes) -> bytes:
     """The cache key of a question: the name lowercased (the type and class bytes as they are)."""
     return bytes(question[:-4].lower() + question[-4:])
 

@@ -4,10 +4,11 @@ Sockets are bound with IP_FREEBIND, so they can be made before the routes applie
 the tailnet interface (and survive a wireguard-go restart that takes them away for a moment). TCP is the
 usual two-byte length prefix per message (RFC 7766); a connection idle for `TCP_IDLE` is closed.
 
-Forwarding: the query goes to each upstream in turn over UDP with a fresh random id (an answer must match
-it and the question), `timeout / len(upstreams)` each; an answer with TC is asked again over TCP. When every
-upstream fails or the time is up the client gets SERVFAIL: the resolver never leaves a query unanswered.
-At most `MAX_INFLIGHT` forwards run at once; past that, queries needing one are answered SERVFAIL.
+Forwarding: the query goes to each upstream in turn over UDP with a fresh random id, from one shared
+socket per family (`Upstreams`; an answer must come from that upstream, carry that id and the question),
+`timeout / len(upstreams)` each; an answer with TC is asked again over TCP. When every upstream fails or
+the time is up the client gets SERVFAIL: the resolver never leaves a query unanswered. At most
+`MAX_INFLIGHT` forwards run at once; past that, queries needing one are answered SERVFAIL.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import secrets
 import socket
 import struct
 from collections.abc import Iterable
-from typing import cast
 
 from dnslib import DNSRecord
 
-from node.dns.answer import Answerer, Forward, Reply, fit_udp, servfail
+from node.dns.answer import Answerer, Forward, Reply, fit_udp, key, question_bytes, servfail
 from node.dns.table import Upstream
 
 log = logging.getLogger("shoald.dns")
 
 TIMEOUT = 2.5
 TCP_IDLE = 10.0
-MAX_INFLIGHT = 256
+MAX_INFLIGHT = 1024
+BURST = 64  # datagrams read per wake-up
 IP_FREEBIND = 15  # linux/in.h; the socket module does not export it everywhere
 IPV6_FREEBIND = 78
 
@@ -53,59 +54,67 @@ def _socket(addr: str, port: int, kind: int) -> socket.socket:
     return s
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: DNSServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+class Upstreams:
+    """One UDP socket per address family for every forwarded query: answers are matched by (upstream, id),
+    ids are random and unique among the queries in flight, and an answer from anyone else is ignored."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def __init__(self) -> None:
+        self.socks: dict[int, socket.socket] = {}
+        self.pending: dict[tuple[str, int, int], asyncio.Future[bytes]] = {}
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.server.queries += 1
+    def _sock(self, fam: int) -> socket.socket:
+        sock = self.socks.get(fam)
+        if sock is None:
+            sock = socket.socket(fam, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._ready, sock)
+            self.socks[fam] = sock
+        return sock
+
+    def _ready(self, sock: socket.socket) -> None:
+        for _ in range(BURST):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP errors surface here: the waiter times out or tries the next upstream
+                continue
+            if len(data) < 12 or not data[2] & 0x80:
+                continue
+            fut = self.pending.get((addr[0], addr[1], struct.unpack_from("!H", data)[0]))
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+
+    async def ask(self, up: Upstream, query: bytes, timeout: float) -> bytes:
+        fam = socket.AF_INET6 if ":" in up[0] else socket.AF_INET
+        sock = self._sock(fam)
+        ident = secrets.randbelow(65536)
+        while (up[0], up[1], ident) in self.pending:
+            ident = secrets.randbelow(65536)
+        key = (up[0], up[1], ident)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[key] = fut
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
         try:
-            out = self.server.answerer.handle(data, udp=True)
-        except Exception:  # a bug in the core must not stop the resolver; the client retries
-            log.exception("dns: query from %s", addr[0])
-            return
-        if out is None:
-            return
-        if isinstance(out, Reply):
-            assert self.transport is not None
-            self.transport.sendto(out.data, addr)
-            return
-        self.server.spawn_forward(out, self, addr)
+            sock.sendto(struct.pack("!H", ident) + query[2:], up)
+            data = await fut
+        finally:
+            timer.cancel()
+            self.pending.pop(key, None)
+        return query[:2] + data[2:]
 
-    def error_received(self, exc: Exception) -> None:
-        pass
-
-
-class _Answer(asyncio.DatagramProtocol):
-    def __init__(self, ident: int) -> None:
-        self.ident = ident
-        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        ours = len(data) >= 12 and struct.unpack_from("!H", data)[0] == self.ident and data[2] & 0x80
-        if ours and not self.done.done():
-            self.done.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+    def close(self) -> None:
+        for sock in self.socks.values():
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        self.socks = {}
 
 
-async def ask_udp(up: Upstream, query: bytes, timeout: float) -> bytes:
-    ident = secrets.randbelow(65536)
-    pkt = struct.pack("!H", ident) + query[2:]
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(lambda: _Answer(ident), remote_addr=up)
-    try:
-        transport.sendto(pkt)
-        data = await asyncio.wait_for(proto.done, timeout)
-    finally:
-        transport.close()
-    return query[:2] + data[2:]
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no answer"))
 
 
 async def ask_tcp(up: Upstream, query: bytes, timeout: float) -> bytes:
@@ -127,16 +136,20 @@ async def ask_tcp(up: Upstream, query: bytes, timeout: float) -> bytes:
     return data
 
 
-async def forward(fwd: Forward, timeout: float = TIMEOUT, tcp_first: bool = False) -> bytes:
+async def forward(fwd: Forward, pool: Upstreams, timeout: float = TIMEOUT, tcp_first: bool = False) -> bytes:
     """The upstreams' answer to `fwd.packet` (its own id), or SERVFAIL when none gave one in time."""
     ups = fwd.upstreams
     each = timeout / max(len(ups), 1)
     for up in ups:
         try:
-            data = await ask_tcp(up, fwd.packet, each) if tcp_first else await ask_udp(up, fwd.packet, each)
+            data = await ask_tcp(up, fwd.packet, each) if tcp_first else await pool.ask(up, fwd.packet, each)
             if not tcp_first and data[2] & 0x02:  # TC: the full answer over TCP
                 data = await ask_tcp(up, fwd.packet, each)
-            _check_question(data, fwd.query)
+            q = question_bytes(fwd.packet)
+            if q is None or question_bytes(data) is None:
+                _check_question(data, fwd.query)
+            elif key(question_bytes(data) or b"") != key(q):
+                raise ValueError("answer for another question")
             return data
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
             log.debug("dns: upstream %s:%d: %s", up[0], up[1], e or type(e).__name__)
@@ -163,7 +176,8 @@ class DNSServer:
         self.listening: list[str] = []
         self.bound: list[tuple[str, int]] = []  # (address, port) of each UDP socket (port 0 in tests)
         self.errors: dict[str, str] = {}
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[socket.socket] = []
+        self.pool = Upstreams()
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -174,8 +188,8 @@ class DNSServer:
             try:
                 us = _socket(a, self.port, socket.SOCK_DGRAM)
                 bound = us.getsockname()[:2]
-                t, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=us)
-                self._udp.append(t)
+                loop.add_reader(us.fileno(), self._udp_ready, us)
+                self._udp.append(us)
                 ts = _socket(a, bound[1], socket.SOCK_STREAM)
                 self._tcp.append(await asyncio.start_server(self._tcp_client, sock=ts))
                 self.listening.append(where)
@@ -185,8 +199,11 @@ class DNSServer:
                 log.error("dns: cannot listen on %s: %s", where, e)
 
     async def close(self) -> None:
-        for t in self._udp:
-            t.close()
+        loop = asyncio.get_running_loop()
+        for us in self._udp:
+            loop.remove_reader(us.fileno())
+            us.close()
+        self.pool.close()
         for s in self._tcp:
             s.close()
         for task in list(self._tasks):
@@ -196,23 +213,49 @@ class DNSServer:
                 await asyncio.wait_for(s.wait_closed(), 1)
         self._udp, self._tcp, self.listening, self.bound = [], [], [], []
 
-    def spawn_forward(self, fwd: Forward, proto: _Udp, addr: tuple[str, int]) -> None:
+    def _udp_ready(self, sock: socket.socket) -> None:
+        """Drains up to BURST datagrams per wake-up: the hot path (a cached answer) is a dict look-up and a
+        sendto, with no transport, protocol or task in between."""
+        handle = self.answerer.handle
+        for _ in range(BURST):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            self.queries += 1
+            try:
+                out = handle(data, True)
+            except Exception:  # a bug in the core must not stop the resolver; the client retries
+                log.exception("dns: query from %s", addr[0])
+                continue
+            if out is None:
+                continue
+            if isinstance(out, Reply):
+                with contextlib.suppress(OSError):  # a full send buffer drops the answer, as UDP may
+                    sock.sendto(out.data, addr)
+                continue
+            self.spawn_forward(out, sock, addr)
+
+    def spawn_forward(self, fwd: Forward, sock: socket.socket, addr: tuple[str, int]) -> None:
         if len(self._tasks) >= MAX_INFLIGHT:
-            if proto.transport is not None:
-                proto.transport.sendto(servfail(fwd.query), addr)
+            with contextlib.suppress(OSError):
+                sock.sendto(servfail(fwd.query), addr)
             return
 
         async def go() -> None:
             data = await self.resolve_forward(fwd)
-            if proto.transport is not None and not proto.transport.is_closing():
-                proto.transport.sendto(fit_udp(data, fwd.query), addr)
+            if sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    sock.sendto(fit_udp(data, fwd.query), addr)
 
         task = asyncio.create_task(go())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def resolve_forward(self, fwd: Forward, tcp: bool = False) -> bytes:
-        data = await forward(fwd, self.timeout, tcp_first=tcp)
+        data = await forward(fwd, self.pool, self.timeout, tcp_first=tcp)
         if data[3] & 0x0F == 2:
             self.failed += 1
         return data
