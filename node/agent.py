@@ -136,7 +136,7 @@ class Agent:
         self._watcher: asyncio.Task[None] | None = None
         self._client: ControlClient | None = None
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
-                            port=self.cfg.dns_port)
+                            port=self.cfg.dns_port, iface=self.cfg.iface)
 
     @property
     def backend(self) -> State:

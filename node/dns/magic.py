@@ -3,6 +3,8 @@ agent with each netmap (`apply`), stopped with the tunnel (`stop`), read by `sho
 
 - The resolver runs whenever the tunnel is up and DNS is enabled in the agent's config (`shoald` enables it;
   unit tests do not), on quad-100 port 53. Each netmap rebuilds the name table; the answer cache goes with it.
+- The OS side is systemd-resolved over D-Bus (node/dns/resolved.py) when it owns resolv.conf, else resolv.conf
+  is rewritten (node/dns/osconf.py); either is given back on `down`, stop, or `--accept-dns=false`.
 - The OS points at it only when the prefs accept DNS (`shoal up --accept-dns=false` leaves the OS alone) and
   `resolv_conf` is set. The host's original nameservers (from the backup) are the upstreams of last resort.
 - At start a backup left by a crashed agent is put back before anything else (`recover`).
@@ -11,6 +13,7 @@ agent with each netmap (`apply`), stopped with the tunnel (`stop`), read by `sho
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from coord import wire
 from node.dns.answer import Answerer
 from node.dns.osconf import ResolvConf, nameservers
+from node.dns.resolved import LinkConfig, Resolved, mode_of
 from node.dns.server import TIMEOUT, DNSServer
 from node.dns.table import QUAD100, Table
 
@@ -28,7 +32,8 @@ log = logging.getLogger("shoald.dns")
 
 class MagicDNS:
     def __init__(self, enabled: bool, resolv_conf: Path | None, backup: Path, port: int = 53,
-                 addrs: tuple[str, ...] = QUAD100, timeout: float = TIMEOUT) -> None:
+                 addrs: tuple[str, ...] = QUAD100, timeout: float = TIMEOUT, iface: str = "",
+                 resolved_bus: str | None = None) -> None:
         self.enabled = enabled
         self.port = port
         self.addrs = addrs
@@ -38,6 +43,9 @@ class MagicDNS:
         self.resolv = ResolvConf(resolv_conf, backup) if resolv_conf is not None else None
         self.os_mode = "off"
         self.error = ""
+        self.iface = iface
+        self.resolved = Resolved(resolved_bus)
+        self.resolved_link = 0  # the ifindex resolved was told about (0: none)
 
     def recover(self) -> bool:
         """A backup left by an agent that died goes back now (the OS must not point at a dead resolver)."""
@@ -66,29 +74,47 @@ class MagicDNS:
             errors.append("; ".join(f"listen {k}: {v}" for k, v in self.server.errors.items()))
         if self.resolv is not None:
             try:
-                if accept_dns and self.server.listening:
+                resolved = not self.resolv.backup.exists() and mode_of(self.resolv.path) == "systemd-resolved"
+                if accept_dns and self.server.listening and resolved:
+                    await self._set_resolved(table)
+                elif accept_dns and self.server.listening:
                     if self.resolv.set([self.addrs[0]], table.search):
                         log.info("dns: %s points at %s", self.resolv.path, self.addrs[0])
                     self.os_mode = "direct"
-                elif self.resolv.backup.exists():
-                    self.resolv.restore()
-                    self.os_mode = "off"
-            except OSError as e:
-                errors.append(f"{self.resolv.path}: {e}")
+                else:
+                    await self._give_back()
+            except Exception as e:  # OSError, D-Bus errors: the resolver still answers; status says why
+                errors.append(f"{self.os_mode if self.os_mode != 'off' else 'os'}: {e}")
         self.error = "; ".join(errors)
         return self.error
+
+    async def _set_resolved(self, table: Table) -> None:
+        ifindex = socket.if_nametoindex(self.iface)
+        split = [s for s, _ in table.routes]
+        cfg = LinkConfig.build(ifindex, self.addrs, table.search, table.local_zones, split, table.capture_all)
+        self.os_mode = "systemd-resolved"
+        if await self.resolved.set(cfg):
+            log.info("dns: systemd-resolved sends %s to %s on link %d", ", ".join(cfg.routing) or "nothing",
+                     self.addrs[0], ifindex)
+        self.resolved_link = ifindex
+
+    async def _give_back(self) -> None:
+        if self.resolved_link:
+            link, self.resolved_link = self.resolved_link, 0
+            await self.resolved.revert(link)
+        if self.resolv is not None and self.resolv.restore():
+            log.info("dns: %s restored", self.resolv.path)
+        self.os_mode = "off"
 
     async def stop(self) -> list[str]:
         failed = []
         if self.server is not None:
             await self.server.close()
             self.server = None
-        if self.resolv is not None:
-            try:
-                if self.resolv.restore():
-                    log.info("dns: %s restored", self.resolv.path)
-            except OSError as e:
-                failed.append(f"dns: {self.resolv.path}: {e}")
+        try:
+            await self._give_back()
+        except Exception as e:
+            failed.append(f"dns: {e}")
         self.os_mode = "off"
         return failed
 

@@ -86,6 +86,7 @@ class Table:
     upstreams: tuple[Upstream, ...] = ()
     search: tuple[str, ...] = ()
     skipped: int = 0  # resolver addresses we cannot use
+    capture_all: bool = False  # the netmap has global resolvers: quad-100 answers everything
 
     @classmethod
     def build(cls, node: wire.Node | None, peers: Iterable[wire.Node], dns: wire.DNSConfig | None,
@@ -143,6 +144,7 @@ class Table:
             upstreams=tuple(dict.fromkeys(glob)),
             search=tuple(fqdn(d) for d in cfg.domains if d.strip(". ")),
             skipped=skipped,
+            capture_all=bool(cfg.resolvers) and bool(glob),
         )
 
     def lookup(self, name: str) -> tuple[str, tuple[tuple[str, ...], tuple[str, ...]]] | None:

@@ -98,3 +98,48 @@ def test_dns_resolved_against_a_stand_in_on_a_private_bus(tmp_path: Path) -> Non
     assert show(calls[0][1]) == [7, [[2, "100.100.100.100"], [10, "fd7a:115c:a1e0::53"]]]
     assert show(calls[1][1])[1][-1] == ["corp.example", True]
     assert calls[-1] == ("RevertLink", [7])
+
+
+@pytest.mark.skipif(not shutil.which("dbus-daemon"), reason="needs dbus-daemon")
+def test_dns_resolved_magicdns_chooses_resolved_and_leaves_the_file_alone(tmp_path: Path) -> None:
+    from coord import wire
+    from node.dns.magic import MagicDNS
+
+    sock = tmp_path / "bus"
+    daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
+                               f"--address=unix:path={sock}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stub = tmp_path / "resolv.conf"
+    stub_text = "# This is /run/systemd/resolve/stub-resolv.conf\nnameserver 127.0.0.53\n"
+    stub.write_text(stub_text)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"])
+        address = f"unix:path={sock}"
+
+        async def go() -> tuple[list[tuple[str, list[Any]]], str]:
+            calls: list[tuple[str, list[Any]]] = []
+            bus = await _stand_in(address, calls)
+            m = MagicDNS(True, stub, tmp_path / "backup", port=0, addrs=("127.0.0.1",), iface="lo",
+                         resolved_bus=address)
+            dns = wire.DNSConfig(domains=("shoal.internal",), proxied=True, routes=(("shoal.internal.", ()),
+                                 ("corp.example.", ("192.0.2.53",))))
+            assert await m.apply(None, [], dns, accept_dns=True) == ""
+            mode = m.status(True)["OSConfig"]
+            assert await m.apply(None, [], dns, accept_dns=True) == ""  # nothing new: no calls
+            assert await m.stop() == []
+            bus.disconnect()
+            return calls, mode
+
+        calls, mode = asyncio.run(go())
+    finally:
+        daemon.terminate()
+        daemon.wait(5)
+    assert mode == "systemd-resolved"
+    assert [c for c, _ in calls] == [c.member for c in plan(CFG)] + ["RevertLink"]
+    domains = [list(d) for d in calls[1][1][1]]
+    assert ["shoal.internal", False] in domains  # search
+    assert ["corp.example", True] in domains and ["shoal.internal", True] in domains  # routing-only
+    assert calls[2][1] == [1, False]  # no global resolvers: resolved keeps the default route elsewhere
+    assert stub.read_text() == stub_text and not (tmp_path / "backup").exists()
