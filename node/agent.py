@@ -36,6 +36,7 @@ from coord import wire
 from node import compile, endpoints, login, mapsession
 from node import status as status_doc
 from node.control import ControlClient, ControlError, PinMismatch
+from node.dns.magic import MagicDNS
 from node.errors import LocalError
 from node.handshake import Initiator
 from node.keys import KeyStore, PrivateKey
@@ -81,6 +82,9 @@ class AgentConfig:
     keepalive: int = compile.KEEPALIVE
     control_timeout: float = 10.0
     nat_traversal: bool = True  # False: no MagicSock (peers get their first reported endpoint; unit tests)
+    dns: bool = False  # run quad-100 (shoald turns it on; unit tests do not)
+    dns_port: int = 53
+    resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -131,6 +135,8 @@ class Agent:
         self._control: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._client: ControlClient | None = None
+        self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
+                            port=self.cfg.dns_port, iface=self.cfg.iface)
 
     @property
     def backend(self) -> State:
@@ -149,6 +155,7 @@ class Agent:
     async def start(self) -> None:
         """Loads (or on first start creates) keys and prefs; restores the last netmap if the node was up."""
         self.state.ensure()
+        self.dns.recover()
         self.machine = self.keys.load_or_create("mkey")
         self.node_key = self.keys.load_or_create("nodekey")
         self.disco = self.keys.load_or_create("discokey")
@@ -185,17 +192,20 @@ class Agent:
 
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
                  advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
-                 ca_file: str | None = None) -> dict[str, Any]:
+                 ca_file: str | None = None, accept_dns: bool | None = None) -> dict[str, Any]:
         async with self._op_lock:
-            return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file)
+            return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file,
+                                  accept_dns)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float, server_key: str = "",
-                  ca_file: str | None = None) -> dict[str, Any]:
+                  ca_file: str | None = None, accept_dns: bool | None = None) -> dict[str, Any]:
         try:
             prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file)
         except login.UpRefused as e:
             raise AgentError(e.status, str(e)) from None
+        if accept_dns is not None:
+            prefs.accept_dns = accept_dns
         server = prefs.login_server
         # an expired or logged-out node key is never reused: re-authentication brings a new one
         renew = self.login.key_expired or self.prefs.logged_out
@@ -600,7 +610,7 @@ class Agent:
         except nft.RenderError as e:
             script, script_error = None, str(e)
         want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
-                       routes=compile.route_config(nm, self.cfg.iface),
+                       routes=compile.route_config(nm, self.cfg.iface, dns=self.cfg.dns),
                        wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive),
                        filter_error=script_error)
         loop = asyncio.get_running_loop()
@@ -608,12 +618,20 @@ class Agent:
         if ms is not None:
             ms.set_peers(nm.peers, active=rec.installed)  # disco with the peers our engine now accepts
         self._arm_hold(loop)
-        if out.errors != self.os_errors:
-            for name, err in out.errors.items():
+        errors = dict(out.errors)
+        try:
+            dns_error = await self.dns.apply(nm.node, nm.sorted_peers(), nm.dns, self.prefs.accept_dns)
+        except Exception as e:  # the tunnel stands without its resolver; status says why
+            log.exception("dns")
+            dns_error = str(e)
+        if dns_error:
+            errors["dns"] = dns_error
+        if errors != self.os_errors:
+            for name, err in errors.items():
                 log.error("applying the network map: %s: %s", name, err)
             if out.kept_out:
                 log.error("%d peer(s) kept out of WireGuard until their filter is in place", len(out.kept_out))
-        self.os_errors, self.kept_out = out.errors, len(out.kept_out)
+        self.os_errors, self.kept_out = errors, len(out.kept_out)
 
     async def _engine_read(self) -> DeviceState:
         """MagicSock's engine poll: a held peer with a completed handshake is released at once."""
@@ -658,6 +676,8 @@ class Agent:
             if self._hold_timer is not None:
                 self._hold_timer.cancel()
                 self._hold_timer = None
+            for failed in await self.dns.stop():
+                log.warning("taking the tunnel down: %s", failed)
             if self.reconciler is not None:
                 for failed in await self.reconciler.clear():
                     log.warning("taking the tunnel down: %s", failed)

@@ -46,7 +46,7 @@ from node.errors import LocalError
 MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
-    "server_key": str, "ca_file": str,
+    "server_key": str, "ca_file": str, "accept_dns": bool,
 }
 
 
@@ -77,7 +77,7 @@ def _up_args(data: dict[str, Any]) -> dict[str, Any]:
         want = UP_FIELDS.get(k)
         if want is None:
             raise BadRequest(f"unknown field {k!r}")
-        if not isinstance(v, want) or isinstance(v, bool):
+        if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
             raise BadRequest(f"{k}: wrong type")
         out[k] = v
     tags = out.get("advertise_tags")
@@ -99,7 +99,7 @@ def create_app(agent: Agent) -> Starlette:
             login_server=args.get("login_server", ""), auth_key=args.get("auth_key", ""),
             hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
             wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
-            ca_file=args.get("ca_file"),
+            ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
         ))
 
     async def down(request: Request) -> Response:
@@ -126,6 +126,23 @@ def create_app(agent: Agent) -> Starlette:
         await _body(request)
         return JSONResponse(await agent.netcheck())
 
+    async def dns_status(request: Request) -> Response:
+        return JSONResponse(agent.dns.status(agent.prefs.accept_dns))
+
+    async def dns_query(request: Request) -> Response:
+        data = await _body(request)
+        if set(data) - {"name", "type"}:
+            raise BadRequest(f"unknown field {sorted(set(data) - {'name', 'type'})[0]!r}")
+        name, qtype = data.get("name"), data.get("type", "A")
+        if not isinstance(name, str) or not name or len(name) > 255:
+            raise BadRequest("name: expected a DNS name")
+        if not isinstance(qtype, str) or not qtype.isalnum() or len(qtype) > 10:
+            raise BadRequest("type: expected a record type such as A, AAAA, PTR")
+        try:
+            return JSONResponse(await agent.dns.query(name, qtype))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
     async def bad_request(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
 
@@ -141,6 +158,8 @@ def create_app(agent: Agent) -> Starlette:
             Route("/logout", logout, methods=["POST"]),
             Route("/ping", ping, methods=["POST"]),
             Route("/netcheck", netcheck, methods=["POST"]),
+            Route("/dns/status", dns_status, methods=["GET"]),
+            Route("/dns/query", dns_query, methods=["POST"]),
         ],
         exception_handlers={BadRequest: bad_request, AgentError: agent_error},
     )

@@ -7,6 +7,8 @@
     shoal ip [-4|-6] [PEER]
     shoal ping [-c N] [--timeout S] [--no-until-direct] PEER
     shoal netcheck [--json]
+    shoal dns status [--json]
+    shoal dns query NAME [TYPE]
 
 Errors are one line on stderr and exit status 1 (2 for bad usage).
 """
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ca-file", default=None, type=ca_file_arg,
                     help="PEM CA bundle an https login server's certificate must chain to (remembered; "
                          "default: the system store)")
+    up.add_argument("--accept-dns", default=None, type=bool_arg, metavar="true|false",
+                    help="point the OS resolver at MagicDNS (100.100.100.100) (remembered; default true)")
     up.add_argument("--timeout", type=float, default=0,
                     help="give up waiting for login approval after this many seconds (default: wait)")
     sub.add_parser("down", help="take the tunnel down; stay registered")
@@ -78,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("peer", help="peer name, tailnet address or node key")
     nc = sub.add_parser("netcheck", help="UDP reachability, public address per DERP region, NAT kind, latency")
     nc.add_argument("--json", action="store_true")
+    dns = sub.add_parser("dns", help="MagicDNS: the resolver on 100.100.100.100")
+    dsub = dns.add_subparsers(dest="dns_cmd", required=True, parser_class=Parser)
+    ds = dsub.add_parser("status", help="names, routes, upstreams and what the OS points at")
+    ds.add_argument("--json", action="store_true")
+    dq = dsub.add_parser("query", help="ask the resolver, the way the OS would")
+    dq.add_argument("name")
+    dq.add_argument("type", nargs="?", default="A")
+    dq.add_argument("--json", action="store_true")
     return p
 
 
@@ -125,8 +137,19 @@ def parse_tags(text: str) -> list[str]:
     return tags
 
 
+def bool_arg(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "yes", "1", "on"):
+        return True
+    if t in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def cmd_up(api: Api, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"login_server": args.login_server, "auth_key": args.auth_key}
+    if args.accept_dns is not None:
+        body["accept_dns"] = args.accept_dns
     if args.server_key:
         body["server_key"] = args.server_key
     if args.ca_file is not None:
@@ -183,18 +206,58 @@ def render_status(st: dict[str, Any], now: float) -> str:
         lines.append(f"# Health: {h}")
     me = st["Self"]
     addrs = me.get("Addresses") or ["-"]
-    rows = [[addrs[0], " ".join(addrs[1:]), me.get("HostName") or "-", "self",
+    rows = [[addrs[0], " ".join(addrs[1:]), _name(me), "self",
              "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", ""]]
     for p in st.get("Peers") or ():
         a = p.get("Addresses") or ["-"]
         path = str(p.get("PathText") or "no path")  # the agent's words: direct only when observed
-        rows.append([a[0], " ".join(a[1:]), p.get("HostName") or "-", "online" if p.get("Online") else "offline",
+        rows.append([a[0], " ".join(a[1:]), _name(p), "online" if p.get("Online") else "offline",
                      path, f"handshake {_ago(p.get('LastHandshake'), now)}",
                      f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def _name(node: dict[str, Any]) -> str:
+    """The MagicDNS name (FQDN, no trailing dot) when the node has one, else its host name."""
+    return str(node.get("Name") or "").rstrip(".") or str(node.get("HostName") or "") or "-"
+
+
+def render_dns_status(d: dict[str, Any]) -> str:
+    state = "running on " + ", ".join(d["Listening"]) if d.get("Running") else "not running"
+    lines = [f"# MagicDNS: {state}; OS: {d.get('OSConfig')}"
+             + (f" ({d['ResolvConf']})" if d.get("OSConfig") == "direct" else "")
+             + ("" if d.get("AcceptDNS") else " (--accept-dns=false)")]
+    if d.get("Error"):
+        lines.append(f"# Error: {d['Error']}")
+    lines.append("search: " + (" ".join(s.rstrip(".") for s in d.get("Search") or []) or "-"))
+    lines.append("local zones: " + (" ".join(d.get("LocalZones") or []) or "-"))
+    for suffix, ups in (d.get("Routes") or {}).items():
+        lines.append(f"route {suffix} -> {', '.join(ups)}")
+    lines.append("upstreams: " + (", ".join(d.get("Upstreams") or []) or "none (SERVFAIL)"))
+    lines.append(f"queries {d.get('Queries', 0)}, cache hits {d.get('CacheHits', 0)}, forwarded "
+                 f"{d.get('Forwarded', 0)}, SERVFAIL {d.get('ServFail', 0)}")
+    for name, addrs in (d.get("Names") or {}).items():
+        lines.append(f"{name.rstrip('.')}  {' '.join(addrs)}")
+    return "\n".join(lines)
+
+
+def cmd_dns(api: Api, args: argparse.Namespace) -> int:
+    if args.dns_cmd == "status":
+        d = api.call("GET", "/dns/status")
+        print(json.dumps(d, indent=2) if args.json else render_dns_status(d))
+        return 0
+    r = api.call("POST", "/dns/query", {"name": args.name, "type": args.type})
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f";; {r['Name']} {r['Type']}: {r['Rcode']}{' (authoritative)' if r['Authoritative'] else ''}, "
+              f"{r['Millis']} ms")
+        for a in r["Answers"]:
+            print(a)
+    return 0 if r["Rcode"] in ("NOERROR",) else EXIT_ERROR
 
 
 def find_peer(st: dict[str, Any], name: str) -> dict[str, Any]:
@@ -292,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "ping":
             return cmd_ping(api, args)
+        if args.cmd == "dns":
+            return cmd_dns(api, args)
         if args.cmd == "netcheck":
             r = api.call("POST", "/netcheck", {})
             print(json.dumps(r, indent=2) if args.json else render_netcheck(r))

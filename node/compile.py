@@ -137,9 +137,13 @@ def self_addresses(nm: NetMap) -> tuple[str, ...]:
     return () if nm.node is None else tuple(str(a) for a in nm.node.addresses)
 
 
-def route_config(nm: NetMap, iface: str) -> RouteConfig:
-    """The node's tailnet addresses; the tailnet prefixes are always routed through the interface."""
-    return RouteConfig(iface, self_addresses(nm))
+QUAD100 = ("100.100.100.100/32", "fd7a:115c:a1e0::53/128")
+
+
+def route_config(nm: NetMap, iface: str, dns: bool = False) -> RouteConfig:
+    """The node's tailnet addresses; the tailnet prefixes are always routed through the interface. With
+    `dns`, quad-100's addresses too, host scope (the resolver listens there; never a source address)."""
+    return RouteConfig(iface, self_addresses(nm), host_addresses=QUAD100 if dns else ())
 
 
 def is_allow_all(rules: Sequence[wire.FilterRule]) -> bool:

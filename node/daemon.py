@@ -1,7 +1,7 @@
 """`shoald`: the node agent daemon (root). Runs one Agent and its local API on a Unix socket.
 
     shoald [--state-dir /var/lib/shoal] [--socket /run/shoal/shoald.sock] [--iface shoal0] [--port 41641]
-           [--engine auto|wireguard-go|kernel] [--log-level info]
+           [--engine auto|wireguard-go|kernel] [--log-level info] [--no-dns] [--resolv-conf /etc/resolv.conf]
 
 The socket is bound and made 0600 before it listens, so no one but root can ever connect. One daemon per
 state dir (a lock file) and per socket. SIGTERM/SIGINT take the tunnel down and exit; the node stays
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iface", default="shoal0", help="WireGuard interface name")
     p.add_argument("--port", type=int, default=41641, help="WireGuard UDP port")
     p.add_argument("--engine", choices=["auto", "wireguard-go", "kernel"], default="auto")
+    p.add_argument("--no-dns", action="store_true", help="no MagicDNS resolver on 100.100.100.100")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf",
+                   help="the file MagicDNS points at quad-100 ('' : never touch the OS)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     return p
 
@@ -108,7 +111,8 @@ async def run(args: argparse.Namespace) -> int:
     lock = lock_state_dir(state_dir)
     sock_path = Path(args.socket)
     sock = bind_socket(sock_path)
-    agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine))
+    agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine,
+                              dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None))
     try:
         await agent.start()
         server = _Server(uvicorn.Config(create_app(agent), log_level="warning", lifespan="off"))

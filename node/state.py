@@ -45,6 +45,7 @@ class Prefs:
     logged_out: bool = False
     hostname: str = ""
     advertise_tags: list[str] = field(default_factory=list)
+    accept_dns: bool = True  # MagicDNS may point the OS at quad-100 (`shoal up --accept-dns=false`: never)
 
     def server_key_raw(self) -> bytes | None:
         return wire.parse_key(self.server_key, "mkey", "server_key") if self.server_key else None
@@ -53,7 +54,7 @@ class Prefs:
     def from_json(cls, data: dict[str, Any]) -> Prefs:
         out = cls()
         for name, kind in (("login_server", str), ("server_key", str), ("ca_file", str), ("want_running", bool),
-                           ("logged_out", bool), ("hostname", str)):
+                           ("logged_out", bool), ("hostname", str), ("accept_dns", bool)):
             if name in data:
                 if not isinstance(data[name], kind):
                     raise ValueError(f"{name}: expected {kind.__name__}")

@@ -25,6 +25,8 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
       }
       chain forward { ... the same ... }
       chain from_tailnet {
+        ip daddr 100.100.100.100 counter name dropped drop        # always: the resolver is ours only
+        ip6 daddr fd7a:115c:a1e0::53 counter name dropped drop
         ct state established,related accept      # replies and flows opened before a policy change
         ip saddr @self4 counter name dropped drop   # our own address coming in from the tailnet: spoofed
         ... one accept per (sources, destination, protocol, ports), with ct state new ...
@@ -33,10 +35,10 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
       }
     }
 
-The two `spoofed` rules are in every table we render, whatever the policy (an allow-all one included,
-`render_allow_all`): identity is by address (the policy here; later the resolver, SSH, `whois`), so a tailnet
-source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key. Loopback is
-exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
+The two `spoofed` rules and the two quad-100 drops are in every table we render, whatever the policy (an
+allow-all one included, `render_allow_all`): identity is by address (the policy here; later SSH, `whois`),
+so a tailnet source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key.
+Loopback is exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
 dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
 
 The agent applies it with `nft -f -` (`NftApplier`); the same input always renders the same text, so
@@ -63,6 +65,7 @@ NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,30}")
 IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
 TABLE = "shoal_filter"
 TAILNET_SOURCES = (("ip", "100.64.0.0/10"), ("ip6", "fd7a:115c:a1e0::/48"))
+QUAD100 = (("ip", "100.100.100.100"), ("ip6", "fd7a:115c:a1e0::53"))
 
 
 class RenderError(RemoteError, ValueError):
@@ -230,7 +233,9 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
             f'\t\tiifname "{iface}" jump from_tailnet',
             "\t}",
         ]
-    out += ["\tchain from_tailnet {", "\t\tct state established,related accept"]
+    # quad-100 serves this node only, whatever the policy: no peer may use it as a forwarder or list names
+    out += ["\tchain from_tailnet {", *(f"\t\t{kw} daddr {a} counter name dropped drop" for kw, a in QUAD100),
+            "\t\tct state established,related accept"]
     if self4:
         out.append("\t\tip saddr @self4 counter name dropped drop")
     if self6:

@@ -5,10 +5,12 @@ The renderer compares a desired `RouteConfig` with the interface's current `Link
 that close the gap, in an order the kernel accepts: MTU, link up (routes need an up device), stale addresses
 out, new addresses in, stale routes out, new routes in.
 
-What we own on the interface: every global-scope address, and routes with protocol boot/static (the ones `ip
-route add` makes). Link-local addresses and kernel-made routes (protocol kernel: fe80::/64, an IPv6 /128 of a
-local address) are left alone. IPv6 addresses are added with `nodad`: there is nobody to collide with on a
-WireGuard link, and duplicate address detection would hold them tentative for a second.
+What we own on the interface: every global-scope address, the host-scope ones (quad-100's, added `scope
+host` so the kernel never picks them as a source address for traffic to peers), and routes with protocol
+boot/static (the ones `ip route add` makes). Link-local addresses and kernel-made routes (protocol kernel:
+fe80::/64, an IPv6 /128 of a local address) are left alone. IPv6 addresses are added with `nodad`: there is
+nobody to collide with on a WireGuard link, and duplicate address detection would hold them tentative for a
+second.
 
 The applier has no I/O of its own: it awaits an injected Runner (node.run), so tests read its command
 transcript.
@@ -43,12 +45,15 @@ class RouteConfig:
     addresses: tuple[str, ...] = ()  # with prefix length, e.g. 100.64.0.1/32, fd7a:115c:a1e0::1/128
     routes: tuple[str, ...] = ()  # extra prefixes through the interface (peers' subnet routes)
     mtu: int = MTU
+    host_addresses: tuple[str, ...] = ()  # `scope host`: local only, never a source (quad-100)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.iface) <= 15 or "/" in self.iface or " " in self.iface:
             raise ValueError(f"bad interface name {self.iface!r}")
         object.__setattr__(self, "addresses", tuple(sorted({_iface_addr(a) for a in self.addresses},
                                                            key=_order)))
+        object.__setattr__(self, "host_addresses", tuple(sorted({_iface_addr(a) for a in self.host_addresses},
+                                                                key=_order)))
         object.__setattr__(self, "routes", tuple(sorted({_net(r) for r in self.routes}, key=_order)))
 
     def wanted_routes(self) -> tuple[str, ...]:
@@ -61,6 +66,7 @@ class LinkState:
     mtu: int
     addresses: tuple[str, ...]
     routes: tuple[str, ...]
+    host_addresses: tuple[str, ...] = ()
 
 
 def _iface_addr(text: str) -> str:
@@ -101,6 +107,13 @@ def render(cfg: RouteConfig, cur: LinkState) -> list[list[str]]:
         if a not in have_addrs:
             nodad = ["nodad"] if ipaddress.ip_interface(a).version == 6 else []
             cmds.append(["ip", *_family(a), "addr", "add", a, *dev, *nodad])
+    have_host = set(cur.host_addresses)
+    for a in sorted(have_host - set(cfg.host_addresses), key=_order):
+        cmds.append(["ip", *_family(a), "addr", "del", a, *dev])
+    for a in cfg.host_addresses:
+        if a not in have_host:
+            nodad = ["nodad"] if ipaddress.ip_interface(a).version == 6 else []
+            cmds.append(["ip", *_family(a), "addr", "add", a, *dev, "scope", "host", *nodad])
     have_routes = set(cur.routes)
     want_routes = cfg.wanted_routes()
     for r in sorted(have_routes - set(want_routes), key=_order):
@@ -115,7 +128,7 @@ def render_down(cur: LinkState, iface: str) -> list[list[str]]:
     """Commands that remove everything we own from the interface (for `shoal down` when it is kept)."""
     dev = ["dev", iface]
     cmds = [["ip", *_family(r), "route", "del", r, *dev] for r in cur.routes]
-    cmds += [["ip", *_family(a), "addr", "del", a, *dev] for a in cur.addresses]
+    cmds += [["ip", *_family(a), "addr", "del", a, *dev] for a in (*cur.addresses, *cur.host_addresses)]
     return cmds
 
 
@@ -138,18 +151,20 @@ def parse_state(addr_json: str, route4_json: str, route6_json: str) -> LinkState
     mtu = link.get("mtu")
     if not isinstance(flags, list) or not isinstance(mtu, int):
         raise RouteStateError("ip -j addr: link without flags or mtu")
-    addrs = []
+    addrs: list[str] = []
+    host: list[str] = []
     for a in link.get("addr_info", []):
-        if not isinstance(a, dict) or a.get("scope") != "global":
+        if not isinstance(a, dict) or a.get("scope") not in ("global", "host"):
             continue
         try:
-            addrs.append(_iface_addr(f"{a['local']}/{a['prefixlen']}"))
+            (addrs if a.get("scope") == "global" else host).append(_iface_addr(f"{a['local']}/{a['prefixlen']}"))
         except (KeyError, ValueError):
             raise RouteStateError(f"ip -j addr: bad address entry {a!r:.80}") from None
     routes = []
     for r in _routes(_json(route4_json, "ip -j route")) + _routes(_json(route6_json, "ip -j -6 route")):
         routes.append(r)
-    return LinkState("UP" in flags, mtu, tuple(sorted(addrs, key=_order)), tuple(sorted(routes, key=_order)))
+    return LinkState("UP" in flags, mtu, tuple(sorted(addrs, key=_order)), tuple(sorted(routes, key=_order)),
+                     tuple(sorted(host, key=_order)))
 
 
 def _routes(entries: Iterable[dict[str, Any]]) -> list[str]:

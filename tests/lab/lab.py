@@ -7,6 +7,8 @@ Safety rules this module keeps:
   link or route to the host's network;
 - teardown kills, by PID, what `spawn` started and whatever else still runs inside our namespaces, deletes the
   namespaces and removes our sockets, whatever state the run is in;
+- each namespace gets its own /etc/netns/<ns>/resolv.conf before anything runs in it (`ip netns exec`
+  bind-mounts it over /etc/resolv.conf), so an agent's MagicDNS never writes the host's; teardown removes it;
 - each run records its owner PID in RUN_DIR/<prefix>; `sweep()` removes leftovers only of runs whose owner is
   dead, so concurrent runs leave each other alone; a lab made by `scripts/lab up` is marked `keep` and only
   `scripts/lab down` removes it.
@@ -32,6 +34,7 @@ from tests.lab.topo import SERVERS, Topology, internet_addr, lan_net
 
 RUN_DIR = Path(os.environ.get("SHOAL_LAB_RUN_DIR", "/run/shoal-lab/runs"))
 SOCK_DIR = Path("/var/run/wireguard")
+NETNS_ETC = Path("/etc/netns")  # ip-netns(8): files here are bind-mounted over /etc in the namespace
 PREFIX_RE = re.compile(r"^sh[0-9a-f]{6}$")
 NS_RE = re.compile(r"^(sh[0-9a-f]{6})-")
 
@@ -124,8 +127,17 @@ def remove_prefix(prefix: str) -> None:
         for sock in SOCK_DIR.glob(f"{prefix}*.sock"):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
+    if NETNS_ETC.is_dir():
+        for d in NETNS_ETC.glob(f"{prefix}-*"):
+            shutil.rmtree(d, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (RUN_DIR / prefix).unlink()
+
+
+def netns_resolv_conf(ns: str) -> Path:
+    """The file `ip netns exec NS` bind-mounts over /etc/resolv.conf; each lab namespace gets one before any
+    process runs there, so an agent's MagicDNS writes it, never the host's own file."""
+    return NETNS_ETC / ns / "resolv.conf"
 
 
 def sweep() -> list[str]:
@@ -135,6 +147,8 @@ def sweep() -> list[str]:
         prefixes |= {s.name[:8] for s in SOCK_DIR.glob("sh*.sock") if PREFIX_RE.match(s.name[:8])}
     if RUN_DIR.is_dir():
         prefixes |= {p.name for p in RUN_DIR.iterdir() if PREFIX_RE.match(p.name)}
+    if NETNS_ETC.is_dir():
+        prefixes |= {m.group(1) for p in NETNS_ETC.iterdir() if (m := NS_RE.match(p.name))}
     removed = []
     for prefix in sorted(prefixes):
         try:
@@ -196,6 +210,9 @@ class Lab:
     def add_ns(self, name: str) -> str:
         self._mark()
         ns = self.ns_name(name)
+        conf = netns_resolv_conf(ns)
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(f"# lab namespace {ns}: its own resolv.conf (the host's is never touched)\n")
         _run(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])

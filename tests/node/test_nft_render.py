@@ -39,6 +39,8 @@ SHAPES = [
     {"SrcIPs": ["fd7a:115c:a1e0::/48"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 0}}], "IPProto": [58]},
 ]
 OWN = ["100.64.0.2", "fd7a:115c:a1e0::2"]
+QUAD100_DROPS = ["ip daddr 100.100.100.100 counter name dropped drop",
+                 "ip6 daddr fd7a:115c:a1e0::53 counter name dropped drop"]
 
 
 def test_ssh_only_text() -> None:
@@ -47,6 +49,7 @@ def test_ssh_only_text() -> None:
     assert lines[:3] == ["table inet shoal_filter {}", "delete table inet shoal_filter", "table inet shoal_filter {"]
     body = lines[lines.index("chain from_tailnet {") + 1 :]
     assert body == [
+        *QUAD100_DROPS,
         "ct state established,related accept",
         "ip saddr @self4 counter name dropped drop",
         "ip6 saddr @self6 counter name dropped drop",
@@ -76,14 +79,14 @@ def test_default_protocols_and_any() -> None:
 def test_empty_filter_drops_everything_new() -> None:
     text = render([], "tail0", OWN)
     body = text.split("chain from_tailnet {")[1]
-    assert "accept" in body.splitlines()[1] and body.count("accept") == 1  # only established/related
+    assert "accept" in body.splitlines()[3] and body.count("accept") == 1  # only established/related
 
 
 def test_idempotent_and_family_split() -> None:
     assert render(SHAPES, "tail0", OWN) == render(SHAPES, "tail0", OWN)
     # A v4-only source never produces an ip6 rule for a v6 destination.
     text = render([SHAPES[2]], "tail0")
-    assert "ip6 " not in text.split("chain from_tailnet")[1]
+    assert "ip6 " not in text.split("chain from_tailnet")[1].replace(QUAD100_DROPS[1], "")
 
 
 @pytest.mark.parametrize(
@@ -265,6 +268,11 @@ def _chain(text: str, name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["policy", "empty", "allow_all"])
+def test_dns_every_table_drops_quad100_from_the_tunnel(kind: str) -> None:
+    test_sec_every_table_drops_tailnet_sources_off_the_tunnel(kind)
+
+
+@pytest.mark.parametrize("kind", ["policy", "empty", "allow_all"])
 def test_sec_every_table_drops_tailnet_sources_off_the_tunnel(kind: str) -> None:
     from node.render.nft import render_allow_all
 
@@ -273,10 +281,10 @@ def test_sec_every_table_drops_tailnet_sources_off_the_tunnel(kind: str) -> None
     for chain, hook in (("input", "input"), ("forward", "forward")):
         assert _chain(text, chain) == [f"type filter hook {hook} priority filter; policy accept;", *SPOOF,
                                        'iifname "tail0" jump from_tailnet']
-    # our own addresses arriving from the tunnel are never a peer's
+    # our own addresses arriving from the tunnel are never a peer's; quad-100 is never reachable from it
     body = _chain(text, "from_tailnet")
-    assert body[:3] == ["ct state established,related accept", "ip saddr @self4 counter name dropped drop",
-                        "ip6 saddr @self6 counter name dropped drop"]
+    assert body[:5] == [*QUAD100_DROPS, "ct state established,related accept",
+                        "ip saddr @self4 counter name dropped drop", "ip6 saddr @self6 counter name dropped drop"]
     assert body[-1] == {"policy": "counter name dropped drop", "empty": "counter name dropped drop",
                         "allow_all": "accept"}[kind]
 

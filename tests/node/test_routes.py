@@ -158,3 +158,25 @@ async def test_runners() -> None:
     with pytest.raises(CommandError, match="exited 1"):
         await real.run(["false"])
     assert SubprocessRunner(netns="ns1").argv_for(["ip", "link"]) == ["ip", "netns", "exec", "ns1", "ip", "link"]
+
+
+@pytest.mark.anyio
+async def test_dns_quad100_addresses_are_host_scope_and_idempotent() -> None:
+    cfg = RouteConfig("shoal0", ("100.64.0.1/32", "fd7a:115c:a1e0::1/128"),
+                      host_addresses=("fd7a:115c:a1e0::53/128", "100.100.100.100/32"))
+    r = runner(CONFIGURED_ADDR, CONFIGURED_R4, CONFIGURED_R6)
+    await RouteApplier(r).set(cfg)
+    assert r.transcript == READS + (
+        "ip addr add 100.100.100.100/32 dev shoal0 scope host\n"
+        "ip -6 addr add fd7a:115c:a1e0::53/128 dev shoal0 scope host nodad\n"
+        "ip route del 10.1.0.0/16 dev shoal0\n"
+    )
+    have = json.loads(CONFIGURED_ADDR)
+    have[0]["addr_info"] += [{"family": "inet", "local": "100.100.100.100", "prefixlen": 32, "scope": "host"},
+                             {"family": "inet6", "local": "fd7a:115c:a1e0::53", "prefixlen": 128, "scope": "host"}]
+    r = runner(json.dumps(have), CONFIGURED_R4, CONFIGURED_R6)
+    await RouteApplier(r).set(cfg)
+    assert r.transcript == READS + "ip route del 10.1.0.0/16 dev shoal0\n"
+    r = runner(json.dumps(have), CONFIGURED_R4, CONFIGURED_R6)
+    await RouteApplier(r).set(RouteConfig("shoal0", ("100.64.0.1/32", "fd7a:115c:a1e0::1/128")))
+    assert "ip addr del 100.100.100.100/32 dev shoal0\n" in r.transcript
