@@ -16,7 +16,7 @@ from coord.change import Change
 from coord.state import Node, State
 
 # Events after which a node's policy identity may differ.
-_IDENTITY = (ev.NodeRegistered, ev.NodeReauthenticated, ev.NodeTagged, ev.NodeDeleted)
+_IDENTITY = (ev.NodeRegistered, ev.NodeReauthenticated, ev.NodeTagged, ev.NodeDeleted, ev.NodeRoutesApproved)
 
 
 def policy_node(state: State, n: Node) -> policy.PolicyNode:
@@ -26,6 +26,9 @@ def policy_node(state: State, n: Node) -> policy.PolicyNode:
         user=user.name if user else None,
         tags=frozenset(n.tags),
         addresses=(n.ipv4, n.ipv6),
+        # Every approved router of a prefix, primary or standby: a standby must accept traffic after a failover.
+        approved_routes=n.subnet_routes,
+        exit_node=n.exit_node,
     )
 
 
@@ -64,6 +67,13 @@ class PolicyVisibility:
                 nid = e.node_id
                 n = self.state.nodes.get(nid)
                 affected |= self.engine.remove(nid) if n is None else self.engine.upsert(policy_node(self.state, n))
+            elif isinstance(e, ev.NodeHostinfoChanged):
+                # Advertising or withdrawing an approved route changes what the node serves.
+                n = self.state.nodes.get(e.node_id)
+                if n is not None:
+                    pn = policy_node(self.state, n)
+                    if self.engine.node(n.id) != pn:
+                        affected |= self.engine.upsert(pn)
             elif isinstance(e, ev.UserRenamed):
                 affected |= self._regroup(e.user_id)
                 for n in self.state.nodes.values():

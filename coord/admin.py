@@ -57,6 +57,13 @@ def _tags(args: dict[str, Any]) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _routes(args: dict[str, Any]) -> tuple[str, ...]:
+    v = args.get("routes") or []
+    if not isinstance(v, list) or not all(isinstance(r, str) for r in v):
+        raise DomainError("routes: expected a list of CIDR prefixes")
+    return tuple(v)
+
+
 async def resolve_at(svc: Service, args: dict[str, Any]) -> int | None:
     """The seq a view of the past ends at: ``at_seq``, or the last event at or before the time ``at``; None: now."""
     at, at_seq = args.get("at"), args.get("at_seq")
@@ -172,6 +179,9 @@ COMMANDS: dict[str, Handler] = {
     "nodes.expire": lambda x, a: x.service.expire_node(_str(a, "node")),
     "nodes.expiry": lambda x, a: x.service.set_node_expiry(_str(a, "node"), _opt_float(a, "expiry")),
     "nodes.delete": lambda x, a: x.service.delete_node(_str(a, "node")),
+    "routes.list": lambda x, a: _value(x.service.list_routes()),
+    "routes.approve": lambda x, a: x.service.approve_routes(_str(a, "node"), _routes(a)),
+    "routes.unapprove": lambda x, a: x.service.unapprove_routes(_str(a, "node"), _routes(a)),
     "nodes.approve": lambda x, a: x.logins.approve(_str(a, "id"), _str(a, "user")),
     "nodes.pending": lambda x, a: _value(x.logins.pending_json()),
     "policy.set": lambda x, a: x.service.set_policy(_str(a, "text"), str(a.get("filename") or "policy.hujson")),

@@ -149,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--user", required=True)
     nodes.add_parser("pending", parents=[common], help="list registrations waiting for approval")
 
+    rt = sub.add_parser("routes", parents=[common], help="subnet routes and exit nodes").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    rt.add_parser("list", parents=[common], help="advertised, approved and primary routes per router")
+    for name, verb in (("approve", "approve"), ("unapprove", "withdraw the approval of")):
+        r = rt.add_parser(name, parents=[common], help=f"{verb} a node's routes (0.0.0.0/0 or ::/0: exit node)")
+        r.add_argument("node", help="node id or name")
+        r.add_argument("routes", nargs="+", metavar="CIDR")
+
     pol = sub.add_parser("policy", parents=[common], help="access policy (HuJSON)").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
     )
@@ -240,6 +249,8 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return f"nodes.{c}", a
     if g == "dns":
         return dns_request(args)
+    if g == "routes":
+        return f"routes.{c}", {"node": getattr(args, "node", None), "routes": getattr(args, "routes", None)}
     if g == "policy":
         if c in ("set", "diff"):
             return f"policy.{c}", {"text": read_text(args.file), "filename": args.file}
@@ -384,6 +395,16 @@ def render(command: str, result: Any) -> str:
             ("EPHEMERAL", "ephemeral"), ("TAGS", lambda r: ",".join(r["tags"]) or "-"),
             ("EXPIRATION", lambda r: r["expiration"] or "never"), ("USABLE", "usable"),
         ])
+    if command == "routes.list":
+        return table(result, [
+            ("ID", "id"), ("NAME", "name"), ("ONLINE", lambda r: "yes" if r["online"] else "no"),
+            ("ADVERTISED", lambda r: ",".join(r["advertised"]) or "-"),
+            ("APPROVED", lambda r: ",".join(r["approved"]) or "-"),
+            ("PRIMARY", lambda r: ",".join(r["primary"]) or "-"),
+        ]) if result else "no node advertises or has approved routes"
+    if command in ("routes.approve", "routes.unapprove"):
+        return (f"node {result['id']} ({result['name']}): approved {','.join(result['approved']) or '-'}; "
+                f"serving {','.join(result['served']) or '-'}; primary for {','.join(result['primary']) or '-'}")
     if command == "nodes.pending":
         return table(result, [("ID", "id"), ("HOSTNAME", "hostname"), ("REQUESTED", "requested")]) if result else (
             "no pending registrations"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ from coord import events as ev
 from coord.auth.claims import Profile, Refused
 from coord.errors import Conflict, DomainError, NotFound, Unauthorized
 from coord.ipam import Pool, PoolExhausted
-from coord.state import AuthKey, KeyStatus, Node, State, User
+from coord.state import EXIT_ROUTES, AuthKey, KeyStatus, Node, State, User
 from coord.wire import RegisterRequest, key_text
 
 # A policy decides who may apply which tag; without one, only admin-made keys and commands can tag.
@@ -271,6 +272,59 @@ def tag_node(state: State, ref: str, tags: tuple[str, ...]) -> list[ev.Event]:
     if not tags and n.user_id is None:
         raise DomainError("a node without a user cannot drop all its tags; re-register it to a user")
     return [ev.NodeTagged(n.id, tuple(sorted(set(tags))))]
+
+
+# --- routes -----------------------------------------------------------------------------------------------
+
+# May this node's advertised route be approved automatically (the policy's autoApprovers)?
+RouteCheck = Callable[[Node, str], bool]
+
+
+def _prefixes(routes: tuple[str, ...]) -> list[str]:
+    out = []
+    for r in routes:
+        try:
+            net = ipaddress.ip_network(r, strict=True)
+        except ValueError:
+            raise DomainError(f"{r!r} is not a masked CIDR prefix (e.g. 198.51.100.0/24)") from None
+        out.append(str(net))
+    # The two default routes go together (an exit node), as when advertised.
+    if any(r in EXIT_ROUTES for r in out):
+        out += [r for r in EXIT_ROUTES if r not in out]
+    return out
+
+
+def approve_routes(state: State, ref: str, routes: tuple[str, ...]) -> list[ev.Event]:
+    n = find_node(state, ref)
+    if not routes:
+        raise DomainError("name at least one route to approve")
+    want = tuple(sorted(set(n.approved_routes) | set(_prefixes(routes))))
+    return [] if want == tuple(sorted(n.approved_routes)) else [ev.NodeRoutesApproved(n.id, want)]
+
+
+def unapprove_routes(state: State, ref: str, routes: tuple[str, ...]) -> list[ev.Event]:
+    n = find_node(state, ref)
+    if not routes:
+        raise DomainError("name at least one route to unapprove")
+    drop = set(_prefixes(routes))
+    want = tuple(sorted(r for r in n.approved_routes if r not in drop))
+    return [] if want == tuple(sorted(n.approved_routes)) else [ev.NodeRoutesApproved(n.id, want)]
+
+
+def auto_approve(state: State, node_ids: Iterable[int], allowed: RouteCheck) -> list[ev.Event]:
+    """Approvals the policy grants to advertised routes not yet approved. autoApprovers only ever add: an approval
+    stays until an admin takes it back (as in Tailscale), and a route an admin unapproves is approved again the next
+    time it is evaluated (advertisement, tags, policy) while the policy still grants it."""
+    out: list[ev.Event] = []
+    for nid in sorted(set(node_ids)):
+        n = state.nodes.get(nid)
+        if n is None or not n.routes:
+            continue
+        have = set(n.approved_routes)
+        add = {r for r in n.routes if r not in have and allowed(n, r)}
+        if add:
+            out.append(ev.NodeRoutesApproved(nid, tuple(sorted(have | add))))
+    return out
 
 
 def expire_node(state: State, ref: str, now: float) -> list[ev.Event]:

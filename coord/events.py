@@ -204,6 +204,16 @@ class NodeHostinfoChanged(Event):
 
 
 @dataclass(frozen=True)
+class NodeRoutesApproved(Event):
+    """The routes approved for a node (by an admin, or by the policy's autoApprovers: see the actor), as the whole
+    set after the change. A route counts (filters, peers, primary election) only while it is also advertised in
+    the node's Hostinfo.RoutableIPs."""
+
+    node_id: int
+    routes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class NodeTagged(Event):
     node_id: int
     tags: tuple[str, ...]
@@ -332,6 +342,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         NodeRenamed,
         NodeHostinfoChanged,
         NodeTagged,
+        NodeRoutesApproved,
         NodeKeyExpirySet,
         NodeExpired,
         NodeLoggedOut,

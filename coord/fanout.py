@@ -21,6 +21,7 @@ from coord.netmap import Builder, Visibility
 
 MAX_PENDING = 64
 KEEPALIVE = b'{"KeepAlive":true}'
+ROUTER_KEEPALIVE = 1.0
 
 
 class Netmaps(Protocol):
@@ -60,6 +61,9 @@ class Fanout:
     netmaps: Netmaps
     batch_delay: float
     keepalive: float
+    # Subnet routers get keep-alives this often, so a router whose link is cut stops acknowledging within seconds and
+    # the server's TCP user timeout (coord/serve.py) ends its stream: the failover then follows (docs/routes.md).
+    router_keepalive: float = ROUTER_KEEPALIVE
     sessions: dict[int, Session] = field(default_factory=dict)
     _pending: Change = field(default_factory=Change)
     _flush_at: float | None = None
@@ -153,11 +157,15 @@ class Fanout:
                 return body_or_none
         if s.idle_since is None:
             s.idle_since = now
-        elif now >= s.idle_since + self.keepalive:
+        elif now >= s.idle_since + self._keepalive(s):
             s.idle_since = None
             return KEEPALIVE
         return None
 
+    def _keepalive(self, s: Session) -> float:
+        n = self.netmaps.builder.state.nodes.get(s.node_id)
+        return min(self.keepalive, self.router_keepalive) if n is not None and n.served_routes else self.keepalive
+
     def session_timer(self, s: Session) -> float | None:
         """When the stream's keep-alive is due (it must call ``next_frame`` then), or None while it is sending."""
-        return None if s.idle_since is None else s.idle_since + self.keepalive
+        return None if s.idle_since is None else s.idle_since + self._keepalive(s)

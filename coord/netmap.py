@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from coord import dns
 from coord.change import Change
 from coord.events import rfc3339
-from coord.state import Node, State
+from coord.state import EXIT_ROUTES, Node, State
 from coord.wire import FILTER_ALLOW_ALL
 
 
@@ -59,6 +59,11 @@ class Settings:
 
 def node_record(n: Node, domain: str) -> dict[str, Any]:
     addrs = [f"{n.ipv4}/32", f"{n.ipv6}/128"]
+    # A subnet route reaches peers only from its elected primary; approved exit routes from every exit node (a
+    # client picks one). Either way only approved, advertised routes (see State).
+    allowed = addrs + list(n.primary_routes)
+    if n.exit_node:
+        allowed += list(EXIT_ROUTES)
     return {
         "ID": n.id,
         "StableID": f"n{n.id}",
@@ -69,7 +74,8 @@ def node_record(n: Node, domain: str) -> dict[str, Any]:
         "Machine": n.machine_key,
         "DiscoKey": n.disco_key,
         "Addresses": addrs,
-        "AllowedIPs": addrs,
+        "AllowedIPs": allowed,
+        "PrimaryRoutes": list(n.primary_routes),
         "Endpoints": list(n.endpoints),
         "HomeDERP": n.home_derp,
         "Online": n.online,

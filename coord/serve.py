@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from coord.lock import ServerLock
 from derp.embed import derp_http_protocol
 
 log = logging.getLogger("shoal.server")
+STREAM_USER_TIMEOUT = 6.0  # seconds
 
 
 class QuietServer(uvicorn.Server):
@@ -54,7 +56,13 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(public.serve()), asyncio.create_task(admin_srv.serve(sockets=[admin_sock]))]
+    # Bound here to set TCP_USER_TIMEOUT, which accepted connections inherit: a map stream whose data goes
+    # unacknowledged that long (a cut link: routers get keep-alives every second, coord/fanout.py) is ended by the
+    # kernel, so the node goes offline in seconds, not after TCP's retransmissions (~15 min).
+    public_sock = public.config.bind_socket()
+    public_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(STREAM_USER_TIMEOUT * 1000))
+    tasks = [asyncio.create_task(public.serve(sockets=[public_sock])),
+             asyncio.create_task(admin_srv.serve(sockets=[admin_sock]))]
     while not (public.started and admin_srv.started):
         if any(t.done() for t in tasks):
             break

@@ -24,7 +24,7 @@ from coord.authkey import hash_secret, key_text
 from coord.change import Change
 from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
-from coord.state import State, User, apply
+from coord.state import EXIT_ROUTES, Node, State, User, apply
 from coord.store import Filter, Store, load_state
 from coord.wire.schema import parse_time
 
@@ -117,16 +117,24 @@ class Service:
         # a point in time is a prefix of the log (`--at`).
         time_text = max(ev.rfc3339(self.clock()), self.state.last_time)
         seq, prev = self.state.last_seq, self.state.last_hash
-        records = []
-        for e in events:
-            seq += 1
-            r = ev.seal_record(prev, seq, time_text, str(actor), e)
-            records.append(r)
-            prev = r.hash
-        change = Change()
         ts = parse_time(time_text)  # the stored time, to the microsecond: a replay must fold the same values
-        for r in records:
-            change.merge(apply(self.state, r.event, ts))
+        records: list[ev.Record] = []
+        change = Change()
+        batch, who = events, str(actor)
+        while batch:
+            sealed = []
+            for e in batch:
+                seq += 1
+                r = ev.seal_record(prev, seq, time_text, who, e)
+                sealed.append(r)
+                prev = r.hash
+            for r in sealed:
+                change.merge(apply(self.state, r.event, ts))
+                if isinstance(r.event, ev.PolicySet):
+                    self._parse_policy()
+            records += sealed
+            # autoApprovers follow at once, in the same transaction, as the system's decision on the new state.
+            batch, who = self._auto_approvals(sealed), str(Actor.SYSTEM)
         self.state.last_seq, self.state.last_hash, self.state.last_time = seq, prev, time_text
         # The policy and the visibility engine follow the fold at once: the next command decides on them.
         if change.policy:
@@ -194,13 +202,41 @@ class Service:
         self.builder = Builder(self.state, self.settings)
         self.policy_changed()
 
-    def policy_changed(self) -> None:
+    def _parse_policy(self) -> None:
         text = self.state.policy_text
         # Only a policy that passed `policy set` is in the log, so it parses; a failure here is a bug, not input.
         self._policy = policy.parse(text, "current policy") if text is not None else None
+
+    def policy_changed(self) -> None:
+        self._parse_policy()
         self._visibility = (
             AllowAll(self.state) if self._policy is None else access.PolicyVisibility(self.state, self._policy)
         )
+
+    def _auto_approvals(self, records: list[ev.Record]) -> list[ev.Event]:
+        """autoApprovers, evaluated for the nodes these events may give new approvals: registration, a new
+        advertisement, tags or owner changed, or a new policy (every router)."""
+        if self._policy is None:
+            return []
+        nodes: set[int] = set()
+        for r in records:
+            e = r.event
+            if isinstance(e, (ev.NodeRegistered, ev.NodeReauthenticated, ev.NodeHostinfoChanged, ev.NodeTagged)):
+                nodes.add(e.node_id)
+            elif isinstance(e, ev.PolicySet):
+                nodes |= {n.id for n in self.state.nodes.values() if n.routes}
+            elif isinstance(e, ev.UserRenamed):
+                nodes |= {n.id for n in self.state.nodes.values() if n.routes and n.user_id == e.user_id}
+        return decide.auto_approve(self.state, nodes, self._route_allowed) if nodes else []
+
+    def _route_allowed(self, n: Node, route: str) -> bool:
+        if self._policy is None:
+            return False
+        u = self.state.users.get(n.user_id) if n.user_id is not None and not n.tags else None
+        name = u.name if u else None
+        if route in EXIT_ROUTES:
+            return policy.exit_node_approved(self._policy, name, tags=n.tags)
+        return policy.route_approved(self._policy, route, name, tags=n.tags)
 
     def _tag_allowed(self, user: User | None, tag: str) -> bool:
         if self._policy is None or user is None:
@@ -264,6 +300,20 @@ class Service:
         n = decide.find_node(self.state, ref)
         await self.execute(lambda s: decide.set_key_expiry(s, ref, expiry), Actor.ADMIN)
         return views.node(n)
+
+    def list_routes(self) -> list[dict[str, Any]]:
+        return [views.routes(n) for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
+                if n.routes or n.approved_routes]
+
+    async def approve_routes(self, ref: str, routes: tuple[str, ...]) -> dict[str, Any]:
+        n = decide.find_node(self.state, ref)
+        await self.execute(lambda s: decide.approve_routes(s, ref, routes), Actor.ADMIN)
+        return views.routes(n)
+
+    async def unapprove_routes(self, ref: str, routes: tuple[str, ...]) -> dict[str, Any]:
+        n = decide.find_node(self.state, ref)
+        await self.execute(lambda s: decide.unapprove_routes(s, ref, routes), Actor.ADMIN)
+        return views.routes(n)
 
     async def delete_node(self, ref: str) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)

@@ -91,7 +91,10 @@ class Node:
     auth_key_id: int | None = None
     os: str = ""
     name_by_admin: bool = False
-    routes: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()  # advertised (Hostinfo.RoutableIPs)
+    approved_routes: tuple[str, ...] = ()  # approved, advertised or not (NodeRoutesApproved)
+    # The subnet routes this node is the elected primary router for (derived in the fold, see _elect).
+    primary_routes: tuple[str, ...] = ()
     endpoints: tuple[str, ...] = ()
     endpoint_types: tuple[int, ...] = ()
     home_derp: int = 0
@@ -106,6 +109,27 @@ class Node:
     def active(self) -> bool:
         """Shown to peers: neither expired nor logged out."""
         return not (self.expired or self.logged_out)
+
+    @property
+    def served_routes(self) -> tuple[str, ...]:
+        """Routes that count: advertised and approved (a double opt-in), exit routes included."""
+        if not self.routes or not self.approved_routes:
+            return ()
+        approved = set(self.approved_routes)
+        return tuple(r for r in self.routes if r in approved)
+
+    @property
+    def subnet_routes(self) -> tuple[str, ...]:
+        return tuple(r for r in self.served_routes if r not in EXIT_ROUTES)
+
+    @property
+    def exit_node(self) -> bool:
+        """Advertises and is approved for both default routes."""
+        served = self.served_routes
+        return all(r in served for r in EXIT_ROUTES)
+
+
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 
 
 @dataclass
@@ -146,6 +170,41 @@ class State:
 
 def _touch(node: Node) -> None:
     node.version += 1
+
+
+def _elect(state: State, prefixes: set[str]) -> set[int]:
+    """One primary router per subnet prefix among the online, active nodes serving it. Stable: the current primary
+    keeps the prefix while it can serve it; otherwise the lowest node id takes it; with none online, nobody has it.
+    Returns the nodes whose ``primary_routes`` changed (their peer record changed). Only the event's node can add
+    or remove a candidate, so callers pass the prefixes that node serves or is primary for."""
+    changed: set[int] = set()
+    for p in sorted(prefixes):
+        if p in EXIT_ROUTES:
+            continue
+        holders = [n for n in state.nodes.values() if p in n.primary_routes]
+        ok = [n for n in state.nodes.values() if n.online and n.active and p in n.subnet_routes]
+        ok_ids = {n.id for n in ok}
+        keep = next((n for n in holders if n.id in ok_ids), None)
+        new = keep or min(ok, key=lambda n: n.id, default=None)
+        for n in holders:
+            if new is None or n.id != new.id:
+                n.primary_routes = tuple(r for r in n.primary_routes if r != p)
+                _touch(n)
+                changed.add(n.id)
+        if new is not None and p not in new.primary_routes:
+            new.primary_routes = tuple(sorted((*new.primary_routes, p)))
+            _touch(new)
+            changed.add(new.id)
+    return changed
+
+
+def _routing(state: State, n: Node, change: Change) -> Change:
+    """Re-run the election for the prefixes ``n`` serves or holds; routers whose primaries moved are re-sent."""
+    if n.primary_routes or (n.routes and n.approved_routes):
+        moved = _elect(state, set(n.subnet_routes) | set(n.primary_routes))
+        change.peers |= moved
+        change.self_nodes |= moved
+    return change
 
 
 def apply(state: State, event: ev.Event, ts: float) -> Change:
@@ -216,7 +275,7 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 n.auth_key_id = event.auth_key_id
                 state.keys[event.auth_key_id].used_by.append(n.id)
             _touch(n)
-            return Change(peers={n.id}, self_nodes={n.id}, visibility={n.id}, close={n.id})
+            return _routing(state, n, Change(peers={n.id}, self_nodes={n.id}, visibility={n.id}, close={n.id}))
         case ev.NodeRenamed(node_id=nid, given_name=name, by_admin=by_admin):
             n = state.nodes[nid]
             state.by_given_name.pop(n.given_name, None)
@@ -227,9 +286,19 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             return Change(peers={nid}, self_nodes={nid})
         case ev.NodeHostinfoChanged(node_id=nid):
             n = state.nodes[nid]
+            old = n.served_routes
             n.hostname, n.os, n.routes = event.hostname, event.os, tuple(event.routes)
             _touch(n)
-            return Change(peers={nid}, self_nodes={nid})
+            out = Change(peers={nid}, self_nodes={nid})
+            # Served routes reach filters and peer sets (the policy engine); re-elect for the old ones too.
+            if old != n.served_routes:
+                out.visibility.add(nid)
+            return _routing(state, n, out)
+        case ev.NodeRoutesApproved(node_id=nid, routes=routes):
+            n = state.nodes[nid]
+            n.approved_routes = tuple(routes)
+            _touch(n)
+            return _routing(state, n, Change(peers={nid}, self_nodes={nid}, visibility={nid}))
         case ev.NodeTagged(node_id=nid, tags=tags):
             n = state.nodes[nid]
             n.tags = tuple(tags)
@@ -246,13 +315,13 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             n = state.nodes[nid]
             n.expired = True
             _touch(n)
-            return Change(removed={nid}, self_nodes={nid}, visibility={nid})
+            return _routing(state, n, Change(removed={nid}, self_nodes={nid}, visibility={nid}))
         case ev.NodeLoggedOut(node_id=nid):
             n = state.nodes[nid]
             n.logged_out = True
             n.online = False
             _touch(n)
-            return Change(removed={nid}, close={nid})
+            return _routing(state, n, Change(removed={nid}, close={nid}))
         case ev.NodeDeleted(node_id=nid):
             n = state.nodes.pop(nid)
             state.by_machine.pop(n.machine_key, None)
@@ -260,7 +329,12 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             if state.by_given_name.get(n.given_name) == nid:
                 del state.by_given_name[n.given_name]
             state.used_ipv4.discard(n.ipv4)
-            return Change(removed={nid}, close={nid})
+            out = Change(removed={nid}, close={nid})
+            if n.primary_routes:
+                moved = _elect(state, set(n.primary_routes))
+                out.peers |= moved
+                out.self_nodes |= moved
+            return out
         case ev.NodeEndpointsChanged(node_id=nid):
             n = state.nodes[nid]
             n.endpoints, n.endpoint_types = tuple(event.endpoints), tuple(event.endpoint_types)
@@ -276,12 +350,12 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             n = state.nodes[nid]
             n.online, n.last_seen = True, ts
             _touch(n)
-            return Change(patches={nid})
+            return _routing(state, n, Change(patches={nid}))
         case ev.NodeDisconnected(node_id=nid):
             n = state.nodes[nid]
             n.online, n.last_seen = False, ts
             _touch(n)
-            return Change(patches={nid})
+            return _routing(state, n, Change(patches={nid}))
         case ev.PolicySet(text=text, sha256=sha):
             state.policy_text, state.policy_sha256 = (text or None), (sha or None)
             return Change(policy=True)

@@ -61,6 +61,20 @@ def node(n: Node) -> dict[str, Any]:
     }
 
 
+def routes(n: Node) -> dict[str, Any]:
+    """A router's routes: advertised (offered), approved, served (both) and those it is primary for."""
+    return {
+        "id": n.id,
+        "name": n.given_name,
+        "online": n.online,
+        "advertised": list(n.routes),
+        "approved": list(n.approved_routes),
+        "served": list(n.served_routes),
+        "primary": list(n.primary_routes),
+        "exit_node": n.exit_node,
+    }
+
+
 def node_with_user(state: State, n: Node) -> dict[str, Any]:
     d = node(n)
     u = state.users.get(n.user_id) if n.user_id is not None else None

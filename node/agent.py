@@ -85,6 +85,7 @@ class AgentConfig:
     dns: bool = False  # run quad-100 (shoald turns it on; unit tests do not)
     dns_port: int = 53
     resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
+    sysctl_dir: Path = Path("/proc/sys")  # where IP forwarding is read (per network namespace)
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -192,16 +193,19 @@ class Agent:
 
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
                  advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
-                 ca_file: str | None = None, accept_dns: bool | None = None) -> dict[str, Any]:
+                 ca_file: str | None = None, accept_dns: bool | None = None,
+                 routing: login.RouteFlags = login.RouteFlags()) -> dict[str, Any]:
         async with self._op_lock:
             return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file,
-                                  accept_dns)
+                                  accept_dns, routing)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float, server_key: str = "",
-                  ca_file: str | None = None, accept_dns: bool | None = None) -> dict[str, Any]:
+                  ca_file: str | None = None, accept_dns: bool | None = None,
+                  routing: login.RouteFlags = login.RouteFlags()) -> dict[str, Any]:
         try:
-            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file)
+            prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file,
+                                   routing)
         except login.UpRefused as e:
             raise AgentError(e.status, str(e)) from None
         if accept_dns is not None:
@@ -305,6 +309,10 @@ class Agent:
         now = self.clock()
         health = status_doc.health(self.login, want_running=self.prefs.want_running, connected=self.connected,
                                    last_error=self.last_error, os_errors=self.os_errors, kept_out=self.kept_out)
+        if self.prefs.want_running:
+            warn = compile.forwarding_warning(self.prefs.routable_ips(), self._sysctl("net/ipv4/ip_forward"),
+                                              self._sysctl("net/ipv6/conf/all/forwarding"))
+            health += [warn] if warn else []
         peers = (status_doc.peer_rows(self.netmap, dev, self._observer(), now)
                  if self.prefs.want_running else [])
         return status_doc.document(
@@ -314,6 +322,12 @@ class Agent:
             endpoints=self.endpoints, peers=peers,
             magic=self.magicsock.status() if self.magicsock is not None else None,
         )
+
+    def _sysctl(self, name: str) -> str | None:
+        try:
+            return (self.cfg.sysctl_dir / name).read_text()
+        except OSError:
+            return None
 
     async def _engine_snapshot(self) -> DeviceState | None:
         rec = self.reconciler
@@ -407,7 +421,8 @@ class Agent:
 
     def _hostinfo(self, prefs: Prefs | None = None) -> wire.Hostinfo:
         prefs = prefs or self.prefs
-        return wire.Hostinfo(hostname=self._hostname(prefs), os="linux", request_tags=tuple(prefs.advertise_tags))
+        return wire.Hostinfo(hostname=self._hostname(prefs), os="linux", request_tags=tuple(prefs.advertise_tags),
+                             routable_ips=prefs.routable_ips())
 
     def _register_request(self, auth_key: str = "", followup: str = "", old_key: bytes | None = None,
                           expiry: float | None = None, node_key: PrivateKey | None = None,
@@ -606,12 +621,15 @@ class Agent:
             if first and ms.urls:
                 await ms.wait_home(DERP_FIRST_WAIT)
         try:
-            script, script_error = compile.filter_script(nm, self.cfg.iface), ""
+            prefs = self.prefs
+            snat = bool(prefs.routable_ips()) and prefs.snat_subnet_routes
+            script, script_error = compile.filter_script(nm, self.cfg.iface, snat=snat), ""
         except nft.RenderError as e:
             script, script_error = None, str(e)
         want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
-                       routes=compile.route_config(nm, self.cfg.iface, dns=self.cfg.dns),
-                       wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive),
+                       routes=compile.route_config(nm, self.cfg.iface, self.prefs.accept_routes, dns=self.cfg.dns),
+                       wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive,
+                                            self.prefs.accept_routes),
                        filter_error=script_error)
         loop = asyncio.get_running_loop()
         out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))

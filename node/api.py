@@ -2,6 +2,8 @@
 
     GET  /status                    -> Status (below)
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
+                   "advertise_routes"?: [cidr], "advertise_exit_node"?: bool, "accept_routes"?: bool,
+                   "snat_subnet_routes"?: bool,
                    "server_key"?: "mkey:<64 hex>", "ca_file"?: path, "wait"?: seconds}
                   -> Status once the first netmap is applied (or a login URL is known)
     POST /down    {}                -> Status
@@ -17,11 +19,13 @@
 
 Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL", "LoginServer", "Connected",
 "KeyExpired", "Engine", "Interface", "Port", "Health": [str], "MagicDNSSuffix",
-"Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online},
+"Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online, AdvertisedRoutes, PrimaryRoutes,
+ExitNodeApproved, AcceptRoutes},
 "Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
-TxBytes, InEngine, Path "direct"|"derp"|"unconfirmed"|"connecting"|"stale"|"none" (node/status.py: direct only
-with the confirmed direct address and a handshake within 180 s), PathText (the CLI's words), and with NAT
-traversal: Confirmed, DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}],
+TxBytes, InEngine, PrimaryRoutes, RoutesInUse (in WireGuard now),
+Path "direct"|"derp"|"unconfirmed"|"connecting"|"stale"|"none" (node/status.py: direct only with the
+confirmed direct address and a handshake within 180 s), PathText (the CLI's words), and with NAT traversal:
+Confirmed, DERPRegion, PeerHomeDERP, Best, BestLatency, Trusted, Active, Chosen}],
 "Magic": {HomeDERP, DERPConnected, RawReceived (packets the raw socket gave Python), DiscoReceived, DiscoDrops,
 Netcheck, ...} | null}.
 
@@ -42,12 +46,15 @@ from starlette.routing import Route
 
 from node.agent import Agent, AgentError
 from node.errors import LocalError
+from node.login import RouteFlags
 
 MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
-    "server_key": str, "ca_file": str, "accept_dns": bool,
+    "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
+    "accept_routes": bool, "snat_subnet_routes": bool,
 }
+BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes"}
 
 
 class BadRequest(LocalError):
@@ -77,12 +84,15 @@ def _up_args(data: dict[str, Any]) -> dict[str, Any]:
         want = UP_FIELDS.get(k)
         if want is None:
             raise BadRequest(f"unknown field {k!r}")
-        if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
+        if not isinstance(v, want) or (isinstance(v, bool) and k not in BOOL_FIELDS):
             raise BadRequest(f"{k}: wrong type")
         out[k] = v
     tags = out.get("advertise_tags")
     if tags is not None and not all(isinstance(t, str) and t.startswith("tag:") for t in tags):
         raise BadRequest("advertise_tags: expected a list of tag:name strings")
+    routes = out.get("advertise_routes")
+    if routes is not None and not all(isinstance(r, str) for r in routes):
+        raise BadRequest("advertise_routes: expected a list of CIDR strings")
     wait = out.get("wait")
     if wait is not None and not 0 <= wait <= 300:
         raise BadRequest("wait: expected 0-300 seconds")
@@ -100,6 +110,8 @@ def create_app(agent: Agent) -> Starlette:
             hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
             wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
             ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
+            routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
+                               args.get("accept_routes"), args.get("snat_subnet_routes")),
         ))
 
     async def down(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """`shoal`: the node CLI. It talks only to shoald's local API (node/api.py) over its Unix socket.
 
     shoal [--socket PATH] up --login-server URL [--auth-key K] [--hostname H] [--advertise-tags tag:a,tag:b]
+          [--advertise-routes CIDR,...] [--advertise-exit-node] [--accept-routes] [--snat-subnet-routes=false]
                              [--server-key mkey:HEX] [--ca-file PEM]
     shoal down | logout
     shoal status [--json]
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pre-auth key (default $SHOAL_AUTH_KEY); without one, a login URL is printed")
     up.add_argument("--hostname", default=None, help="name to register (default: the machine's)")
     up.add_argument("--advertise-tags", default=None, help="comma-separated tag:name list")
+    up.add_argument("--advertise-routes", default=None, metavar="CIDR,...",
+                    help="offer these subnets to the tailnet (they count once approved); '' to stop")
+    up.add_argument("--advertise-exit-node", default=None, action=argparse.BooleanOptionalAction,
+                    help="offer this node as an exit node (0.0.0.0/0 and ::/0)")
+    up.add_argument("--accept-routes", default=None, action=argparse.BooleanOptionalAction,
+                    help="use the subnet routes peers offer (default off)")
+    up.add_argument("--snat-subnet-routes", default=None, type=bool_arg, metavar="true|false",
+                    help="masquerade traffic forwarded to advertised subnets (default true; false keeps the "
+                         "tailnet source address, the LAN must route 100.64.0.0/10 back to this node)")
     up.add_argument("--server-key", default=None, type=server_key_arg,
                     help="the server key to pin, as `shoal-server info` prints it (mkey:<64 hex>); a server "
                          "presenting another is refused. Default: pin the key the server presents first")
@@ -91,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("type", nargs="?", default="A")
     dq.add_argument("--json", action="store_true")
     return p
+
+
+def bool_arg(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def server_key_arg(text: str) -> str:
@@ -137,15 +156,6 @@ def parse_tags(text: str) -> list[str]:
     return tags
 
 
-def bool_arg(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("true", "yes", "1", "on"):
-        return True
-    if t in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def cmd_up(api: Api, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"login_server": args.login_server, "auth_key": args.auth_key}
     if args.accept_dns is not None:
@@ -158,6 +168,11 @@ def cmd_up(api: Api, args: argparse.Namespace) -> int:
         body["hostname"] = args.hostname
     if args.advertise_tags is not None:
         body["advertise_tags"] = parse_tags(args.advertise_tags)
+    if args.advertise_routes is not None:
+        body["advertise_routes"] = [r.strip() for r in args.advertise_routes.split(",") if r.strip()]
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     st = api.call("POST", "/up", body)
     if st["BackendState"] == "NeedsLogin" and st.get("AuthURL"):
         print(f"\nTo authenticate, visit:\n\n\t{st['AuthURL']}\n", flush=True)
@@ -205,15 +220,21 @@ def render_status(st: dict[str, Any], now: float) -> str:
     for h in st.get("Health") or ():
         lines.append(f"# Health: {h}")
     me = st["Self"]
+    offered = me.get("AdvertisedRoutes") or []
+    if offered:
+        primary = me.get("PrimaryRoutes") or []
+        waiting = [r for r in offered if r not in primary and r not in ("0.0.0.0/0", "::/0")]
+        lines.append(f"# Routes: offering {', '.join(offered)}; primary for {', '.join(primary) or '-'}"
+                     + (f"; not approved or standby: {', '.join(waiting)}" if waiting else ""))
     addrs = me.get("Addresses") or ["-"]
     rows = [[addrs[0], " ".join(addrs[1:]), _name(me), "self",
-             "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", ""]]
+             "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", "", ""]]
     for p in st.get("Peers") or ():
         a = p.get("Addresses") or ["-"]
         path = str(p.get("PathText") or "no path")  # the agent's words: direct only when observed
         rows.append([a[0], " ".join(a[1:]), _name(p), "online" if p.get("Online") else "offline",
                      path, f"handshake {_ago(p.get('LastHandshake'), now)}",
-                     f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}"])
+                     f"rx {_bytes(p.get('RxBytes', 0))} tx {_bytes(p.get('TxBytes', 0))}", _routes(p)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -258,6 +279,12 @@ def cmd_dns(api: Api, args: argparse.Namespace) -> int:
         for a in r["Answers"]:
             print(a)
     return 0 if r["Rcode"] in ("NOERROR",) else EXIT_ERROR
+def _routes(p: dict[str, Any]) -> str:
+    primary = p.get("PrimaryRoutes") or []
+    if not primary:
+        return ""
+    used = set(p.get("RoutesInUse") or [])
+    return "routes " + ", ".join(r + ("" if r in used else " (not used)") for r in primary)
 
 
 def find_peer(st: dict[str, Any], name: str) -> dict[str, Any]:

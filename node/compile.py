@@ -109,11 +109,33 @@ def peer_key(peer: wire.Node) -> PublicKey | None:
     return None if peer.key is None else PublicKey(peer.key, "nodekey")
 
 
+def subnet_routes(peer: wire.Node) -> tuple[str, ...]:
+    """The subnet routes to send to ``peer``: those the server made it primary for and put in its AllowedIPs.
+    Never a default route (exit nodes are chosen explicitly) nor anything overlapping the tailnet ranges."""
+    allowed = set(peer.allowed_ips)
+    out = []
+    for n in peer.primary_routes:
+        if n in allowed and n.prefixlen > 0 and not any(n.version == t.version and n.overlaps(t)
+                                                         for t in TAILNET_NETS):
+            out.append(str(n))
+    return tuple(out)
+
+
+def _peer_allowed(peer: wire.Node, accept_routes: bool) -> tuple[str, ...]:
+    """A peer's own tailnet addresses from its AllowedIPs; its subnet routes only with --accept-routes."""
+    own = [str(n) for n in peer.allowed_ips if any(n.version == t.version and n.subnet_of(t)  # type: ignore[arg-type]
+                                                   for t in TAILNET_NETS)]
+    return tuple(own) + (subnet_routes(peer) if accept_routes else ())
+
+
 def wg_config(
-    nm: NetMap, private_key: PrivateKey, port: int, choose: EndpointChooser, keepalive: int = KEEPALIVE
+    nm: NetMap, private_key: PrivateKey, port: int, choose: EndpointChooser, keepalive: int = KEEPALIVE,
+    accept_routes: bool = False,
 ) -> WgConfig:
     """One WireGuard peer per netmap peer with a key: its AllowedIPs, the chosen endpoint, a keepalive.
 
+    AllowedIPs are the peer's tailnet addresses, plus the subnet routes it is primary for when this node accepts
+    routes (`shoal up --accept-routes`): what WireGuard sends to the peer and accepts from it.
     A peer that cannot be used (no key, a key shared with another peer or with us, expired) is left out rather
     than failing the whole map."""
     own = private_key.public().raw
@@ -127,7 +149,7 @@ def wg_config(
             continue
         seen.add(key.raw)
         try:
-            peers.append(WgPeer(key, tuple(str(n) for n in p.allowed_ips), choose(p), keepalive))
+            peers.append(WgPeer(key, _peer_allowed(p, accept_routes), choose(p), keepalive))
         except ConfigError:
             continue
     return WgConfig(private_key, port, tuple(peers))
@@ -140,17 +162,23 @@ def self_addresses(nm: NetMap) -> tuple[str, ...]:
 QUAD100 = ("100.100.100.100/32", "fd7a:115c:a1e0::53/128")
 
 
-def route_config(nm: NetMap, iface: str, dns: bool = False) -> RouteConfig:
-    """The node's tailnet addresses; the tailnet prefixes are always routed through the interface. With
-    `dns`, quad-100's addresses too, host scope (the resolver listens there; never a source address)."""
-    return RouteConfig(iface, self_addresses(nm), host_addresses=QUAD100 if dns else ())
+def route_config(nm: NetMap, iface: str, accept_routes: bool = False, dns: bool = False) -> RouteConfig:
+    """The node's tailnet addresses; the tailnet prefixes are always routed through the interface, and with
+    --accept-routes the subnet routes of its peers (each from the peer that is primary for it). With `dns`,
+    quad-100's addresses too, host scope (the resolver listens there; never a source address)."""
+    routes: list[str] = []
+    if accept_routes:
+        for p in nm.sorted_peers():
+            if not p.expired and p.key is not None:
+                routes += subnet_routes(p)
+    return RouteConfig(iface, self_addresses(nm), tuple(routes), host_addresses=QUAD100 if dns else ())
 
 
 def is_allow_all(rules: Sequence[wire.FilterRule]) -> bool:
     return any(r.allows_all for r in rules)
 
 
-def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE) -> str:
+def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE, snat: bool = False) -> str:
     """The `nft -f -` script for the netmap's PacketFilter.
 
     Allow-all lets every protocol from the tailnet in (not only the four the renderer spells out) in a table
@@ -159,8 +187,8 @@ def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE) -> str:
     script; it raises nft.RenderError."""
     rules = nm.packet_filter or ()
     if is_allow_all(rules):
-        return nft.render_allow_all(iface, self_addresses(nm), table=table)
-    return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table)
+        return nft.render_allow_all(iface, self_addresses(nm), table=table, snat=snat)
+    return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table, snat=snat)
 
 
 def closed_filter_script(iface: str, table: str = FILTER_TABLE) -> str:
@@ -184,6 +212,22 @@ def self_expired(nm: NetMap, now: float) -> bool:
     return node.key_expiry is not None and now >= node.key_expiry.timestamp()
 
 
+
+
+def forwarding_warning(prefs_routes: Sequence[str], ipv4: str | None, ipv6: str | None) -> str:
+    """A health message when this node offers routes the kernel will not forward (Tailscale's
+    warn-ip-forwarding-off). ``ipv4``/``ipv6``: the contents of /proc/sys/net/ipv4/ip_forward and
+    /proc/sys/net/ipv6/conf/all/forwarding (None when unreadable)."""
+    fams = {ipaddress.ip_network(r, strict=False).version for r in prefs_routes}
+    off = []
+    if 4 in fams and (ipv4 or "").strip() != "1":
+        off.append("net.ipv4.ip_forward")
+    if 6 in fams and (ipv6 or "").strip() != "1":
+        off.append("net.ipv6.conf.all.forwarding")
+    if not off:
+        return ""
+    return (f"IP forwarding is off ({', '.join(off)} is not 1): the routes this node advertises will not work; "
+            f"enable it with sysctl -w {'=1 '.join(off)}=1")
 
 
 # --- back-off -------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ answer means for what the agent does next.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -116,8 +117,35 @@ class UpRefused(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class RouteFlags:
+    """`shoal up`'s routing flags; None keeps what the prefs hold."""
+
+    advertise_routes: list[str] | None = None
+    advertise_exit_node: bool | None = None
+    accept_routes: bool | None = None
+    snat_subnet_routes: bool | None = None
+
+
+def parse_routes(texts: list[str]) -> list[str]:
+    """--advertise-routes: masked prefixes (as Tailscale: 10.0.0.1/24 is refused, not silently masked); the
+    default routes only through --advertise-exit-node."""
+    out: list[str] = []
+    for t in texts:
+        try:
+            net = ipaddress.ip_network(t.strip(), strict=True)
+        except ValueError:
+            msg = f"--advertise-routes: {t!r} is not a masked CIDR prefix (e.g. 198.51.100.0/24)"
+            raise UpRefused(400, msg) from None
+        if net.prefixlen == 0:
+            raise UpRefused(400, f"--advertise-routes: {t}: use --advertise-exit-node to offer the default routes")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
 def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[str] | None,
-             server_key: str = "", ca_file: str | None = None) -> Prefs:
+             server_key: str = "", ca_file: str | None = None, routing: RouteFlags = RouteFlags()) -> Prefs:
     """The prefs a `shoal up` would leave, checked. A copy: nothing is kept until the server has answered."""
     server = (login_server or prefs.login_server).rstrip("/")
     if not server:
@@ -146,4 +174,11 @@ def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[s
         out.hostname = hostname
     if tags is not None:
         out.advertise_tags = list(tags)
+    out.advertise_routes = list(prefs.advertise_routes)
+    if routing.advertise_routes is not None:
+        out.advertise_routes = parse_routes(routing.advertise_routes)
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes"):
+        v = getattr(routing, name)
+        if v is not None:
+            setattr(out, name, v)
     return out

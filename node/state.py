@@ -11,7 +11,11 @@ Files (mode 0600, written atomically with node.keys.write_private):
      "ca_file": "/etc/ssl/shoal-ca.pem" | "",     # CA bundle for an https server ("" = the system store)
      "want_running": true,                        # false after `shoal down`; restored at start
      "logged_out": false,                         # true after `shoal logout`
-     "hostname": "", "advertise_tags": ["tag:x"]}
+     "hostname": "", "advertise_tags": ["tag:x"],
+     "advertise_routes": ["198.51.100.0/24"],     # subnet routes offered (Hostinfo.RoutableIPs)
+     "advertise_exit_node": false,                # offer 0.0.0.0/0 and ::/0 too
+     "accept_routes": false,                      # install peers' approved subnet routes
+     "snat_subnet_routes": true}                  # masquerade traffic forwarded to advertised subnets
 
 ``netmap.json``: the last netmap (``node.mapsession.NetMap.to_json()``, a full MapResponse), so a restart while
 the server is down brings the tunnels back. It holds no secrets but is 0600 all the same (it lists the tailnet).
@@ -46,6 +50,15 @@ class Prefs:
     hostname: str = ""
     advertise_tags: list[str] = field(default_factory=list)
     accept_dns: bool = True  # MagicDNS may point the OS at quad-100 (`shoal up --accept-dns=false`: never)
+    advertise_routes: list[str] = field(default_factory=list)
+    advertise_exit_node: bool = False
+    accept_routes: bool = False
+    snat_subnet_routes: bool = True
+
+    def routable_ips(self) -> tuple[str, ...]:
+        """What Hostinfo.RoutableIPs offers: the subnet routes, and both default routes for an exit node."""
+        exit_routes = ("0.0.0.0/0", "::/0") if self.advertise_exit_node else ()
+        return tuple(dict.fromkeys([*self.advertise_routes, *exit_routes]))
 
     def server_key_raw(self) -> bytes | None:
         return wire.parse_key(self.server_key, "mkey", "server_key") if self.server_key else None
@@ -54,7 +67,8 @@ class Prefs:
     def from_json(cls, data: dict[str, Any]) -> Prefs:
         out = cls()
         for name, kind in (("login_server", str), ("server_key", str), ("ca_file", str), ("want_running", bool),
-                           ("logged_out", bool), ("hostname", str), ("accept_dns", bool)):
+                           ("logged_out", bool), ("hostname", str), ("accept_dns", bool), ("advertise_exit_node", bool),
+                           ("accept_routes", bool), ("snat_subnet_routes", bool)):
             if name in data:
                 if not isinstance(data[name], kind):
                     raise ValueError(f"{name}: expected {kind.__name__}")
@@ -63,6 +77,10 @@ class Prefs:
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError("advertise_tags: expected a list of strings")
         out.advertise_tags = list(tags)
+        routes = data.get("advertise_routes", [])
+        if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+            raise ValueError("advertise_routes: expected a list of strings")
+        out.advertise_routes = list(routes)
         if out.server_key:
             try:
                 out.server_key_raw()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coord import wire
-from node.compile import peer_key
+from node.compile import peer_key, subnet_routes
 from node.login import Login, State
 from node.mapsession import NetMap
 from node.netcheck import Region, Report
@@ -101,6 +101,10 @@ def peer_row(p: wire.Node, dev: DeviceState | None, observe: Observer, now: floa
         "RxBytes": st.rx_bytes if st is not None else 0,
         "TxBytes": st.tx_bytes if st is not None else 0,
         "InEngine": st is not None,
+        # Subnet routes the server made this peer primary for, and those WireGuard sends to it now (observed in
+        # the engine: only with --accept-routes).
+        "PrimaryRoutes": [str(n) for n in p.primary_routes],
+        "RoutesInUse": [r for r in subnet_routes(p) if st is not None and r in st.allowed_ips],
     }
     if view is not None:
         row["DERPRegion"] = view.region if kind is PathKind.DERP else None
@@ -156,6 +160,11 @@ def document(*, login: Login, prefs: Prefs, connected: bool, health: Sequence[st
             "KeyExpiry": wire.time_json(node.key_expiry) if node is not None else None,
             "Endpoints": list(endpoints),
             "Online": connected,
+            # Offered by us (prefs); approved and elected primary by the server (its map says so).
+            "AdvertisedRoutes": list(prefs.routable_ips()),
+            "PrimaryRoutes": [str(n) for n in node.primary_routes] if node is not None else [],
+            "ExitNodeApproved": node is not None and any(n.prefixlen == 0 for n in node.allowed_ips),
+            "AcceptRoutes": prefs.accept_routes,
         },
         "Peers": peers,
         "Magic": magic,

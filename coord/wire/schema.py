@@ -26,10 +26,12 @@ MapResponse: ``Node`` (self), ``Peers`` (full list, sorted by ID), ``PeersChange
 are then ignored). ``PacketFilter`` present and empty blocks all. Node/mapsession.py applies them.
 
 Node object: ``ID, StableID, Name (FQDN with trailing dot), User (null for tagged nodes), Key, KeyExpiry (null =
-never), Machine, DiscoKey ("" = none), Addresses, AllowedIPs, Endpoints, HomeDERP, Online, LastSeen, Tags,
-Hostinfo{Hostname, OS, RoutableIPs}, Created, Expired``, and ``MachineAuthorized`` on the self node. Times are
-RFC 3339 UTC with microseconds. Routes a node advertises travel in ``Hostinfo.RoutableIPs``; no
-``PrimaryRoutes`` field is sent yet.
+never), Machine, DiscoKey ("" = none), Addresses, AllowedIPs, PrimaryRoutes, Endpoints, HomeDERP, Online,
+LastSeen, Tags, Hostinfo{Hostname, OS, RoutableIPs}, Created, Expired``, and ``MachineAuthorized`` on the self
+node. Times are RFC 3339 UTC with microseconds. Routes a node advertises travel in ``Hostinfo.RoutableIPs``
+(masked CIDR prefixes; anything else is refused); they count once approved. ``PrimaryRoutes`` are the subnet
+routes the node is the elected router for, and ``AllowedIPs`` is its addresses plus those, plus 0.0.0.0/0 and ::/0
+for an approved exit node.
 
 FilterRule: ``{SrcIPs: [cidr|"*"|"a-b"], DstPorts: [{IP: cidr|"*", Ports: {First, Last}}], IPProto?: [int]}``
 for traffic arriving at the node. The renderer (node/render/nft.py) checks the addresses again before any of
@@ -316,6 +318,19 @@ def _network(v: object, where: str) -> IPNetwork:
         raise WireError(f"{where}: {v[:60]!r} is not a CIDR prefix") from None
 
 
+def _routes(texts: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """Advertised routes: masked prefixes (10.0.0.0/24, not 10.0.0.1/24), in canonical text, without repeats."""
+    out: list[str] = []
+    for i, t in enumerate(texts):
+        try:
+            net = ipaddress.ip_network(t, strict=True)
+        except ValueError:
+            raise WireError(f"{where}[{i}]: {t[:60]!r} is not a masked CIDR prefix") from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
 # --- requests ---------------------------------------------------------------------------------------------
 
 
@@ -336,7 +351,8 @@ class Hostinfo:
             hostname=_opt_str(v, "Hostname", MAX_HOSTNAME, "Hostinfo"),
             os=_opt_str(v, "OS", MAX_OS, "Hostinfo"),
             request_tags=_str_list(v, "RequestTags", MAX_TAGS, MAX_TAG, "Hostinfo"),
-            routable_ips=_str_list(v, "RoutableIPs", MAX_ROUTES, MAX_ROUTE, "Hostinfo"),
+            routable_ips=_routes(_str_list(v, "RoutableIPs", MAX_ROUTES, MAX_ROUTE, "Hostinfo"),
+                                 "Hostinfo.RoutableIPs"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -815,6 +831,7 @@ class Node:
     disco_key: bytes | None = None
     addresses: tuple[IPInterface, ...] = ()
     allowed_ips: tuple[IPNetwork, ...] = ()
+    primary_routes: tuple[IPNetwork, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     home_derp: int = 0
     online: bool = False
@@ -848,6 +865,7 @@ class Node:
             disco_key=parse_opt_key(d.get("DiscoKey"), "discokey", f"{where}.DiscoKey"),
             addresses=_items(d.get("Addresses"), f"{where}.Addresses", _interface, problems),
             allowed_ips=_items(d.get("AllowedIPs"), f"{where}.AllowedIPs", _network, problems),
+            primary_routes=_items(d.get("PrimaryRoutes"), f"{where}.PrimaryRoutes", _network, problems),
             endpoints=_items(d.get("Endpoints"), f"{where}.Endpoints", _endpoint, problems),
             home_derp=_int(d.get("HomeDERP") or 0, f"{where}.HomeDERP", 0, 65535),
             online=_bool(d.get("Online"), f"{where}.Online"),
@@ -872,6 +890,7 @@ class Node:
             "DiscoKey": _key_json("discokey", self.disco_key),
             "Addresses": [str(a) for a in self.addresses],
             "AllowedIPs": [str(a) for a in self.allowed_ips],
+            "PrimaryRoutes": [str(a) for a in self.primary_routes],
             "Endpoints": [str(e) for e in self.endpoints],
             "HomeDERP": self.home_derp,
             "Online": self.online,

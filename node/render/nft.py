@@ -35,10 +35,21 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
       }
     }
 
+A subnet router that masquerades (`snat`, `shoal up --advertise-routes`, the default) adds, in the forward chain
+before the jump, `iifname "tail0" oifname != "tail0" meta mark set meta mark & 0xff00ffff | 0x00040000`, and
+
+      chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        meta mark & 0x00ff0000 == 0x00040000 masquerade
+      }
+
+Forwarded traffic from the tailnet goes through `from_tailnet` like traffic to the node itself: the policy's
+rules for the router name the subnet as a destination, so only what the policy allows is forwarded.
+
 The two `spoofed` rules and the two quad-100 drops are in every table we render, whatever the policy (an
-allow-all one included, `render_allow_all`): identity is by address (the policy here; later SSH, `whois`),
-so a tailnet source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key.
-Loopback is exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
+allow-all one included, `render_allow_all`): identity is by address (the policy here; later SSH, `whois`), so a tailnet
+source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it to a peer's key. Loopback is
+exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
 dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
 
 The agent applies it with `nft -f -` (`NftApplier`); the same input always renders the same text, so
@@ -66,6 +77,10 @@ IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
 TABLE = "shoal_filter"
 TAILNET_SOURCES = (("ip", "100.64.0.0/10"), ("ip6", "fd7a:115c:a1e0::/48"))
 QUAD100 = (("ip", "100.100.100.100"), ("ip6", "fd7a:115c:a1e0::53"))
+# Tailscale's subnet-route mark (PROTOCOLS.md 6) in its byte of the mark; the other bits are kept.
+SUBNET_MARK = "0x00040000"
+MARK_MASK = "0x00ff0000"
+MARK_KEEP = "0xff00ffff"
 
 
 class RenderError(RemoteError, ValueError):
@@ -176,6 +191,7 @@ def render(
     iface: str,
     own_addresses: Iterable[str] = (),
     table: str = TABLE,
+    snat: bool = False,
 ) -> str:
     """The nft script; raises RenderError (and nothing else) for malformed rules, addresses or names."""
     _check_names(table, iface)
@@ -184,13 +200,13 @@ def render(
     body: list[str] = []
     for i, rule in enumerate(rules):
         body.extend(_rule_lines(rule, f"rule {i}"))
-    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"])
+    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"], snat)
 
 
-def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE) -> str:
+def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE, snat: bool = False) -> str:
     """An allow-all policy: every protocol from the tailnet passes, the always-on rules stay."""
     _check_names(table, iface)
-    return _table(table, iface, own_addresses, ["accept"])
+    return _table(table, iface, own_addresses, ["accept"], snat)
 
 
 def delete_script(table: str = TABLE) -> str:
@@ -205,7 +221,7 @@ def _check_names(table: str, iface: str) -> None:
         raise RenderError(f"bad interface name {iface!r}")
 
 
-def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str]) -> str:
+def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str], snat: bool = False) -> str:
     self4: list[str] = []
     self6: list[str] = []
     for a in own_addresses:
@@ -225,12 +241,23 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
             kind = "ipv4_addr" if fam == "4" else "ipv6_addr"
             out.append(f"\tset self{fam} {{ type {kind}; elements = {{ {', '.join(addrs)} }} }}")
     for chain, hook in (("input", "input"), ("forward", "forward")):
+        # Traffic a subnet router forwards from the tailnet is marked, so postrouting (where the input interface
+        # is no longer known) masquerades exactly that traffic.
+        mark = [f'\t\tiifname "{iface}" oifname != "{iface}" meta mark set meta mark & {MARK_KEEP} | {SUBNET_MARK}']
         out += [
             f"\tchain {chain} {{",
             f"\t\ttype filter hook {hook} priority filter; policy accept;",
             *(f'\t\tiifname != {{ "lo", "{iface}" }} {kw} saddr {net} counter name spoofed drop'
               for kw, net in TAILNET_SOURCES),
+            *(mark if snat and chain == "forward" else []),
             f'\t\tiifname "{iface}" jump from_tailnet',
+            "\t}",
+        ]
+    if snat:
+        out += [
+            "\tchain postrouting {",
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+            f"\t\tmeta mark & {MARK_MASK} == {SUBNET_MARK} masquerade",
             "\t}",
         ]
     # quad-100 serves this node only, whatever the policy: no peer may use it as a forwarder or list names

@@ -2,10 +2,10 @@
 
 Every byte a command needs (machine, node and disco keys) is drawn by hypothesis, so a failing example replays
 exactly. The language covers what the log must fold and project: users created, renamed and deleted; keys; nodes
-registered (with advertised routes), re-authenticated, renamed, tagged, updated (endpoints with their types, home
-relay, hostinfo with routes, disco keys), connected, disconnected, expired, logged out, deleted; several policies
-set and cleared; DNS settings set, extra records added and removed, config seeds and records-file loads (a bad
-file among them); and a clock that may step back.
+registered (with advertised routes), re-authenticated, renamed, tagged, routes approved and unapproved, updated
+(endpoints with their types, home relay, hostinfo with routes, disco keys), connected, disconnected, expired, logged
+out, deleted; several policies set and cleared (one with autoApprovers); DNS settings set, extra records added and
+removed, config seeds and records-file loads (a bad file among them); and a clock that may step back.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ POLICIES = (
     """{"tagOwners": {"tag:srv": ["alice@example.com", "bob@example.com"]},
         "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:srv:*"]}]}""",
     """{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}""",
+    """{"tagOwners": {"tag:srv": ["alice@example.com"]},
+        "autoApprovers": {"routes": {"10.0.0.0/8": ["alice@example.com", "tag:srv"]}, "exitNode": ["tag:srv"]},
+        "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}""",
 )
 TAG_SETS = ((), ("tag:srv",), ("tag:db",), ("tag:db", "tag:srv"))
 HOSTS = ("laptop", "Laptop.local", "db", "srv", "")
@@ -80,6 +83,8 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
                   st.one_of(st.none(), key32)),
         st.tuples(st.just("rename"), node, st.sampled_from(NAMES)),
         st.tuples(st.just("tag"), node, st.sampled_from(TAG_SETS)),
+        st.tuples(st.just("approve"), node, st.sampled_from(ROUTES[1:])),
+        st.tuples(st.just("unapprove"), node, st.sampled_from(ROUTES[1:])),
         st.tuples(st.just("connect"), node),
         st.tuples(st.just("disconnect"), node),
         st.tuples(st.just("expire"), node),
@@ -195,6 +200,10 @@ class PureLog:
             self.decide(lambda s: decide.rename_node(s, str(nid), op[2]))
         elif kind == "tag":
             self.decide(lambda s: decide.tag_node(s, str(nid), op[2]))
+        elif kind == "approve":
+            self.decide(lambda s: decide.approve_routes(s, str(nid), op[2]))
+        elif kind == "unapprove":
+            self.decide(lambda s: decide.unapprove_routes(s, str(nid), op[2]))
         elif kind == "connect":
             if not s.nodes[nid].online and not s.nodes[nid].logged_out:
                 self.run([ev.NodeConnected(nid)])

@@ -135,6 +135,10 @@ class Driver:
             await svc.rename_node(str(nid), op[2])
         elif kind == "tag":
             await svc.tag_node(str(nid), op[2])
+        elif kind == "approve":
+            await svc.approve_routes(str(nid), op[2])
+        elif kind == "unapprove":
+            await svc.unapprove_routes(str(nid), op[2])
         elif kind == "connect":
             if not s.nodes[nid].logged_out:
                 await self.app.lifecycle.connected(nid)

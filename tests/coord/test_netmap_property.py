@@ -2,13 +2,16 @@
 
 Random command sequences (users created, renamed and deleted; register with advertised routes, re-auth, rename,
 hostinfo with routes, tag, endpoints with their types, disco key, connect, disconnect, expire, key expiry, logout,
-delete, three policies set and cleared, DNS settings, records and records files) are decided with ``decide.*`` and run
-through the real write path (``Service.execute`` on an in-memory store, so the real fold, visibility hook and
-publish), into the real sans-IO fan-out core (``coord.fanout.Fanout``). Time is stepped by hand: ticks (``flush``) and
-stream drains (``next_frame``) interleave with later events, as they do on the event loop. Streams open and end
-through the real ``node_for_map`` check and ``Lifecycle.connected``/``disconnected``. At the end every live session's
-first full map with all its deltas applied through ``wire.NetMap`` must equal a full map computed fresh (ControlTime
-aside). Every key a command uses is drawn by hypothesis (or the seeded generator), so a failure replays exactly. """
+delete, routes approved and unapproved, four policies set and cleared, one with autoApprovers, DNS settings,
+records and records files) are decided with
+``decide.*`` and run through the real write path (``Service.execute`` on an in-memory store, so the real fold,
+visibility hook and publish), into the real sans-IO fan-out core (``coord.fanout.Fanout``). Time is stepped by hand:
+ticks (``flush``) and stream drains (``next_frame``) interleave with later events, as they do on the event loop.
+Streams open and end through the real ``node_for_map`` check and ``Lifecycle.connected``/``disconnected``. At the
+end every live session's first full map with all its deltas applied through ``wire.NetMap`` must equal a full map
+computed fresh (ControlTime aside). Every key a command uses is drawn by hypothesis (or the seeded generator), so a
+failure replays exactly.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ POLICIES = (
     """{"tagOwners": {"tag:db": ["carol@example.com", "bob@example.com"]},
         "acls": [{"action": "accept", "src": ["carol@example.com"], "dst": ["*:*"]},
                  {"action": "accept", "src": ["tag:db"], "dst": ["tag:db:*"]}]}""",
+    # subnet routes and exit nodes, approved by the policy: alice reaches 10.1/16 and the internet, bob one port
+    """{"tagOwners": {"tag:srv": ["alice@example.com"]},
+        "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"], "192.168.0.0/16": ["bob@example.com"]},
+                          "exitNode": ["alice@example.com"]},
+        "acls": [{"action": "accept", "src": ["alice@example.com"], "dst": ["10.1.0.0/16:*", "autogroup:internet:*"]},
+                 {"action": "accept", "src": ["bob@example.com"], "dst": ["192.168.7.0/24:443"]}]}""",
 )
 TAG_SETS = ((), ("tag:srv",), ("tag:db",), ("tag:db", "tag:srv"))
 HOSTS = ("laptop", "Laptop.local", "db", "srv", "")
@@ -197,6 +206,8 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("user_delete"), st.integers(0, len(USERS) - 1)),
         st.tuples(st.just("rename"), node, st.sampled_from(("web", "db", "laptop", "x-1"))),
         st.tuples(st.just("tag"), node, st.sampled_from(TAG_SETS)),
+        st.tuples(st.just("approve"), node, st.sampled_from(ROUTES[1:])),
+        st.tuples(st.just("unapprove"), node, st.sampled_from(ROUTES[1:])),
         st.tuples(st.just("connect"), node),
         st.tuples(st.just("disconnect"), node),
         st.tuples(st.just("expire"), node),
@@ -241,6 +252,10 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
         await sim.decide(lambda s: decide.rename_node(s, str(pick), op[2]))
     elif kind == "tag":
         await sim.decide(lambda s: decide.tag_node(s, str(pick), op[2]))
+    elif kind == "approve":
+        await sim.decide(lambda s: decide.approve_routes(s, str(pick), op[2]))
+    elif kind == "unapprove":
+        await sim.decide(lambda s: decide.unapprove_routes(s, str(pick), op[2]))
     elif kind == "connect":
         await sim.connect(pick)
     elif kind == "disconnect":
@@ -357,8 +372,8 @@ def test_patch_sent_before_an_unflushed_change_is_not_mistaken_for_the_whole_rec
 
 
 OPS = ["register", "reauth", "update", "rename", "tag", "connect", "disconnect", "expire", "expiry", "sweep", "logout",
-       "delete", "policy", "tick", "drain", "user_create", "user_rename", "user_delete", "dns"]
-WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8, 1, 1, 1, 1]
+       "delete", "policy", "tick", "drain", "user_create", "user_rename", "user_delete", "approve", "unapprove", "dns"]
+WEIGHTS = [12, 1, 8, 3, 1, 12, 1, 1, 1, 1, 1, 1, 1, 6, 8, 1, 1, 1, 2, 1, 1]
 
 
 def _random_op(rnd: random.Random, weights: list[int] = WEIGHTS) -> tuple[Any, ...]:
@@ -383,6 +398,8 @@ def _random_op(rnd: random.Random, weights: list[int] = WEIGHTS) -> tuple[Any, .
         return (k, n, rnd.choice(("web", "db", "laptop", "x-1")))
     if k in ("tag",):
         return (k, n, rnd.choice(TAG_SETS))
+    if k in ("approve", "unapprove"):
+        return (k, n, rnd.choice(ROUTES[1:]))
     if k == "expiry":
         return (k, n, rnd.choice((None, 1.0, 400 * DAY)))
     if k == "sweep":

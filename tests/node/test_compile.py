@@ -43,9 +43,12 @@ def test_golden_wireguard_and_routes() -> None:
     nm = netmap([
         peer(3, K3, ["[fe80::1]:41641", "[2001:db8::3]:41641", "192.0.2.13:41641"]),
         peer(2, K2, ["192.0.2.12:41641", "198.51.100.2:41641"],
-             AllowedIPs=["100.64.0.2/32", "fd7a:115c:a1e0::2/128", "10.9.0.0/16"]),
+             AllowedIPs=["100.64.0.2/32", "fd7a:115c:a1e0::2/128", "10.9.0.0/16"], PrimaryRoutes=["10.9.0.0/16"]),
     ])
+    # a peer's subnet route is used only with --accept-routes
     cfg = compile.wg_config(nm, SELF_PRIV, 41641, compile.first_endpoint((4,)))
+    assert cfg.peers[0].allowed_ips == ("100.64.0.2/32", "fd7a:115c:a1e0::2/128")
+    cfg = compile.wg_config(nm, SELF_PRIV, 41641, compile.first_endpoint((4,)), accept_routes=True)
     assert cfg == WgConfig(SELF_PRIV, 41641, (
         WgPeer(PublicKey.parse(K2), ("100.64.0.2/32", "10.9.0.0/16", "fd7a:115c:a1e0::2/128"),
                "192.0.2.12:41641", 25),
@@ -56,6 +59,7 @@ def test_golden_wireguard_and_routes() -> None:
     assert v6.peers[1].endpoint == "[2001:db8::3]:41641"
     assert compile.route_config(nm, "shoal0") == RouteConfig(
         "shoal0", ("100.64.0.1/32", "fd7a:115c:a1e0::1/128"))
+    assert compile.route_config(nm, "shoal0", accept_routes=True).routes == ("10.9.0.0/16",)
 
 
 def test_broken_peers_are_left_out_not_fatal() -> None:
