@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from coord import admin, api, decide, dns, logfiles, private, wire
 from coord import events as ev
 from coord.api import Api
+from coord.apiv2.routes import ApiV2
 from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
 from coord.checkpoints import Checkpointer
@@ -127,6 +128,7 @@ class App:
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
                        self.clock, guard, self.logins.limited, self.config.proxies)
+        self.apiv2 = ApiV2(self.service, self.clock, self.config.key_expiry_s)
         self.http = self._public_app()
         self.admin_http = Starlette(
             routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
@@ -201,7 +203,8 @@ class App:
                 await self.close()
 
         return Starlette(
-            routes=self.api.routes() + (self.signin.routes() if self.signin is not None else []),
+            routes=[*self.api.routes(), *self.apiv2.routes(),
+                    *(self.signin.routes() if self.signin is not None else [])],
             exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error},
             lifespan=lifespan,
         )
@@ -238,7 +241,8 @@ async def create_app(
     async def reload() -> State:
         return (await history.load()).state
 
-    service = Service(store, state, rules, settings, clock, reload=reload)
+    service = Service(store, state, rules, settings, clock, reload=reload,
+                      credential_hashes=await store.secrets())
     service.appended.append(history.maybe_snapshot)
     supervisor = Supervisor()
     checkpointer = Checkpointer(

@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("name")
     u = users.add_parser("delete", parents=[common])
     u.add_argument("user")
+    u = users.add_parser("role", parents=[common], help="set a user's role (the only way to make an owner)")
+    u.add_argument("user")
+    u.add_argument("role", help="owner, admin, network-admin, it-admin, billing-admin, auditor or member")
+
+    tokens = sub.add_parser("tokens", parents=[common], help="API access tokens and OAuth clients (API v2)"
+                            ).add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    t = tokens.add_parser("create", parents=[common], help="an API access token of a user (shown once)")
+    t.add_argument("--user", required=True)
+    t.add_argument("--expiry", default="90d", help="lifetime (default 90d)")
+    t.add_argument("--description", default="")
+    t = tokens.add_parser("client", parents=[common], help="an OAuth client (client id and secret, shown once)")
+    t.add_argument("--user", required=True, help="the user auth keys it creates belong to")
+    t.add_argument("--scopes", required=True, help="comma-separated, e.g. devices:core:read,auth_keys")
+    t.add_argument("--tags", default="", help="tags its auth keys may carry, e.g. tag:ci")
+    t.add_argument("--description", default="")
+    tokens.add_parser("list", parents=[common])
+    t = tokens.add_parser("revoke", parents=[common])
+    t.add_argument("id")
 
     keys = sub.add_parser("keys", parents=[common], help="manage pre-auth keys").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -232,7 +250,15 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if g == "info":
         return "info", {}
     if g == "users":
-        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq")}
+        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq", "role")}
+    if g == "tokens":
+        if c == "create":
+            return "tokens.create", {"user": args.user, "description": args.description,
+                                     "expiry": parse_duration(args.expiry, "--expiry")}
+        if c == "client":
+            return "tokens.client", {"user": args.user, "description": args.description,
+                                     "scopes": _split_tags(args.scopes), "tags": _split_tags(args.tags)}
+        return f"tokens.{c}", {"id": getattr(args, "id", None)}
     if g == "keys":
         if c == "create":
             return "keys.create", {
@@ -420,6 +446,12 @@ def render(command: str, result: Any) -> str:
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
             f"expires {result['expiration'] or 'never'})"
         )
+    if command in ("tokens.create", "tokens.client"):
+        return "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n(shown once: it is stored hashed)"
+    if command == "tokens.list":
+        return table(result, [("ID", "id"), ("TYPE", "keyType"), ("USER", "userId"), ("EXPIRES", "expires"),
+                              ("REVOKED", "revoked"), ("SCOPES", lambda r: ",".join(r["scopes"])),
+                              ("DESCRIPTION", "description")]) if result else "no tokens"
     if command == "policy.get":
         return result["policy"] if result["policy"] is not None else "no policy set: all traffic is allowed"
     if command == "policy.diff":

@@ -80,6 +80,37 @@ def delete_user(state: State, ref: str) -> list[ev.Event]:
     return out
 
 
+ROLES = ("owner", "admin", "network-admin", "it-admin", "billing-admin", "auditor", "member")
+
+
+def set_role(state: State, ref: str, role: str) -> list[ev.Event]:
+    u = find_user(state, ref)
+    if role not in ROLES:
+        raise DomainError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    return [] if u.role == role else [ev.UserRoleSet(u.id, role)]
+
+
+def create_credential(
+    state: State, *, credential_id: str, kind: str, user_id: int, description: str, expires: float | None,
+    scopes: tuple[str, ...], tags: tuple[str, ...],
+) -> list[ev.Event]:
+    if user_id not in state.users:
+        raise NotFound(f"no user {user_id}")
+    if credential_id in state.credentials:
+        raise Conflict("credential id collision; try again")
+    for t in tags:
+        if not names.valid_tag(t):
+            raise DomainError(f"tags: {t!r} is not valid: expected tag:<name>")
+    return [ev.CredentialCreated(credential_id, kind, credential_id, user_id, description, expires, scopes, tags)]
+
+
+def revoke_credential(state: State, credential_id: str) -> list[ev.Event]:
+    c = state.credentials.get(credential_id)
+    if c is None:
+        raise NotFound(f"no key {credential_id!r}")
+    return [] if c["revoked"] is not None else [ev.CredentialRevoked(credential_id)]
+
+
 # --- auth keys --------------------------------------------------------------------------------------------
 
 

@@ -80,3 +80,9 @@ CREATE TABLE dns (
     file_records       TEXT    NOT NULL,
     seed               TEXT    NOT NULL
 );
+
+-- 0004: hashes of API token and OAuth client secrets (never in the event log).
+CREATE TABLE credential_secrets (
+    id   TEXT PRIMARY KEY,
+    hash TEXT NOT NULL
+);

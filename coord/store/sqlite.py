@@ -448,6 +448,17 @@ class SqliteStore:
             c.execute("ROLLBACK")
             raise
 
+    async def put_secret(self, credential_id: str, secret_hash: str) -> None:
+        """The hash of a credential's secret, written (and committed) before the event that creates it."""
+        await self.conn.execute(
+            "INSERT OR REPLACE INTO credential_secrets (id, hash) VALUES (?, ?)", (credential_id, secret_hash)
+        )
+        await self.conn.commit()
+
+    async def secrets(self) -> dict[str, str]:
+        async with self.conn.execute("SELECT id, hash FROM credential_secrets") as cur:
+            return {str(i): str(h) for i, h in await cur.fetchall()}
+
     async def event_at(self, seq: int) -> ev.Record | None:
         async for r in self.read(Filter(since_seq=seq - 1, until_seq=seq)):
             return r if r.seq == seq else None
