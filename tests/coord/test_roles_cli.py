@@ -1,0 +1,69 @@
+"""Roles: set from the CLI (the only way to make an owner), each change an event, and the policy's role
+autogroups filled from them, so `policy check` against the live tailnet resolves role-dependent tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coord import decide
+from coord import events as ev
+from coord.cli import main
+from coord.errors import DomainError
+from tests.coord.util import Tailnet
+
+POLICY = """{
+  "tagOwners": {"tag:web": ["autogroup:admin"]},
+  "acls": [{"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:web:22"]},
+           {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:web:443"]}],
+  "tests": [{"src": "alice@example.com", "accept": ["tag:web:22", "tag:web:443"]},
+            {"src": "bob@example.com", "accept": ["tag:web:443"], "deny": ["tag:web:22"]}]
+}
+"""
+
+
+def cli(data: Path, *args: str) -> int:
+    return main([*args, "--data", str(data)])
+
+
+def test_roles_cli_sets_roles_and_policy_check_resolves_them(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    for u in ("alice@example.com", "bob@example.com"):
+        assert cli(data, "users", "create", u) == 0
+    (tmp_path / "p.hujson").write_text(POLICY)
+    capsys.readouterr()
+    # alice is a member: the test that needs autogroup:admin fails (it is resolved, not skipped)
+    assert cli(data, "policy", "check", str(tmp_path / "p.hujson"), "--json") != 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["skipped"] == [] and [f["src"] for f in result["failed"]] == ["alice@example.com"]
+    assert cli(data, "users", "role", "alice@example.com", "admin") == 0
+    capsys.readouterr()
+    assert cli(data, "policy", "check", str(tmp_path / "p.hujson"), "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["skipped"] == [] and not result["failed"]
+    assert cli(data, "users", "role", "bob@example.com", "owner") == 0
+    capsys.readouterr()
+    assert cli(data, "users", "list", "--json") == 0
+    roles = {u["name"]: u["role"] for u in json.loads(capsys.readouterr().out)}
+    assert roles == {"alice@example.com": "admin", "bob@example.com": "owner"}
+    assert cli(data, "users", "role", "bob@example.com", "king") != 0
+    capsys.readouterr()
+    assert cli(data, "events", "tail", "--json", "--type", "UserRoleSet") == 0
+    out = capsys.readouterr().out
+    assert out.count("UserRoleSet") == 2 and '"actor": "admin"' in out
+
+
+def test_roles_default_member_and_fold() -> None:
+    tn = Tailnet()
+    uid = tn.user("carol@example.com")
+    assert tn.state.users[uid].role == "member"  # OIDC sign-in and `users create` alike
+    tn.run(lambda s: decide.set_role(s, "carol@example.com", "it-admin"))
+    assert tn.state.users[uid].role == "it-admin"
+    assert tn.log[-1] == ev.UserRoleSet(uid, "it-admin")
+    tn.run(lambda s: decide.set_role(s, "carol@example.com", "it-admin"))
+    assert tn.log[-1] == ev.UserRoleSet(uid, "it-admin") and len(tn.log) == 2  # no event when unchanged
+    with pytest.raises(DomainError, match="role 'root' is not one of"):
+        decide.set_role(tn.state, "carol@example.com", "root")
