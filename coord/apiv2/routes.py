@@ -9,6 +9,7 @@ the same ``Service`` command the admin CLI calls, with the log actor ``api:<cred
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,9 @@ class ApiV2:
     key_expiry_s: float | None
     # OAuth access tokens: hash of the token text -> client and expiry (memory only: they live an hour).
     oauth: dict[str, OAuthToken] = field(default_factory=dict)
+    # The device list is a pure function of the state: its encoded body, by fields=all, with the hash of the
+    # last event folded (a new event, or a reload after a failed append, changes it).
+    _devices_cache: dict[bool, tuple[str, bytes]] = field(default_factory=dict)
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -114,8 +118,13 @@ class ApiV2:
 
     async def devices(self, request: Request, p: Principal) -> Response:
         all_fields, st, domain = self._fields(request), self.state, self.service.settings.domain
-        return _json({"devices": [shapes.device(st, n, domain, all_fields=all_fields)
-                                  for n in sorted(st.nodes.values(), key=lambda n: n.id)]})
+        cached = self._devices_cache.get(all_fields)
+        if cached is None or cached[0] != st.last_hash:
+            body = json.dumps({"devices": [shapes.device(st, n, domain, all_fields=all_fields)
+                                           for n in sorted(st.nodes.values(), key=lambda n: n.id)]},
+                              separators=(",", ":")).encode()
+            cached = self._devices_cache[all_fields] = (st.last_hash, body)
+        return Response(cached[1], media_type="application/json")
 
     async def device(self, request: Request, p: Principal) -> Response:
         n = self.state.nodes[int(self.node(request))]
