@@ -6,8 +6,8 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 import aiohttp
+import pytest
 from tailscale import (
     TailscaleNotFoundError,
     TailscalePermissionError,
@@ -164,10 +164,10 @@ async def test_apiv2_client_oauth_and_denials(tmp_path: Path) -> None:
 
 
 async def test_apiv2_client_resolver_reaches_only_the_local_server(tmp_path: Path) -> None:
-    async with tls_server(tmp_path) as (srv, ca):
-        async with client_session(srv.config.listen_addr[1], ca) as (session, resolver):
-            with pytest.raises(aiohttp.ClientError):
-                await session.get("https://example.com/")
-            r = await session.get("https://api.tailscale.com/api/v2/tailnet/-/devices")
-            assert r.status == 401
-            assert resolver.asked == ["example.com", "api.tailscale.com"]
+    async with tls_server(tmp_path) as (srv, ca), \
+            client_session(srv.config.listen_addr[1], ca) as (session, resolver):
+        with pytest.raises(aiohttp.ClientError):
+            await session.get("https://example.com/")
+        r = await session.get("https://api.tailscale.com/api/v2/tailnet/-/devices")
+        assert r.status == 401
+        assert resolver.asked == ["example.com", "api.tailscale.com"]

@@ -143,7 +143,7 @@ async def test_apiv2_bad_bodies_name_the_field(tmp_path: Path) -> None:
             (f"{T}/dns/nameservers", {"dns": "192.0.2.1"}, "dns"),
             (f"{T}/dns/preferences", {"magicDNS": 1}, "magicDNS"),
             (f"{T}/dns/searchpaths", {}, "searchPaths"),
-            (f"/api/v2/users/1/role", {"role": "king"}, "role"),
+            ("/api/v2/users/1/role", {"role": "king"}, "role"),
         ]
         for path, body, field in cases:
             r = await http.post(path, headers=h, json=body)
@@ -195,7 +195,7 @@ async def test_apiv2_oauth_scopes_and_tagged_keys(tmp_path: Path) -> None:
         assert (await http.get(f"{T}/devices", headers=h)).status_code == 200
         r = await http.get(f"{T}/users", headers=h)
         assert r.status_code == 403 and "users" in r.json()["message"]
-        r = await http.post(f"/api/v2/device/1/tags", headers=h, json={"tags": []})
+        r = await http.post("/api/v2/device/1/tags", headers=h, json={"tags": []})
         assert r.status_code == 403 and "devices:core" in r.json()["message"]
         r = await http.post(f"{T}/keys", headers=h, json={"capabilities": {"devices": {"create": {}}}})
         assert r.status_code == 400 and "tags" in r.json()["message"]
