@@ -227,7 +227,7 @@ class Service:
                 nodes.add(e.node_id)
             elif isinstance(e, ev.PolicySet):
                 nodes |= {n.id for n in self.state.nodes.values() if n.routes}
-            elif isinstance(e, ev.UserRenamed):
+            elif isinstance(e, (ev.UserRenamed, ev.UserRoleSet)):
                 nodes |= {n.id for n in self.state.nodes.values() if n.routes and n.user_id == e.user_id}
         return decide.auto_approve(self.state, nodes, self._route_allowed) if nodes else []
 
@@ -236,14 +236,16 @@ class Service:
             return False
         u = self.state.users.get(n.user_id) if n.user_id is not None and not n.tags else None
         name = u.name if u else None
+        roles = (u.role,) if u is not None and u.role != "member" else ()
         if route in EXIT_ROUTES:
-            return policy.exit_node_approved(self._policy, name, tags=n.tags)
-        return policy.route_approved(self._policy, route, name, tags=n.tags)
+            return policy.exit_node_approved(self._policy, name, tags=n.tags, roles=roles)
+        return policy.route_approved(self._policy, route, name, tags=n.tags, roles=roles)
 
     def _tag_allowed(self, user: User | None, tag: str) -> bool:
         if self._policy is None or user is None:
             return False
-        return policy.tag_allowed(self._policy, user.name, tag)
+        roles = (user.role,) if user.role != "member" else ()
+        return policy.tag_allowed(self._policy, user.name, tag, roles=roles)
 
     # --- admin commands -----------------------------------------------------------------------------------
 

@@ -4,13 +4,17 @@ autogroups filled from them, so `policy check` against the live tailnet resolves
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from coord import decide
 from coord import events as ev
+from coord import wire
+from coord.app import create_app
 from coord.cli import main
+from coord.config import load
 from coord.errors import DomainError
 from tests.coord.util import Tailnet
 
@@ -67,3 +71,25 @@ def test_roles_default_member_and_fold() -> None:
     assert tn.log[-1] == ev.UserRoleSet(uid, "it-admin") and len(tn.log) == 2  # no event when unchanged
     with pytest.raises(DomainError, match="role 'root' is not one of"):
         decide.set_role(tn.state, "carol@example.com", "root")
+
+
+@pytest.mark.anyio
+async def test_roles_auto_approve_routes_when_a_role_is_given(tmp_path: Path) -> None:
+    """autoApprovers naming autogroup:admin approve a router of alice's once (and only once) she is an admin."""
+    config = load(None, env={}, overrides={"data_dir": str(tmp_path), "derp": False, "stun_listen": ""})
+    app = await create_app(config, serve=False)
+    svc = app.service
+    try:
+        await svc.set_policy('{"autoApprovers": {"routes": {"192.0.2.0/24": ["autogroup:admin"]}}}')
+        await svc.create_user("alice@example.com")
+        await svc.create_key("alice@example.com", reusable=True, ephemeral=False, expiration=3600.0, tags=())
+        owner = decide.owner_from_key(svc.state, svc.state.keys[1])
+        req = wire.RegisterRequest(node_key=os.urandom(32), disco_key=os.urandom(32),
+                                   hostinfo=wire.Hostinfo(hostname="router", routable_ips=("192.0.2.0/24",)))
+        await svc.execute(lambda s: decide.register(s, os.urandom(32), req, owner, svc.rules, svc.clock()), "admin")
+        (n,) = svc.state.nodes.values()
+        assert n.routes == ("192.0.2.0/24",) and n.approved_routes == ()
+        await svc.set_role("alice@example.com", "admin")
+        assert n.approved_routes == ("192.0.2.0/24",)
+    finally:
+        await app.close()
