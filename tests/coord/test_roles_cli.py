@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coord import decide
+from coord import decide, wire
 from coord import events as ev
-from coord import wire
 from coord.app import create_app
 from coord.cli import main
 from coord.config import load
