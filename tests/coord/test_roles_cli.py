@@ -92,3 +92,19 @@ async def test_roles_auto_approve_routes_when_a_role_is_given(tmp_path: Path) ->
         assert n.approved_routes == ("192.0.2.0/24",)
     finally:
         await app.close()
+
+
+def test_roles_and_credentials_survive_a_snapshot() -> None:
+    from coord import snapshot
+
+    tn = Tailnet()
+    tn.user("dave@example.com")
+    tn.run(lambda s: decide.set_role(s, "dave@example.com", "auditor"))
+    tn.run(lambda s: decide.create_credential(s, credential_id="tk0123456789ab", kind="api", user_id=1,
+                                              description="d", expires=tn.now + 60, scopes=(), tags=()))
+    tn.run(lambda s: decide.revoke_credential(s, "tk0123456789ab"))
+    tn.state.last_seq = len(tn.log)
+    back = snapshot.decode(snapshot.encode(tn.state, ev.rfc3339(tn.now)))
+    assert back.users[1].role == "auditor"
+    assert back.credentials == tn.state.credentials
+    assert back.credentials["tk0123456789ab"]["revoked"] == tn.now
