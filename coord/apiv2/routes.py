@@ -61,6 +61,7 @@ class ApiV2:
     # The device list is a pure function of the state: its encoded body, by fields=all, with the hash of the
     # last event folded (a new event, or a reload after a failed append, changes it).
     _devices_cache: dict[bool, tuple[str, bytes, bytes]] = field(default_factory=dict)
+    _device_json: dict[bool, dict[int, tuple[tuple[Any, ...], bytes]]] = field(default_factory=dict)
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -118,18 +119,38 @@ class ApiV2:
         return f == "all"
 
     async def devices(self, request: Request, p: Principal) -> Response:
-        all_fields, st, domain = self._fields(request), self.state, self.service.settings.domain
+        all_fields, st = self._fields(request), self.state
         cached = self._devices_cache.get(all_fields)
         if cached is None or cached[0] != st.last_hash:
-            body = json.dumps({"devices": [shapes.device(st, n, domain, all_fields=all_fields)
-                                           for n in sorted(st.nodes.values(), key=lambda n: n.id)]},
-                              separators=(",", ":")).encode()
+            body = self._device_list(all_fields)
             cached = self._devices_cache[all_fields] = (st.last_hash, body, gzip.compress(body, 1, mtime=0))
         if "gzip" in request.headers.get("accept-encoding", ""):
             # Compressed once per state, not per request: a 2,000-device list is ~1.7 MB of JSON, ~10x less.
             return Response(cached[2], media_type="application/json",
                             headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
         return Response(cached[1], media_type="application/json", headers={"Vary": "Accept-Encoding"})
+
+    def _device_list(self, all_fields: bool) -> bytes:
+        """The encoded list; each device's JSON is kept by what it is made of, so an event re-encodes only the
+        devices it changed (a 2,000-node list after one endpoint change costs the keys, not 2,000 encodings)."""
+        st, domain = self.state, self.service.settings.domain
+        old = self._device_json.get(all_fields, {})
+        new: dict[int, tuple[tuple[Any, ...], bytes]] = {}
+        parts = []
+        for nid in sorted(st.nodes):
+            n = st.nodes[nid]
+            u = st.users.get(n.user_id) if n.user_id is not None else None
+            key = (n.given_name, n.hostname, n.os, n.last_seen, n.key_expiry, n.online, n.tags, n.routes,
+                   n.approved_routes, n.endpoints, u.name if u else "", n.node_key, n.ephemeral, n.ipv4, n.ipv6,
+                   n.machine_key, n.created, domain)
+            hit = old.get(nid)
+            if hit is None or hit[0] != key:
+                hit = (key, json.dumps(shapes.device(st, n, domain, all_fields=all_fields),
+                                       separators=(",", ":")).encode())
+            new[nid] = hit
+            parts.append(hit[1])
+        self._device_json[all_fields] = new
+        return b'{"devices":[' + b",".join(parts) + b"]}"
 
     async def device(self, request: Request, p: Principal) -> Response:
         n = self.state.nodes[int(self.node(request))]

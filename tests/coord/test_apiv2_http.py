@@ -286,3 +286,33 @@ def test_apiv2_fuzz_bodies_never_500(tmp_path: Path) -> None:
         loop.run_until_complete(http.aclose())
         loop.run_until_complete(app.close())
         loop.close()
+
+
+async def test_apiv2_device_list_follows_every_event(tmp_path: Path) -> None:
+    """The cached list (plain and gzip) is, after each change, exactly each device's fresh shape."""
+    async with running_server(tmp_path) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        h = bearer(await token(srv, "alice@example.com", "admin"))
+        a = await join(srv, "alice@example.com", "alpha")
+        b = await join(srv, "alice@example.com", "beta")
+
+        async def check(fields: str) -> list[dict[str, Any]]:
+            gz = await http.get(f"{T}/devices?fields={fields}", headers=h)
+            assert gz.headers.get("content-encoding") == "gzip"
+            plain = await http.get(f"{T}/devices?fields={fields}", headers={**h, "Accept-Encoding": "identity"})
+            assert "content-encoding" not in plain.headers and plain.json() == gz.json()
+            for d in gz.json()["devices"]:
+                one = (await http.get(f"/api/v2/device/{d['id']}?fields={fields}", headers=h)).json()
+                assert one == d
+            return list(gz.json()["devices"])
+
+        for fields in ("all", "default"):
+            assert [d["hostname"] for d in await check(fields)] == ["alpha", "beta"]
+        await admin(srv, "nodes.rename", node=str(a), name="first")
+        await admin(srv, "nodes.tag", node=str(b), tags=["tag:x"])
+        await admin(srv, "routes.approve", node=str(a), routes=["192.0.2.0/24"])
+        for fields in ("all", "default"):
+            ds = await check(fields)
+            assert [d["name"].split(".")[0] for d in ds] == ["first", "beta"] and ds[1]["tags"] == ["tag:x"]
+        assert (await check("all"))[0]["enabledRoutes"] == ["192.0.2.0/24"]
+        await admin(srv, "nodes.delete", node=str(b))
+        assert [d["id"] for d in await check("all")] == [str(a)]
