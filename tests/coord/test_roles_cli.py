@@ -108,3 +108,15 @@ def test_roles_and_credentials_survive_a_snapshot() -> None:
     assert back.users[1].role == "auditor"
     assert back.credentials == tn.state.credentials
     assert back.credentials["tk0123456789ab"]["revoked"] == tn.now
+
+
+def test_roles_oidc_user_starts_as_member() -> None:
+    from coord.auth.claims import Identity, Profile
+
+    tn = Tailnet()
+    p = Profile(Identity("https://idp.example", "sub-1"), "erin@example.com", "erin@example.com", True, "Erin",
+                (), ("group:eng",), None)
+    tn.run(lambda s: decide.sign_in_user(s, p)[1])
+    u = tn.state.user_by_name("erin@example.com")
+    assert u is not None and u.role == "member"
+    assert not any(isinstance(e, ev.UserRoleSet) for e in tn.log)
