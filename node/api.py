@@ -54,7 +54,8 @@ UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
     "accept_routes": bool, "snat_subnet_routes": bool,
 }
-BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes"}
+# bool is an int in Python: a number field must not take true/false, and a bool field must take them.
+BOOL_FIELDS = {k for k, t in UP_FIELDS.items() if t is bool}
 
 
 class BadRequest(LocalError):
