@@ -220,7 +220,8 @@ async def create_app(
     oidc = config.oidc_config() if serve else None
     private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
-    settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6))
+    settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6),
+                        urlsplit(config.server_url).hostname or "")
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
     store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)

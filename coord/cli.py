@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     dns.add_parser("get", parents=[common], help="the DNS settings, and the DNSConfig every node is sent")
     x = dns.add_parser("set", parents=[common], help="change DNS settings (each change is an event)")
     x.add_argument("--magic-dns", choices=["on", "off"])
+    x.add_argument("--base-domain", metavar="DOMAIN",
+                   help="the suffix of every node's name (default: the config's base_domain); every node gets its "
+                        "new names at once")
     x.add_argument("--nameserver", action="append", metavar="ADDR",
                    help="global upstream (repeatable; replaces the list; '' clears it)")
     x.add_argument("--split", action="append", metavar="SUFFIX=ADDR[,ADDR]",
@@ -277,7 +280,7 @@ def dns_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         a: dict[str, Any] = {
             "magic_dns": _on_off(args.magic_dns), "override_local_dns": _on_off(args.override_local_dns),
             "nameservers": args.nameserver, "search_domains": args.search, "split": split,
-            "clear_split": args.clear_split,
+            "clear_split": args.clear_split, "base_domain": args.base_domain,
         }
         if all(v is None for k, v in a.items() if k != "clear_split") and not args.clear_split:
             raise CliError("dns set: nothing to change (see --help)")
@@ -448,7 +451,8 @@ def render_dns(r: dict[str, Any]) -> str:
     if "changed" in r:
         lines.append("DNS settings changed" if r["changed"] else "DNS settings unchanged")
     lines += [
-        f"base domain:        {r['base_domain']}",
+        f"base domain:        {r['base_domain']}" + (" (set by an admin)" if r.get("base_domain_source") == "admin"
+                                                      else ""),
         f"MagicDNS:           {'on' if r['magic_dns'] else 'off'}",
         f"nameservers:        {', '.join(r['nameservers']) or '-'}",
         f"override local DNS: {'on' if r['override_local_dns'] else 'off'}",

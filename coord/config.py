@@ -223,16 +223,10 @@ class Config:
                 raise ConfigError(f"{key}: {e}") from None
             if net.version != version:
                 raise ConfigError(f"{key}: expected an IPv{version} prefix")
-        if not re.match(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$", self.base_domain):
-            raise ConfigError(f"base_domain: {self.base_domain!r} is not a lowercase DNS name with a dot")
-        host = (u.hostname or "").lower().rstrip(".")
-        if host == self.base_domain or host.endswith("." + self.base_domain):
-            what = ("is the server URL's host" if host == self.base_domain
-                    else f"is a suffix of the server URL's host {host}")
-            raise ConfigError(
-                f"base_domain: {self.base_domain!r} {what}: nodes would resolve the server's name through MagicDNS "
-                "and lose it; choose a domain the server URL is not in (the default is shoal.internal)"
-            )
+        try:
+            dnsmod.base_domain(self.base_domain, u.hostname or "")
+        except dnsmod.DnsError as e:
+            raise ConfigError(str(e)) from None
         self.dns_settings()
         self.dns_records_file  # noqa: B018 - validates
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -372,13 +372,18 @@ class Service:
     def get_dns(self) -> dict[str, Any]:
         st = self.state
         out = dns.as_json(st.dns)
-        out["base_domain"] = self.settings.domain
+        out["base_domain"] = self.builder.domain
+        out["base_domain_source"] = "admin" if st.base_domain else "config"
         out["file_records"] = [{"name": n, "type": t, "value": v} for n, t, v in st.dns_file_records]
         out["netmap"] = self.builder.dns_config()
         return out
 
     async def set_dns(self, **changes: Any) -> dict[str, Any]:
-        records = await self.execute(lambda s: decide.set_dns(s, self.settings.domain, **changes), Actor.ADMIN)
+        records = await self.execute(
+            lambda s: decide.set_dns(s, self.builder.domain, config_domain=self.settings.domain,
+                                     server_host=self.settings.server_host, **changes),
+            Actor.ADMIN,
+        )
         return {"changed": bool(records), **self.get_dns()}
 
     async def add_dns_record(self, name: str, kind: str, value: str) -> dict[str, Any]:

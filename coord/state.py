@@ -156,6 +156,8 @@ class State:
     dns_seed: dnsmod.DnsSettings = dnsmod.DEFAULT
     dns_file_records: tuple[tuple[str, str, str], ...] = ()
     dns_version: int = 0
+    # The base domain an admin set at run time (DNSBaseDomainSet); "" = the server config's base_domain.
+    base_domain: str = ""
     last_seq: int = 0
     last_hash: str = ev.GENESIS
     # The time of event last_seq: the next event's time is never earlier (see Service._append).
@@ -374,6 +376,14 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 override_local_dns=event.override_local_dns,
             )
             return _dns_changed(state)
+        case ev.DNSBaseDomainSet(domain=domain):
+            state.base_domain = domain
+            # Every name changes: each node's own record and every record it holds of its peers.
+            for n in state.nodes.values():
+                _touch(n)
+            everyone = set(state.nodes)
+            state.dns_version += 1
+            return Change(peers=everyone, self_nodes=everyone, dns=True)
         case ev.DNSRecordAdded(name=name, record_type=kind, value=value):
             if (name, kind, value) not in state.dns.extra_records:
                 state.dns = replace(state.dns, extra_records=(*state.dns.extra_records, (name, kind, value)))
