@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server-url", help="URL nodes use to reach this server")
     serve.add_argument("--no-derp", action="store_true", help="do not run the embedded DERP relay")
     serve.add_argument("--stun-listen", help="host:port for the embedded STUN server ('' to disable)")
+    serve.add_argument("--metrics-listen",
+                       help="host:port for Prometheus /metrics (default 127.0.0.1:9470; '' to disable)")
     serve.add_argument("--derp-map-file", help="JSON file with extra DERP regions")
     serve.add_argument("--ephemeral-timeout", help="e.g. 120s")
     serve.add_argument("--key-expiry", help="e.g. 180d, or 0 for never")
@@ -210,6 +212,7 @@ def config_from(args: argparse.Namespace) -> Config:
     if args.group == "serve":
         overrides.update(
             listen=args.listen, server_url=args.server_url, stun_listen=args.stun_listen,
+            metrics_listen=args.metrics_listen,
             derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
             key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
             log_level=args.log_level, derp=False if args.no_derp else None, durability=args.durability,
