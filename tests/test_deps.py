@@ -60,6 +60,7 @@ SANS_IO = [
     "node/wg/config.py",
     "node/wg/uapi.py",
     "node/bpf.py",
+    "node/metrics.py",
     "derp/http.py",
     "derp/scan.py",
 ]
