@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--at-seq", type=int, metavar="N", help="show nodes as they were right after event N")
     for name in ("show", "expire", "delete"):
         nodes.add_parser(name, parents=[common]).add_argument("node", help="node id or name")
+    n = nodes.add_parser("history", parents=[common],
+                         help="a node's online/offline intervals, endpoints, key rotations and renames (from the log)")
+    n.add_argument("node", help="node id or name (a name it had before counts)")
+    n.add_argument("--since", help="only from this time on (RFC 3339)")
+    n.add_argument("--until", help="only up to this time (RFC 3339)")
     n = nodes.add_parser("rename", parents=[common])
     n.add_argument("node")
     n.add_argument("name")
@@ -486,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # what the server holds (its key, limits, refusals), then what the data dir holds (keys, snapshots)
             live = run_admin(config, "info", {})
             return logcmd.info(config, lambda obj, text: out({**live, **obj}, args, f"{render('info', live)}\n{text}"))
+        if args.group == "nodes" and args.cmd == "history":
+            return asyncio.run(logcmd.node_history(config, args, lambda obj, text: out(obj, args, text)))
         if args.group == "policy" and args.cmd == "check":
             return policy_check(config, args)
         command, cmd_args = admin_request(args)
