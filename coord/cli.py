@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("value", nargs="?")
 
     logcmd.add_parsers(sub, common, Parser)
+    sub.add_parser("doctor", parents=[common],
+                   help="check a deployment: URL, key and database modes, clock, relays, metrics; says what to fix")
     return p
 
 
@@ -491,6 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # what the server holds (its key, limits, refusals), then what the data dir holds (keys, snapshots)
             live = run_admin(config, "info", {})
             return logcmd.info(config, lambda obj, text: out({**live, **obj}, args, f"{render('info', live)}\n{text}"))
+        if args.group == "doctor":
+            from coord import doctor
+
+            rc, checks = asyncio.run(doctor.doctor(config))
+            out([c.as_json() for c in checks], args, doctor.render(checks))
+            return rc
         if args.group == "nodes" and args.cmd == "history":
             return asyncio.run(logcmd.node_history(config, args, lambda obj, text: out(obj, args, text)))
         if args.group == "policy" and args.cmd == "check":
