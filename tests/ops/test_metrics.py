@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter
 
+from derp.expose import respond
 from tests.coord.harness import free_port, sim_node
 from tests.coord.test_server import next_map
 from tests.coord.util import cli
@@ -215,3 +219,31 @@ def test_metrics_prometheus_scrapes_the_server(server: Server, tmp_path: Path) -
     finally:
         stop(prom)
         log.close()
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_metrics_listener_answers_any_head(head: bytes) -> None:
+    # The listener's request parsing (derp/expose.py): any bytes get one well-formed response, never a crash.
+    reg = CollectorRegistry()
+    out = respond(reg, head + b"\r\n\r\n")
+    status = out.split(b"\r\n", 1)[0]
+    assert status in (b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 404 Not Found",
+                      b"HTTP/1.1 405 Method Not Allowed")
+    line = head.split(b"\r\n", 1)[0].split()
+    scrape = (len(line) == 3 and line[2].startswith(b"HTTP/") and line[1].split(b"?")[0] == b"/metrics"
+              and line[0] in (b"GET", b"HEAD"))
+    assert status.endswith(b"200 OK") == scrape
+
+
+def test_metrics_listener_paths() -> None:
+    reg = CollectorRegistry()
+    Counter("shoal_x", "x", registry=reg).inc()
+    ok = respond(reg, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"shoal_x_total 1.0" in ok
+    assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8" in ok
+    head = respond(reg, b"HEAD /metrics?x=1 HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and head.endswith(b"\r\n\r\n")
+    assert respond(reg, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert respond(reg, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert respond(reg, b"\x00garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
