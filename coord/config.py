@@ -14,6 +14,7 @@ Every key, with its default::
     keepalive         = "50s"                     # map stream keep-alive interval
     derp              = true                      # embedded DERP relay on the HTTP port, region 900
     stun_listen       = "0.0.0.0:3478"            # embedded STUN server ("" = off)
+    metrics_listen    = "127.0.0.1:9470"          # Prometheus /metrics, server and embedded relay ("" = off)
     derp_map_file     = ""                        # JSON: extra regions and relays
     log_level         = "info"
     durability        = "normal"                  # "full": fsync every commit (survives power loss; docs/control.md)
@@ -114,6 +115,7 @@ class Config:
     keepalive: str = "50s"
     derp: bool = True
     stun_listen: str = "0.0.0.0:3478"
+    metrics_listen: str = "127.0.0.1:9470"
     derp_map_file: str = ""
     log_level: str = "info"
     durability: str = "normal"
@@ -210,6 +212,8 @@ class Config:
         self.listen_addr  # noqa: B018 - validates
         if self.stun_listen:
             parse_hostport(self.stun_listen, "stun_listen")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "metrics_listen")
         for key in ("key_expiry", "ephemeral_timeout", "batch_delay", "keepalive", "checkpoint_interval"):
             parse_duration(getattr(self, key), key)
         self.snapshot_every_n  # noqa: B018 - validates

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -75,6 +76,8 @@ class Service:
     appended: list[Callable[[State], object]] = field(default_factory=list)
     # The fold of the log, when an append failed (create_app gives the snapshot series; default: the whole log).
     reload: Callable[[], Awaitable[State]] | None = None
+    # Called after each committed transaction with (events, seconds the store took): the metrics.
+    on_commit: Callable[[int, float], None] | None = None
 
     def __post_init__(self) -> None:
         self.builder = Builder(self.state, self.settings)
@@ -162,6 +165,7 @@ class Service:
                     hook(self.state)
                 except Exception:
                     log.exception("after-append hook %r failed", hook)
+            started = time.perf_counter()
             try:
                 await self.store.append(records, self.state, policy_changed)
             except BaseException as e:
@@ -170,6 +174,8 @@ class Service:
                     raise
                 continue
             self.committed = (records[-1].seq, records[-1].hash)
+            if self.on_commit is not None:
+                self.on_commit(len(records), time.perf_counter() - started)
             for p in batch:
                 self.publish(p.change)
                 if not p.done.done():
