@@ -151,6 +151,7 @@ async def dns_set(a: Admin, args: dict[str, Any]) -> Any:
         magic_dns=_opt_bool(args, "magic_dns"), nameservers=_opt_strs(args, "nameservers"),
         split=_opt_split(args), clear_split=bool(args.get("clear_split")),
         search_domains=_opt_strs(args, "search_domains"), override_local_dns=_opt_bool(args, "override_local_dns"),
+        domain=_opt_str(args, "base_domain"),
     )
 
 

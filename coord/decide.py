@@ -514,13 +514,21 @@ def seed_dns(state: State, configured: dns.DnsSettings) -> list[ev.Event]:
 def set_dns(
     state: State, base_domain: str, *, magic_dns: bool | None = None, nameservers: list[str] | None = None,
     split: dict[str, list[str]] | None = None, clear_split: bool = False, search_domains: list[str] | None = None,
-    override_local_dns: bool | None = None,
+    override_local_dns: bool | None = None, domain: str | None = None, config_domain: str = "", server_host: str = "",
 ) -> list[ev.Event]:
     """``dns set``: given fields replace the current ones; ``split`` sets each suffix's resolvers (an empty list
-    removes the suffix), after ``clear_split`` dropped them all. No event when nothing changes."""
+    removes the suffix), after ``clear_split`` dropped them all. ``domain`` replaces the base domain (now
+    ``base_domain``; the config's is ``config_domain``), and the other settings are checked against the new one. No
+    event when nothing changes."""
     cur = state.dns
     routes = {} if clear_split else dict(cur.split)
+    out: list[ev.Event] = []
     try:
+        if domain is not None:
+            new_domain = dns.base_domain(domain.strip().lower().removesuffix("."), server_host, "base domain")
+            if new_domain != base_domain:
+                out.append(ev.DNSBaseDomainSet("" if new_domain == config_domain else new_domain))
+                base_domain = new_domain
         for suffix, addrs in (split or {}).items():
             name = dns.dns_name(suffix, "split suffix")
             if addrs:
@@ -539,10 +547,10 @@ def set_dns(
         )
     except dns.DnsError as e:
         raise _dns_error(e) from None
-    if new == cur:
-        return []
-    return [ev.DNSSettingsSet(new.magic_dns, new.nameservers, _split_json(new.split), new.search_domains,
-                              new.override_local_dns)]
+    if new != cur:
+        out.append(ev.DNSSettingsSet(new.magic_dns, new.nameservers, _split_json(new.split), new.search_domains,
+                                     new.override_local_dns))
+    return out
 
 
 def add_dns_record(state: State, name: str, kind: str, value: str) -> list[ev.Event]:

@@ -333,6 +333,14 @@ class DNSSettingsSet(Event):
 
 
 @dataclass(frozen=True)
+class DNSBaseDomainSet(Event):
+    """``shoal-server dns set --base-domain``: the MagicDNS suffix of every node's name, replacing the config's
+    ``base_domain`` from then on ("" goes back to the config's)."""
+
+    domain: str
+
+
+@dataclass(frozen=True)
 class DNSRecordAdded(Event):
     name: str
     record_type: str  # A or AAAA (not ``type``: that is the event's type)
@@ -386,6 +394,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PolicySet,
         DNSConfigSeeded,
         DNSSettingsSet,
+        DNSBaseDomainSet,
         DNSRecordAdded,
         DNSRecordRemoved,
         DNSRecordsFileLoaded,

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -75,6 +76,8 @@ class Service:
     appended: list[Callable[[State], object]] = field(default_factory=list)
     # The fold of the log, when an append failed (create_app gives the snapshot series; default: the whole log).
     reload: Callable[[], Awaitable[State]] | None = None
+    # Called after each committed transaction with (events, seconds the store took): the metrics.
+    on_commit: Callable[[int, float], None] | None = None
     # Hashes of API token and OAuth client secrets by credential id (the store's credential_secrets, never the log).
     credential_hashes: dict[str, str] = field(default_factory=dict)
 
@@ -164,6 +167,7 @@ class Service:
                     hook(self.state)
                 except Exception:
                     log.exception("after-append hook %r failed", hook)
+            started = time.perf_counter()
             try:
                 await self.store.append(records, self.state, policy_changed)
             except BaseException as e:
@@ -172,6 +176,8 @@ class Service:
                     raise
                 continue
             self.committed = (records[-1].seq, records[-1].hash)
+            if self.on_commit is not None:
+                self.on_commit(len(records), time.perf_counter() - started)
             for p in batch:
                 self.publish(p.change)
                 if not p.done.done():
@@ -411,13 +417,18 @@ class Service:
     def get_dns(self) -> dict[str, Any]:
         st = self.state
         out = dns.as_json(st.dns)
-        out["base_domain"] = self.settings.domain
+        out["base_domain"] = self.builder.domain
+        out["base_domain_source"] = "admin" if st.base_domain else "config"
         out["file_records"] = [{"name": n, "type": t, "value": v} for n, t, v in st.dns_file_records]
         out["netmap"] = self.builder.dns_config()
         return out
 
     async def set_dns(self, *, actor: str = Actor.ADMIN, **changes: Any) -> dict[str, Any]:
-        records = await self.execute(lambda s: decide.set_dns(s, self.settings.domain, **changes), actor)
+        records = await self.execute(
+            lambda s: decide.set_dns(s, self.builder.domain, config_domain=self.settings.domain,
+                                     server_host=self.settings.server_host, **changes),
+            actor,
+        )
         return {"changed": bool(records), **self.get_dns()}
 
     async def add_dns_record(self, name: str, kind: str, value: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:

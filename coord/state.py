@@ -158,6 +158,8 @@ class State:
     dns_seed: dnsmod.DnsSettings = dnsmod.DEFAULT
     dns_file_records: tuple[tuple[str, str, str], ...] = ()
     dns_version: int = 0
+    # The base domain an admin set at run time (DNSBaseDomainSet); "" = the server config's base_domain.
+    base_domain: str = ""
     # API access tokens and OAuth clients (coord/apiv2/creds.py), by id: plain JSON values (kind, prefix,
     # user_id, description, created, expires, scopes, tags, revoked). Never a secret nor a hash of one.
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -392,6 +394,14 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 override_local_dns=event.override_local_dns,
             )
             return _dns_changed(state)
+        case ev.DNSBaseDomainSet(domain=domain):
+            state.base_domain = domain
+            # Every name changes: each node's own record and every record it holds of its peers.
+            for n in state.nodes.values():
+                _touch(n)
+            everyone = set(state.nodes)
+            state.dns_version += 1
+            return Change(peers=everyone, self_nodes=everyone, dns=True)
         case ev.DNSRecordAdded(name=name, record_type=kind, value=value):
             if (name, kind, value) not in state.dns.extra_records:
                 state.dns = replace(state.dns, extra_records=(*state.dns.extra_records, (name, kind, value)))

@@ -133,7 +133,7 @@ class ApiV2:
     def _device_list(self, all_fields: bool) -> bytes:
         """The encoded list; each device's JSON is kept by what it is made of, so an event re-encodes only the
         devices it changed (a 2,000-node list after one endpoint change costs the keys, not 2,000 encodings)."""
-        st, domain = self.state, self.service.settings.domain
+        st, domain = self.state, self.service.builder.domain
         old = self._device_json.get(all_fields, {})
         new: dict[int, tuple[tuple[Any, ...], bytes]] = {}
         parts = []
@@ -154,7 +154,7 @@ class ApiV2:
 
     async def device(self, request: Request, p: Principal) -> Response:
         n = self.state.nodes[int(self.node(request))]
-        return _json(shapes.device(self.state, n, self.service.settings.domain, all_fields=self._fields(request)))
+        return _json(shapes.device(self.state, n, self.service.builder.domain, all_fields=self._fields(request)))
 
     async def delete_device(self, request: Request, p: Principal) -> Response:
         await self.service.delete_node(self.node(request), actor=p.actor)
@@ -183,7 +183,7 @@ class ApiV2:
         name = shapes.get_str(await self.obj(request), "name", limit=253)
         n = self.state.nodes[int(ref)]
         # Tailscale takes the short name or the full one; "" resets to the OS hostname.
-        name = name.removesuffix("." + self.service.settings.domain) or n.hostname.lower()
+        name = name.removesuffix("." + self.service.builder.domain) or n.hostname.lower()
         await self.service.rename_node(ref, name, actor=p.actor)
         return _json({})
 
