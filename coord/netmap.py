@@ -28,6 +28,8 @@ class Visibility(Protocol):
 
     def filter(self, node_id: int) -> list[dict[str, Any]]: ...
 
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None: ...
+
 
 @dataclass
 class AllowAll:
@@ -43,6 +45,9 @@ class AllowAll:
 
     def filter(self, node_id: int) -> list[dict[str, Any]]:
         return FILTER_ALLOW_ALL
+
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
+        return None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -159,6 +164,11 @@ class Builder:
             self._dns_json = (version, _dumps(self.dns_config()))
         return self._dns_json[1]
 
+    def ssh_json(self, vis: Visibility, me: Node) -> dict[str, Any]:
+        """The node's SSHPolicy (coord/policy/ssh.py); ``{"Rules": []}`` (no SSH) rather than null, which means
+        "unchanged" on the wire."""
+        return (vis.ssh_policy(me.id) if me.active else None) or {"Rules": []}
+
     def visible(self, vis: Visibility, node_id: int) -> dict[int, Node]:
         me = self.state.nodes.get(node_id)
         if me is None or not me.active:
@@ -185,6 +195,7 @@ class Builder:
                 b',"DERPMap":', derp,
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
+                b',"SSHPolicy":', _dumps(self.ssh_json(vis, me)),
                 b',"Domain":', _dumps(self.settings.domain),
                 b',"ControlTime":', self.control_time(now),
                 b"}",
@@ -250,6 +261,7 @@ class Builder:
             parts.append(b'"PeersChangedPatch":[' + b",".join(patches) + b"]")
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
+            parts.append(b'"SSHPolicy":' + _dumps(self.ssh_json(vis, me)))
         if change.dns:
             parts.append(b'"DNSConfig":' + self.dns_json())
         if not parts:
