@@ -52,9 +52,9 @@ MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
-    "accept_routes": bool, "snat_subnet_routes": bool,
+    "accept_routes": bool, "snat_subnet_routes": bool, "ssh": bool,
 }
-BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes"}
+BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes", "ssh"}
 
 
 class BadRequest(LocalError):
@@ -109,7 +109,7 @@ def create_app(agent: Agent) -> Starlette:
             login_server=args.get("login_server", ""), auth_key=args.get("auth_key", ""),
             hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
             wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
-            ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
+            ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"), ssh=args.get("ssh"),
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
                                args.get("accept_routes"), args.get("snat_subnet_routes")),
         ))

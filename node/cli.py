@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the system store)")
     up.add_argument("--accept-dns", default=None, type=bool_arg, metavar="true|false",
                     help="point the OS resolver at MagicDNS (100.100.100.100) (remembered; default true)")
+    up.add_argument("--ssh", default=None, action=argparse.BooleanOptionalAction,
+                    help="serve Shoal SSH on this node's tailnet addresses, port 22: peers log in by their tailnet "
+                         "identity as the policy's ssh rules say (remembered; default off)")
     up.add_argument("--timeout", type=float, default=0,
                     help="give up waiting for login approval after this many seconds (default: wait)")
     sub.add_parser("down", help="take the tunnel down; stay registered")
@@ -170,7 +173,7 @@ def cmd_up(api: Api, args: argparse.Namespace) -> int:
         body["advertise_tags"] = parse_tags(args.advertise_tags)
     if args.advertise_routes is not None:
         body["advertise_routes"] = [r.strip() for r in args.advertise_routes.split(",") if r.strip()]
-    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes"):
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "ssh"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     st = api.call("POST", "/up", body)
