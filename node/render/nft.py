@@ -53,7 +53,8 @@ exempt (the node talking to its own tailnet address). Our own addresses coming i
 dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
 
 With Shoal SSH on (`ssh_port`, `shoal up --ssh`), a `prerouting` nat chain `ssh_redirect` sends tailnet port 22
-on our own addresses to the SSH listener (`iifname "tail0" ip daddr @self4 tcp dport 22 redirect to :41022`), so
+on our own addresses to the SSH listener (`iifname "tail0" ip daddr 100.64.0.2 tcp dport 22 dnat ip to
+100.64.0.2:41022`), so
 a host sshd on 0.0.0.0:22 keeps its port; the input chain drops the listener's port from any other interface,
 `from_tailnet` drops it unless the connection's original destination port was 22, and every rule that opens TCP
 22 opens the listener's port to the same sources.
@@ -277,8 +278,11 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
         ]
     if ssh_port is not None and (self4 or self6):
         out += ["\tchain ssh_redirect {", "\t\ttype nat hook prerouting priority dstnat; policy accept;",
-                *(f'\t\tiifname "{iface}" {kw} daddr @self{fam} tcp dport 22 redirect to :{ssh_port}'
-                  for kw, fam, have in (("ip", "4", self4), ("ip6", "6", self6)) if have),
+                # dnat to the same address, not `redirect`: that picks the interface's first address, which may be
+                # quad-100's (dropped in from_tailnet)
+                *(f'\t\tiifname "{iface}" ip daddr {x} tcp dport 22 dnat ip to {x}:{ssh_port}' for x in _uniq(self4)),
+                *(f'\t\tiifname "{iface}" ip6 daddr {x} tcp dport 22 dnat ip6 to [{x}]:{ssh_port}'
+                  for x in _uniq(self6)),
                 "\t}"]
     # quad-100 serves this node only, whatever the policy: no peer may use it as a forwarder or list names
     out += ["\tchain from_tailnet {", *(f"\t\t{kw} daddr {a} counter name dropped drop" for kw, a in QUAD100),

@@ -97,6 +97,7 @@ class SshServer:
         self._server = await asyncssh.create_server(
             lambda: _Conn(self), self.hosts, self.port, server_host_keys=[key], process_factory=self._session,
             agent_forwarding=False, x11_forwarding=False, allow_scp=False, reuse_address=True,
+            encoding=None, line_editor=False,  # bytes through, as the pty gives them
         )
 
     async def close(self) -> None:

@@ -129,9 +129,9 @@ def test_ssh_login_by_tailnet_identity(tailnet: Tailnet, local_user: str, tmp_pa
     # mallory: no rule names her
     out = ssh(tn, "m", local_user, s4, "id -un")
     assert out.returncode == 255 and "Permission denied" in out.stderr and out.stdout == ""
-    # port forwarding is refused
+    # port forwarding is refused (a remote forward here; asyncssh refuses direct-tcpip channels the same way)
     out = ssh(tn, "a", local_user, s4, "sleep 1", opts=("-o", "ExitOnForwardFailure=yes",
-                                                         "-L", "127.0.0.1:9999:127.0.0.1:22"))
+                                                         "-R", "127.0.0.1:9999:127.0.0.1:22"))
     assert out.returncode == 255 and "forwarding failed" in out.stderr.lower(), out.stderr
 
     # the host's own sshd keeps port 22 on every other address
