@@ -45,6 +45,16 @@ with socket.create_connection((sys.argv[1], 22), timeout=5) as c:
 """
 
 
+def checked(local: str) -> str:
+    """Alice's login becomes a `check` rule: she must sign in again, which this node cannot ask for yet."""
+    return json.dumps({
+        "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+        "ssh": [{"action": "check", "src": ["alice@example.com"], "dst": ["server@example.com"], "users": [local],
+                 "checkPeriod": "1h"}],
+        "sshTests": [{"src": "alice@example.com", "dst": ["server@example.com"], "check": [local]}],
+    })
+
+
 def policy(local: str) -> str:
     return json.dumps({
         "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
@@ -145,3 +155,15 @@ def test_ssh_login_by_tailnet_identity(tailnet: Tailnet, local_user: str, tmp_pa
     assert "alice@example.com (node" in log and f"logged in as {local_user}" in log
     assert "refused alice@example.com (node" in log and "as root" in log  # autogroup:nonroot
     assert "refused unknown from" in log  # root@ and mallory@: no rule names them with a user they may have
+
+    # a policy change cuts what it forbids: the next login is asked to sign in again (check), and refused here
+    pfile.write_text(checked(local_user))
+    p = lab.exec(tn.server_ns, [sys.executable, "-m", "coord.cli", "policy", "set", str(pfile), "--data",
+                                str(tn.data)], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    def refused() -> bool:
+        out = ssh(tn, "a", local_user, s4, "true")
+        return out.returncode == 255 and "sign in again (check)" in out.stderr
+
+    tn.wait_for("alice refused under check", refused, timeout=10, step=0.2)
