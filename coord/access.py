@@ -62,6 +62,9 @@ class PolicyVisibility:
     def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
         return self.engine.ssh_policy(node_id)
 
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        return self.engine.cap_grants(node_id)
+
     def observe(self, records: list[ev.Record]) -> Change:
         affected: set[int] = set()
         for r in records:

@@ -30,6 +30,8 @@ class Visibility(Protocol):
 
     def ssh_policy(self, node_id: int) -> dict[str, Any] | None: ...
 
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]: ...
+
 
 @dataclass
 class AllowAll:
@@ -48,6 +50,9 @@ class AllowAll:
 
     def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
         return None
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        return []
 
 
 def _dumps(obj: Any) -> bytes:
@@ -196,6 +201,7 @@ class Builder:
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
                 b',"SSHPolicy":', _dumps(self.ssh_json(vis, me)),
+                b',"CapGrants":', _dumps(vis.cap_grants(node_id) if me.active else []),
                 b',"Domain":', _dumps(self.settings.domain),
                 b',"ControlTime":', self.control_time(now),
                 b"}",
@@ -262,6 +268,7 @@ class Builder:
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
             parts.append(b'"SSHPolicy":' + _dumps(self.ssh_json(vis, me)))
+            parts.append(b'"CapGrants":' + _dumps(vis.cap_grants(node_id) if me.active else []))
         if change.dns:
             parts.append(b'"DNSConfig":' + self.dns_json())
         if not parts:

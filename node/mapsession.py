@@ -4,11 +4,12 @@
 rules ("zero = unchanged", as Tailscale's controlclient mapSession): a self ``Node`` replaces ours; ``Peers``
 replaces every peer, else ``PeersChanged`` replaces the records it names, then ``PeersRemoved`` drops peers, then
 ``PeersChangedPatch`` changes the fields it carries on peers we have (a patch for an unknown peer is dropped);
-``DERPMap``, ``DNSConfig``, ``PacketFilter`` and ``SSHPolicy`` replace what we had when
+``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``SSHPolicy`` and ``CapGrants`` replace what we had when
 present, ``Domain`` when not empty.
 
 The saved form (node/state.py ``netmap.json``) is a full MapResponse: ``{"Node", "Peers" (sorted by ID),
-"DERPMap", "DNSConfig", "PacketFilter", "Domain", "SSHPolicy"}``, read back with the same parser as the stream.
+"DERPMap", "DNSConfig", "PacketFilter", "Domain", "SSHPolicy", "CapGrants"}``, read back with the same parser as
+the stream.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class NetMap:
     packet_filter: tuple[wire.FilterRule, ...] | None = None  # None: none received yet (blocks all)
     domain: str = ""
     ssh_policy: wire.SSHPolicy | None = None  # None: none received yet (no SSH)
+    cap_grants: tuple[wire.CapGrant, ...] = ()
 
     def sorted_peers(self) -> list[wire.Node]:
         return [self.peers[k] for k in sorted(self.peers)]
@@ -42,6 +44,7 @@ class NetMap:
             "PacketFilter": None if self.packet_filter is None else [r.to_json() for r in self.packet_filter],
             "Domain": self.domain,
             "SSHPolicy": None if self.ssh_policy is None else self.ssh_policy.to_json(),
+            "CapGrants": [g.to_json() for g in self.cap_grants],
         }
 
     @classmethod
@@ -76,4 +79,5 @@ def apply(nm: NetMap, msg: wire.MapResponse) -> NetMap:
         packet_filter=nm.packet_filter if msg.packet_filter is None else msg.packet_filter,
         domain=msg.domain or nm.domain,
         ssh_policy=nm.ssh_policy if msg.ssh_policy is None else msg.ssh_policy,
+        cap_grants=nm.cap_grants if msg.cap_grants is None else msg.cap_grants,
     )

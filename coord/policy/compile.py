@@ -29,7 +29,7 @@ from typing import Any
 
 from coord.wire.schema import FILTER_ALLOW_ALL as FILTER_ALLOW_ALL
 
-from . import ssh
+from . import capgrant, ssh
 from .match import Subject, match_sel, posture_ok
 from .model import INTERNET, IPNet, Policy, Rule, Sel
 
@@ -196,6 +196,7 @@ class PolicyEngine:
         self.all_ids: set[int] = set()
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
+        self._caps: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
         self._srcips: dict[int, list[str]] = {}
         self._self_srcips: dict[tuple[int, str], list[str]] = {}
@@ -277,6 +278,15 @@ class PolicyEngine:
             subjects = [(i, n.subject) for i, n in sorted(self.nodes.items())]
             self._ssh[node_id] = ssh.compile_node(self.policy, self.nodes[node_id].subject, node_id, subjects)
         return self._ssh[node_id]
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        """The app capabilities other nodes hold on this one (coord/policy/capgrant.py); cached like ssh_policy."""
+        if node_id not in self.nodes or self.policy is None or not any(g.app for g in self.policy.grants):
+            return []
+        if node_id not in self._caps:
+            subjects = [(i, n.subject) for i, n in sorted(self.nodes.items())]
+            self._caps[node_id] = capgrant.compile_node(self.policy, self.nodes[node_id].subject, node_id, subjects)
+        return self._caps[node_id]
 
     def node(self, node_id: int) -> PolicyNode | None:
         n = self.nodes.get(node_id)
@@ -383,6 +393,7 @@ class PolicyEngine:
 
     def _invalidate(self, ids: Iterable[int]) -> None:
         self._ssh.clear()
+        self._caps.clear()
         for x in ids:
             self._filters.pop(x, None)
             self._peers.pop(x, None)

@@ -131,6 +131,8 @@ class Grant:
     via: tuple[str, ...]
     app: dict[str, Any] | None
     src_posture: tuple[str, ...] | None
+    src_sels: tuple[Sel, ...] = ()
+    dst_sels: tuple[Sel, ...] = ()
 
 
 @dataclass(frozen=True)

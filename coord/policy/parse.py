@@ -469,7 +469,7 @@ class _Parser:
             Rule(path, src, tuple(Dst(s, tuple(ports)) for s in dst_sels), protos, via, posture)
             for protos, ports in by_proto.items()
         ]
-        return Grant(tuple(g["src"]), tuple(g["dst"]), ip, via, app, posture), rules
+        return Grant(tuple(g["src"]), tuple(g["dst"]), ip, via, app, posture, src, dst_sels), rules
 
     def ip_spec(self, spec: str, path: Path) -> tuple[tuple[int, ...], tuple[PortRange, ...]]:
         if spec == "*":

@@ -36,7 +36,8 @@ for an approved exit node.
 FilterRule: ``{SrcIPs: [cidr|"*"|"a-b"], DstPorts: [{IP: cidr|"*", Ports: {First, Last}}], IPProto?: [int]}``
 for traffic arriving at the node. SSHPolicy: ``{Rules: [{Principals: [{Node, User, Tags, IPs}], SSHUsers: {login|"*":
 local|"="|""}, Action: "accept"|"check", CheckPeriod, Origin}]}`` for Shoal SSH to the node (coord/policy/ssh.py);
-no rules: no SSH. The renderer (node/render/nft.py) checks the addresses again before any of
+no rules: no SSH. CapGrants: ``[{SrcIPs: [ip], CapMap: {cap: [object]}}]``, the app capabilities sources
+hold on this node (coord/policy/capgrant.py). The renderer (node/render/nft.py) checks the addresses again before any of
 them reaches an nft script.
 
 DERPMap: ``{Regions: {"<id>": {RegionID, RegionCode, RegionName, NoMeasureNoHome?, Nodes: [{Name, RegionID,
@@ -694,6 +695,34 @@ class SSHPolicy:
         return {"Rules": [r.to_json() for r in self.rules]}
 
 
+@dataclass(frozen=True)
+class CapGrant:
+    """App capabilities the sources hold on this node (coord/policy/capgrant.py); values are opaque JSON."""
+
+    src_ips: tuple[str, ...]
+    cap_map: tuple[tuple[str, tuple[JSON, ...]], ...]
+
+    @classmethod
+    def from_json(cls, v: object, where: str) -> CapGrant:
+        d = _fields(v, where, "SrcIPs", "CapMap")
+        ips = _strs(d["SrcIPs"], f"{where}.SrcIPs")
+        for i, ip in enumerate(ips):
+            try:
+                ipaddress.ip_network(ip, strict=False)
+            except ValueError:
+                raise WireError(f"{where}.SrcIPs[{i}]: expected an address or prefix") from None
+        caps: list[tuple[str, tuple[JSON, ...]]] = []
+        for name, vals in _obj(d["CapMap"], f"{where}.CapMap").items():
+            items = _list(vals, f"{where}.CapMap[{name!r}]")
+            if not all(isinstance(x, dict) for x in items):
+                raise WireError(f"{where}.CapMap[{name!r}]: expected a list of objects")
+            caps.append((name, tuple(items)))
+        return cls(ips, tuple(caps))
+
+    def to_json(self) -> JSON:
+        return {"SrcIPs": list(self.src_ips), "CapMap": {k: list(v) for k, v in self.cap_map}}
+
+
 # --- DERP map ---------------------------------------------------------------------------------------------
 
 
@@ -1086,6 +1115,7 @@ class MapResponse:
     dns: DNSConfig | None = None
     packet_filter: tuple[FilterRule, ...] | None = None  # None: unchanged; () blocks all
     ssh_policy: SSHPolicy | None = None  # None: unchanged; no rules: no SSH
+    cap_grants: tuple[CapGrant, ...] | None = None  # None: unchanged
     domain: str = ""
     keep_alive: bool = False
     control_time: datetime | None = None
@@ -1115,6 +1145,8 @@ class MapResponse:
             dns=None if dns is None else DNSConfig.from_json(dns, f"{w}.DNSConfig"),
             packet_filter=None if filt is None else parse_filter(filt, f"{w}.PacketFilter"),
             ssh_policy=None if d.get("SSHPolicy") is None else SSHPolicy.from_json(d["SSHPolicy"], f"{w}.SSHPolicy"),
+            cap_grants=None if d.get("CapGrants") is None else tuple(
+                CapGrant.from_json(g, f"{w}.CapGrants[{i}]") for i, g in enumerate(_list(d["CapGrants"], w))),
             domain=_str(d.get("Domain"), f"{w}.Domain"),
             keep_alive=_bool(d.get("KeepAlive"), f"{w}.KeepAlive"),
             control_time=_time(d.get("ControlTime"), f"{w}.ControlTime"),
@@ -1141,6 +1173,8 @@ class MapResponse:
             out["PacketFilter"] = [r.to_json() for r in self.packet_filter]
         if self.ssh_policy is not None:
             out["SSHPolicy"] = self.ssh_policy.to_json()
+        if self.cap_grants is not None:
+            out["CapGrants"] = [g.to_json() for g in self.cap_grants]
         if self.domain:
             out["Domain"] = self.domain
         if self.keep_alive:
@@ -1154,7 +1188,8 @@ class MapResponse:
         """Nothing in it changes a netmap (a keep-alive, say)."""
         return (self.node is None and self.peers is None and not self.peers_changed and not self.peers_removed
                 and not self.peers_patch and self.derp_map is None and self.dns is None
-                and self.packet_filter is None and self.ssh_policy is None and not self.domain)
+                and self.packet_filter is None and self.ssh_policy is None and self.cap_grants is None
+                and not self.domain)
 
 
 R = TypeVar("R", Node, PeerChange)
@@ -1197,6 +1232,7 @@ class NetMap:
     packet_filter: list[dict[str, Any]] | None = None
     domain: str = ""
     ssh_policy: dict[str, Any] | None = None
+    cap_grants: list[dict[str, Any]] | None = None
 
     def apply(self, msg: dict[str, Any]) -> None:
         if "Node" in msg and msg["Node"] is not None:
@@ -1218,7 +1254,7 @@ class NetMap:
                         peer[k] = patch[k]
                 self.peers[patch["NodeID"]] = peer
         for attr, key in (("derp_map", "DERPMap"), ("dns", "DNSConfig"), ("packet_filter", "PacketFilter"),
-                          ("ssh_policy", "SSHPolicy")):
+                          ("ssh_policy", "SSHPolicy"), ("cap_grants", "CapGrants")):
             if msg.get(key) is not None:
                 setattr(self, attr, msg[key])
         if msg.get("Domain"):
@@ -1233,5 +1269,6 @@ class NetMap:
             "PacketFilter": self.packet_filter,
             "Domain": self.domain,
             "SSHPolicy": self.ssh_policy,
+            "CapGrants": self.cap_grants,
         }
 
