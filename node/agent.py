@@ -35,6 +35,7 @@ from typing import Any
 from coord import wire
 from node import compile, endpoints, login, mapsession
 from node import status as status_doc
+from node import whois as whois_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.dns.magic import MagicDNS
 from node.errors import LocalError
@@ -350,6 +351,12 @@ class Agent:
         if ms is None:
             return status_doc.no_magic
         return ms.observe
+
+    def whois(self, addr: str) -> dict[str, Any]:
+        try:
+            return whois_doc.whois(self.netmap, addr)
+        except whois_doc.WhoisError as e:
+            raise AgentError(404, str(e)) from None
 
     # --- NAT traversal commands -----------------------------------------------------------------------------
 

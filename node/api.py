@@ -155,6 +155,12 @@ def create_app(agent: Agent) -> Starlette:
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
+    async def whois(request: Request) -> Response:
+        addr = request.query_params.get("addr", "")
+        if not addr or len(addr) > 64:
+            raise BadRequest("addr: expected a tailnet address")
+        return JSONResponse(agent.whois(addr))
+
     async def bad_request(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
 
@@ -165,6 +171,7 @@ def create_app(agent: Agent) -> Starlette:
     return Starlette(
         routes=[
             Route("/status", status, methods=["GET"]),
+            Route("/whois", whois, methods=["GET"]),
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-4", dest="v4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", dest="v6", action="store_true", help="IPv6 only")
     ip.add_argument("peer", nargs="?", help="peer name or address")
+    wh = sub.add_parser("whois", help="who a tailnet address is, and its app capabilities on this node")
+    wh.add_argument("--json", action="store_true")
+    wh.add_argument("addr", help="a tailnet address")
     pg = sub.add_parser("ping", help="disco ping a peer: which path (DERP or direct) and how fast")
     pg.add_argument("-c", "--count", type=int, default=10, help="attempts (default 10)")
     pg.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong (default 5)")
@@ -370,6 +374,17 @@ def render_netcheck(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_whois(w: dict[str, Any]) -> str:
+    n = w["Node"]
+    owner = ", ".join(n["Tags"]) if n["Tags"] else f"user {n['User']}"
+    lines = [f"{n['Name'].rstrip('.')} (node {n['ID']}, {owner}): {' '.join(n['Addresses'])}"]
+    if not w["CapMap"]:
+        lines.append("no app capabilities on this node")
+    for cap, vals in w["CapMap"].items():
+        lines.append(f"  {cap}: {json.dumps(vals)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api = Api(args.socket)
@@ -385,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "ping":
             return cmd_ping(api, args)
+        if args.cmd == "whois":
+            w = api.call("GET", "/whois?addr=" + urllib.parse.quote(args.addr))
+            print(json.dumps(w, indent=2) if args.json else render_whois(w))
+            return 0
         if args.cmd == "dns":
             return cmd_dns(api, args)
         if args.cmd == "netcheck":

@@ -58,6 +58,8 @@ def checked(local: str) -> str:
 def policy(local: str) -> str:
     return json.dumps({
         "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+        "grants": [{"src": ["alice@example.com"], "dst": ["server@example.com"],
+                    "app": {"example.com/cap/files": [{"shares": ["docs"]}]}}],
         "ssh": [
             {"action": "accept", "src": ["alice@example.com"], "dst": ["server@example.com"], "users": [local]},
             {"action": "accept", "src": ["root@example.com"], "dst": ["server@example.com"],
@@ -120,6 +122,10 @@ def test_ssh_login_by_tailnet_identity(tailnet: Tailnet, local_user: str, tmp_pa
     out = ssh(tn, "a", local_user, s4, "id -un; echo HOME=$HOME; exit 7")
     assert out.returncode == 7, out.stderr
     assert out.stdout.split() == [local_user, f"HOME={tmp_path / local_user}"]
+    # the app grant reached s: `shoal whois` there says who alice's address is and what she may
+    w = json.loads(tn.shoal("s", "whois", "--json", tn.ip("a", "-4")).stdout)
+    assert w["Node"]["Name"].startswith("a.") and w["CapMap"] == {"example.com/cap/files": [{"shares": ["docs"]}]}
+    assert json.loads(tn.shoal("s", "whois", "--json", tn.ip("m", "-4")).stdout)["CapMap"] == {}
     # with a PTY: a real terminal, controlling the shell
     out = ssh(tn, "a", local_user, s4, "tty; ps -o tty= -p $$", tty=True)
     assert out.returncode == 0, out.stderr
