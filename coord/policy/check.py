@@ -28,7 +28,8 @@ device.
 Result shape (exactly): {"ok", "tests", "assertions", "passed", "failed": [{"test", "src", "dst",
 "expected"}], "skipped": [{"test", "src", "dst", "reason"}], "errors": [str], "ssh_tests", "ssh_assertions",
 "ssh_passed", "ssh_failed": [{"ssh_test", "src", "dst": [str], "user", "expected", "got"}], "ssh_skipped":
-[{"ssh_test", "src", "dst", "user", "expected", "reason"}]}; `test` and `ssh_test` are 0-based indexes into
+[{"ssh_test", "src", "dst", "user", "expected", "reason"}], "node_attrs": [{"node_attr", "attr", "applied",
+"reason"}]}; `test` and `ssh_test` are 0-based indexes into
 `tests` and `sshTests`. An sshTests assertion asks the first matching ssh rule (see ssh.py) whether `user` gets
 "accept", "check" or nothing ("deny"); a stand-in whose verdict depends on unknown facts skips it.
 """
@@ -232,8 +233,36 @@ def run_tests(policy: Policy, tailnet: Mapping[str, Any] | None = None) -> dict[
                     reason = "; ".join(v.reasons) or "needs tailnet state"
                     result["skipped"].append({"test": i, "src": test.src, "dst": dst, "reason": reason})
     _run_ssh_tests(policy, tn, result)
+    result["node_attrs"] = node_attrs_report(policy)
     result["ok"] = not result["failed"] and not result["ssh_failed"]
     return result
+
+
+# nodeAttrs Shoal knows of and does not apply yet, by attribute (or its prefix before ':' or '?'), with why.
+NOT_APPLIED = {
+    "funnel": "Shoal has no Funnel (public ingress)",
+    "tailscale.com/cap/funnel": "Shoal has no Funnel (public ingress)",
+    "mullvad": "Shoal has no Mullvad exit nodes",
+    "drive": "Shoal has no Taildrive",
+    "tailscale.com/cap/file-sharing": "Shoal has no Taildrop",
+    "nextdns": "Shoal's MagicDNS has no NextDNS resolver",
+    "exit-node": "exit nodes are chosen by the client (shoal up), not by attribute",
+    "disable-split-dns-when-no-custom-resolvers": "not applied by Shoal's MagicDNS",
+    "traffic-steering": "Shoal has no traffic steering",
+    "randomize-client-port": "not applied: the agent keeps its WireGuard port",
+}
+
+
+def node_attrs_report(policy: Policy) -> list[dict[str, Any]]:
+    """Every `nodeAttrs` attribute, and whether Shoal applies it. None is applied yet: each says why, known ones
+    with the missing feature, the rest as unknown (kept in the policy, never an error)."""
+    out: list[dict[str, Any]] = []
+    for i, na in enumerate(policy.node_attrs):
+        for attr in na.attr:
+            base = attr.split("?", 1)[0]
+            reason = NOT_APPLIED.get(base) or NOT_APPLIED.get(base.split(":", 1)[0]) or "not known to Shoal"
+            out.append({"node_attr": i, "attr": attr, "applied": False, "reason": reason})
+    return out
 
 
 def _run_ssh_tests(policy: Policy, tn: _Tailnet, result: dict[str, Any]) -> None:
@@ -311,7 +340,8 @@ def check(
 
 def _error(msg: str) -> dict[str, Any]:
     return {"ok": False, "tests": 0, "assertions": 0, "passed": 0, "failed": [], "skipped": [], "errors": [msg],
-            "ssh_tests": 0, "ssh_assertions": 0, "ssh_passed": 0, "ssh_failed": [], "ssh_skipped": []}
+            "ssh_tests": 0, "ssh_assertions": 0, "ssh_passed": 0, "ssh_failed": [], "ssh_skipped": [],
+            "node_attrs": []}
 
 
 def render_check(result: Mapping[str, Any]) -> str:
@@ -329,6 +359,9 @@ def render_check(result: Mapping[str, Any]) -> str:
     for s in result.get("ssh_skipped", []):
         where = f"{s['src']} -> {','.join(s['dst'])} as {s['user']}"
         lines.append(f"skip sshTests[{s['ssh_test']}]: {where}: {s['reason']}")
+    for a in result.get("node_attrs", []):
+        if not a["applied"]:
+            lines.append(f"note nodeAttrs[{a['node_attr']}]: {a['attr']} not applied: {a['reason']}")
     verdict = "ok" if result["ok"] else "FAILED"
     lines.append(
         f"{verdict}: {result['tests']} tests, {result['assertions']} assertions: {result['passed']} passed, "

@@ -272,3 +272,29 @@ def test_ssh_corpus_ssh_tests_pass_or_are_listed_skips() -> None:
         passed += r["ssh_passed"]
     assert skipped == SSH_SKIPPED
     assert (files, total, passed) == (11, 67, 59)
+
+
+@pytest.mark.corpus
+def test_nodeattr_corpus_attributes_are_listed_not_applied() -> None:
+    files = 0
+    reasons: dict[str, int] = {}
+    for name in corpus.NAMES:
+        path = corpus.path(name)
+        if path.stem in REFUSED:
+            continue
+        r = check(path.read_bytes(), None, path.name)
+        files += bool(r["node_attrs"])
+        for a in r["node_attrs"]:
+            assert a["applied"] is False
+            reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
+    assert files == 29
+    assert reasons == {
+        "Shoal has no Funnel (public ingress)": 35,
+        "Shoal has no Mullvad exit nodes": 22,
+        "Shoal has no Taildrive": 22,
+        "Shoal's MagicDNS has no NextDNS resolver": 6,
+        "exit nodes are chosen by the client (shoal up), not by attribute": 2,
+        "not applied by Shoal's MagicDNS": 1,
+        "Shoal has no Taildrop": 1,
+        "Shoal has no traffic steering": 1,
+    }

@@ -82,6 +82,7 @@ def test_check_reports_failure_shape() -> None:
         "ssh_passed": 0,
         "ssh_failed": [],
         "ssh_skipped": [],
+        "node_attrs": [],
     }
     bad = check('{"acls": [}')
     assert not bad["ok"] and bad["errors"] and "policy.hujson:1:11" in bad["errors"][0]

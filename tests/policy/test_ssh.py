@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coord.policy import PolicyEngine, PolicyError, PolicyNode, check, parse
+from coord.policy import PolicyEngine, PolicyError, PolicyNode, check, parse, render_check
 
 POLICY = """{
   "groups": {"group:ops": ["alice@example.com"]},
@@ -102,3 +102,16 @@ def test_ssh_local_user_names_are_validated(user: str, msg: str) -> None:
     text = POLICY.replace('"users": ["root"]', f'"users": ["{user}"]')
     with pytest.raises(PolicyError, match=msg):
         parse(text)
+
+
+def test_nodeattr_listed_by_policy_check_as_not_applied() -> None:
+    attrs = '"nodeAttrs": [{"target": ["*"], "attr": ["funnel", "nextdns:abc?priority=1", "x-custom"]}],'
+    text = POLICY.replace('"sshTests": [', attrs + '\n  "sshTests": [')
+    r = check(text)
+    assert r["ok"] and r["node_attrs"] == [
+        {"node_attr": 0, "attr": "funnel", "applied": False, "reason": "Shoal has no Funnel (public ingress)"},
+        {"node_attr": 0, "attr": "nextdns:abc?priority=1", "applied": False,
+         "reason": "Shoal's MagicDNS has no NextDNS resolver"},
+        {"node_attr": 0, "attr": "x-custom", "applied": False, "reason": "not known to Shoal"},
+    ]
+    assert "note nodeAttrs[0]: x-custom not applied: not known to Shoal" in render_check(r)
