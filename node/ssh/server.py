@@ -8,8 +8,9 @@ only public keys and none is ever accepted ("Permission denied"), after a banner
 Sessions run as the local user through subprocess `user=`, `group=`, `extra_groups=` with a login environment
 (HOME, USER, LOGNAME, SHELL, PATH, TERM, SSH_CONNECTION), the user's shell (`-l` for a login shell, `-c` for a
 command), in the home directory. A PTY request gets a real pty whose slave is the child's controlling terminal
-(util-linux `setsid --ctty`, so no preexec_fn runs in the daemon); exec without a pty gets pipes. The `sftp`
-subsystem runs OpenSSH's sftp-server as the user, when installed. Port forwarding, agent and X11 forwarding are
+(util-linux `setsid --ctty`, so no preexec_fn runs in the daemon); exec without a pty gets pipes. Subsystems
+(sftp, so also OpenSSH 9's scp) are refused for now: asyncssh serves sftp only in-process, and it must run as
+the user. Port forwarding, agent and X11 forwarding are
 refused: a forwarded connection would leave from this node and bypass the peers' packet filters. Every login and
 refusal is an audit line (who, as whom, from where, when) on the `shoal.ssh` logger.
 """
@@ -40,7 +41,6 @@ log = logging.getLogger("shoal.ssh")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 LISTEN_PORT = 41022
-SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -129,17 +129,9 @@ class SshServer:
         term = process.get_terminal_type()
         if term:
             env["TERM"] = term
-        if process.subsystem == "sftp":
-            server = next((s for s in SFTP_SERVERS if os.path.exists(s)), None)
-            if server is None:
-                raise OSError("sftp is not available on this node (no sftp-server)")
-            argv = [server]
-        elif process.subsystem:
-            raise OSError(f"unknown subsystem {process.subsystem!r}")
-        elif process.command is not None:
-            argv = [shell, "-c", process.command]
-        else:
-            argv = [shell, "-l"]
+        if process.subsystem:  # asyncssh refuses subsystem requests before this (no sftp_factory): never
+            raise OSError(f"subsystem {process.subsystem!r} is not served")
+        argv = [shell, "-c", process.command] if process.command is not None else [shell, "-l"]
         ids: dict[str, Any] = {"user": pw.pw_uid, "group": pw.pw_gid,
                                "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
         log.info("ssh: %s from %s logged in as %s (%s): %s", who(d.principal), conn.peer[0], pw.pw_name, d.reason,
