@@ -64,6 +64,12 @@ class PolicyVisibility:
     def filter(self, node_id: int) -> list[dict[str, Any]]:
         return self.engine.filter(node_id)
 
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
+        return self.engine.ssh_policy(node_id)
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        return self.engine.cap_grants(node_id)
+
     def observe(self, records: list[ev.Record]) -> Change:
         affected: set[int] = set()
         for r in records:

@@ -28,6 +28,10 @@ class Visibility(Protocol):
 
     def filter(self, node_id: int) -> list[dict[str, Any]]: ...
 
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None: ...
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]: ...
+
 
 @dataclass
 class AllowAll:
@@ -43,6 +47,12 @@ class AllowAll:
 
     def filter(self, node_id: int) -> list[dict[str, Any]]:
         return FILTER_ALLOW_ALL
+
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
+        return None
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        return []
 
 
 def _dumps(obj: Any) -> bytes:
@@ -166,6 +176,11 @@ class Builder:
             self._dns_json = (version, _dumps(self.dns_config()))
         return self._dns_json[1]
 
+    def ssh_json(self, vis: Visibility, me: Node) -> dict[str, Any]:
+        """The node's SSHPolicy (coord/policy/ssh.py); ``{"Rules": []}`` (no SSH) rather than null, which means
+        "unchanged" on the wire."""
+        return (vis.ssh_policy(me.id) if me.active else None) or {"Rules": []}
+
     def visible(self, vis: Visibility, node_id: int) -> dict[int, Node]:
         me = self.state.nodes.get(node_id)
         if me is None or not me.active:
@@ -192,6 +207,8 @@ class Builder:
                 b',"DERPMap":', derp,
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
+                b',"SSHPolicy":', _dumps(self.ssh_json(vis, me)),
+                b',"CapGrants":', _dumps(vis.cap_grants(node_id) if me.active else []),
                 b',"Domain":', _dumps(self.domain),
                 b',"ControlTime":', self.control_time(now),
                 b"}",
@@ -257,6 +274,8 @@ class Builder:
             parts.append(b'"PeersChangedPatch":[' + b",".join(patches) + b"]")
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
+            parts.append(b'"SSHPolicy":' + _dumps(self.ssh_json(vis, me)))
+            parts.append(b'"CapGrants":' + _dumps(vis.cap_grants(node_id) if me.active else []))
         if change.dns:
             # The base domain is a DNS setting too (dns set --base-domain); resent with every DNS change.
             parts.append(b'"DNSConfig":' + self.dns_json())

@@ -376,9 +376,15 @@ class Service:
             raise DomainError(f"policy refused, the current one stays: {e}") from None
         result = self.check_policy(text, filename)
         if not result["ok"]:
-            lines = [f"policy refused, the current one stays: {len(result['failed'])} test assertion(s) failed"]
+            n = len(result["failed"]) + len(result.get("ssh_failed", []))
+            lines = [f"policy refused, the current one stays: {n} test assertion(s) failed"]
             lines += [
                 f"  tests[{f['test']}]: {f['src']} -> {f['dst']} expected {f['expected']}" for f in result["failed"]
+            ]
+            lines += [
+                f"  sshTests[{f['ssh_test']}]: {f['src']} -> {','.join(f['dst'])} as {f['user']} expected "
+                f"{f['expected']}, got {f['got']}"
+                for f in result.get("ssh_failed", [])
             ]
             lines += [f"  {e}" for e in result["errors"]]
             raise DomainError("\n".join(lines))

@@ -38,6 +38,7 @@ from coord import wire
 from node import compile, endpoints, login, mapsession
 from node import metrics as node_metrics
 from node import status as status_doc
+from node import whois as whois_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.dns.magic import MagicDNS
 from node.errors import LocalError
@@ -49,6 +50,7 @@ from node.paths import PathKind
 from node.reconcile import Desired, Reconciler
 from node.render import nft
 from node.run import Runner, SubprocessRunner
+from node.ssh import server as ssh_server
 from node.state import Prefs, StateDir
 from node.wg.config import DeviceState
 from node.wg.engine import Engine, choose_engine
@@ -89,6 +91,7 @@ class AgentConfig:
     dns_port: int = 53
     resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
     sysctl_dir: Path = Path("/proc/sys")  # where IP forwarding is read (per network namespace)
+    ssh_port: int = ssh_server.LISTEN_PORT  # where nft redirects tailnet port 22 with `shoal up --ssh`
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -139,6 +142,7 @@ class Agent:
         self._control: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._client: ControlClient | None = None
+        self.ssh = ssh_server.SshServer(self.cfg.state_dir / "ssh_host_ed25519_key", self.cfg.ssh_port)
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
                             port=self.cfg.dns_port, iface=self.cfg.iface)
 
@@ -197,15 +201,15 @@ class Agent:
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
                  advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
                  ca_file: str | None = None, accept_dns: bool | None = None,
-                 routing: login.RouteFlags = login.RouteFlags()) -> dict[str, Any]:
+                 routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None) -> dict[str, Any]:
         async with self._op_lock:
             return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file,
-                                  accept_dns, routing)
+                                  accept_dns, routing, ssh)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float, server_key: str = "",
                   ca_file: str | None = None, accept_dns: bool | None = None,
-                  routing: login.RouteFlags = login.RouteFlags()) -> dict[str, Any]:
+                  routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None) -> dict[str, Any]:
         try:
             prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file,
                                    routing)
@@ -213,6 +217,8 @@ class Agent:
             raise AgentError(e.status, str(e)) from None
         if accept_dns is not None:
             prefs.accept_dns = accept_dns
+        if ssh is not None:
+            prefs.run_ssh = ssh
         server = prefs.login_server
         # an expired or logged-out node key is never reused: re-authentication brings a new one
         renew = self.login.key_expired or self.prefs.logged_out
@@ -360,6 +366,12 @@ class Agent:
         if ms is None:
             return status_doc.no_magic
         return ms.observe
+
+    def whois(self, addr: str) -> dict[str, Any]:
+        try:
+            return whois_doc.whois(self.netmap, addr)
+        except whois_doc.WhoisError as e:
+            raise AgentError(404, str(e)) from None
 
     # --- NAT traversal commands -----------------------------------------------------------------------------
 
@@ -638,7 +650,8 @@ class Agent:
         try:
             prefs = self.prefs
             snat = bool(prefs.routable_ips()) and prefs.snat_subnet_routes
-            script, script_error = compile.filter_script(nm, self.cfg.iface, snat=snat), ""
+            ssh_port = self.cfg.ssh_port if prefs.run_ssh else None
+            script, script_error = compile.filter_script(nm, self.cfg.iface, snat=snat, ssh_port=ssh_port), ""
         except nft.RenderError as e:
             script, script_error = None, str(e)
         want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
@@ -659,12 +672,28 @@ class Agent:
             dns_error = str(e)
         if dns_error:
             errors["dns"] = dns_error
+        ssh_error = await self._apply_ssh(nm)
+        if ssh_error:
+            errors["ssh"] = ssh_error
         if errors != self.os_errors:
             for name, err in errors.items():
                 log.error("applying the network map: %s: %s", name, err)
             if out.kept_out:
                 log.error("%d peer(s) kept out of WireGuard until their filter is in place", len(out.kept_out))
         self.os_errors, self.kept_out = errors, len(out.kept_out)
+
+    async def _apply_ssh(self, nm: mapsession.NetMap) -> str:
+        """Shoal SSH follows the prefs and the netmap's SSHPolicy; returns what failed, or ""."""
+        self.ssh.set(nm.ssh_policy, compile.self_addresses(nm))
+        try:
+            if self.prefs.run_ssh:
+                await self.ssh.start()
+            else:
+                await self.ssh.close()
+        except OSError as e:
+            log.error("ssh: %s", e)
+            return str(e)
+        return ""
 
     async def _engine_read(self) -> DeviceState:
         """MagicSock's engine poll: a held peer with a completed handshake is released at once."""
@@ -709,6 +738,7 @@ class Agent:
             if self._hold_timer is not None:
                 self._hold_timer.cancel()
                 self._hold_timer = None
+            await self.ssh.close()
             for failed in await self.dns.stop():
                 log.warning("taking the tunnel down: %s", failed)
             if self.reconciler is not None:

@@ -58,7 +58,7 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_lates
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
-    "accept_routes": bool, "snat_subnet_routes": bool,
+    "accept_routes": bool, "snat_subnet_routes": bool, "ssh": bool,
 }
 # bool is an int in Python: a number field must not take true/false, and a bool field must take them.
 BOOL_FIELDS = {k for k, t in UP_FIELDS.items() if t is bool}
@@ -135,7 +135,7 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
             login_server=args.get("login_server", ""), auth_key=args.get("auth_key", ""),
             hostname=args.get("hostname"), advertise_tags=args.get("advertise_tags"),
             wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
-            ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
+            ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"), ssh=args.get("ssh"),
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
                                args.get("accept_routes"), args.get("snat_subnet_routes")),
         ))
@@ -181,6 +181,12 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
+    async def whois(request: Request) -> Response:
+        addr = request.query_params.get("addr", "")
+        if not addr or len(addr) > 64:
+            raise BadRequest("addr: expected a tailnet address")
+        return JSONResponse(agent.whois(addr))
+
     async def bad_request(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
 
@@ -192,6 +198,7 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
         routes=[
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/whois", whois, methods=["GET"]),
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the system store)")
     up.add_argument("--accept-dns", default=None, type=bool_arg, metavar="true|false",
                     help="point the OS resolver at MagicDNS (100.100.100.100) (remembered; default true)")
+    up.add_argument("--ssh", default=None, action=argparse.BooleanOptionalAction,
+                    help="serve Shoal SSH on this node's tailnet addresses, port 22: peers log in by their tailnet "
+                         "identity as the policy's ssh rules say (remembered; default off)")
     up.add_argument("--timeout", type=float, default=0,
                     help="give up waiting for login approval after this many seconds (default: wait)")
     sub.add_parser("down", help="take the tunnel down; stay registered")
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-4", dest="v4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", dest="v6", action="store_true", help="IPv6 only")
     ip.add_argument("peer", nargs="?", help="peer name or address")
+    wh = sub.add_parser("whois", help="who a tailnet address is, and its app capabilities on this node")
+    wh.add_argument("--json", action="store_true")
+    wh.add_argument("addr", help="a tailnet address")
     pg = sub.add_parser("ping", help="disco ping a peer: which path (DERP or direct) and how fast")
     pg.add_argument("-c", "--count", type=int, default=10, help="attempts (default 10)")
     pg.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong (default 5)")
@@ -170,7 +177,7 @@ def cmd_up(api: Api, args: argparse.Namespace) -> int:
         body["advertise_tags"] = parse_tags(args.advertise_tags)
     if args.advertise_routes is not None:
         body["advertise_routes"] = [r.strip() for r in args.advertise_routes.split(",") if r.strip()]
-    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes"):
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "ssh"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     st = api.call("POST", "/up", body)
@@ -367,6 +374,17 @@ def render_netcheck(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_whois(w: dict[str, Any]) -> str:
+    n = w["Node"]
+    owner = ", ".join(n["Tags"]) if n["Tags"] else f"user {n['User']}"
+    lines = [f"{n['Name'].rstrip('.')} (node {n['ID']}, {owner}): {' '.join(n['Addresses'])}"]
+    if not w["CapMap"]:
+        lines.append("no app capabilities on this node")
+    for cap, vals in w["CapMap"].items():
+        lines.append(f"  {cap}: {json.dumps(vals)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api = Api(args.socket)
@@ -382,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "ping":
             return cmd_ping(api, args)
+        if args.cmd == "whois":
+            w = api.call("GET", "/whois?addr=" + urllib.parse.quote(args.addr))
+            print(json.dumps(w, indent=2) if args.json else render_whois(w))
+            return 0
         if args.cmd == "dns":
             return cmd_dns(api, args)
         if args.cmd == "netcheck":

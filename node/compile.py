@@ -178,7 +178,8 @@ def is_allow_all(rules: Sequence[wire.FilterRule]) -> bool:
     return any(r.allows_all for r in rules)
 
 
-def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE, snat: bool = False) -> str:
+def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE, snat: bool = False,
+                  ssh_port: int | None = None) -> str:
     """The `nft -f -` script for the netmap's PacketFilter.
 
     Allow-all lets every protocol from the tailnet in (not only the four the renderer spells out) in a table
@@ -187,8 +188,9 @@ def filter_script(nm: NetMap, iface: str, table: str = FILTER_TABLE, snat: bool 
     script; it raises nft.RenderError."""
     rules = nm.packet_filter or ()
     if is_allow_all(rules):
-        return nft.render_allow_all(iface, self_addresses(nm), table=table, snat=snat)
-    return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table, snat=snat)
+        return nft.render_allow_all(iface, self_addresses(nm), table=table, snat=snat, ssh_port=ssh_port)
+    return nft.render([r.to_json() for r in rules], iface, self_addresses(nm), table=table, snat=snat,
+                      ssh_port=ssh_port)
 
 
 def closed_filter_script(iface: str, table: str = FILTER_TABLE) -> str:

@@ -4,10 +4,12 @@
 rules ("zero = unchanged", as Tailscale's controlclient mapSession): a self ``Node`` replaces ours; ``Peers``
 replaces every peer, else ``PeersChanged`` replaces the records it names, then ``PeersRemoved`` drops peers, then
 ``PeersChangedPatch`` changes the fields it carries on peers we have (a patch for an unknown peer is dropped);
-``DERPMap``, ``DNSConfig`` and ``PacketFilter`` replace what we had when present, ``Domain`` when not empty.
+``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``SSHPolicy`` and ``CapGrants`` replace what we had when
+present, ``Domain`` when not empty.
 
 The saved form (node/state.py ``netmap.json``) is a full MapResponse: ``{"Node", "Peers" (sorted by ID),
-"DERPMap", "DNSConfig", "PacketFilter", "Domain"}``, read back with the same parser as the stream.
+"DERPMap", "DNSConfig", "PacketFilter", "Domain", "SSHPolicy", "CapGrants"}``, read back with the same parser as
+the stream.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class NetMap:
     dns: wire.DNSConfig | None = None
     packet_filter: tuple[wire.FilterRule, ...] | None = None  # None: none received yet (blocks all)
     domain: str = ""
+    ssh_policy: wire.SSHPolicy | None = None  # None: none received yet (no SSH)
+    cap_grants: tuple[wire.CapGrant, ...] = ()
 
     def sorted_peers(self) -> list[wire.Node]:
         return [self.peers[k] for k in sorted(self.peers)]
@@ -39,6 +43,8 @@ class NetMap:
             "DNSConfig": None if self.dns is None else self.dns.to_json(),
             "PacketFilter": None if self.packet_filter is None else [r.to_json() for r in self.packet_filter],
             "Domain": self.domain,
+            "SSHPolicy": None if self.ssh_policy is None else self.ssh_policy.to_json(),
+            "CapGrants": [g.to_json() for g in self.cap_grants],
         }
 
     @classmethod
@@ -72,4 +78,6 @@ def apply(nm: NetMap, msg: wire.MapResponse) -> NetMap:
         dns=nm.dns if msg.dns is None else msg.dns,
         packet_filter=nm.packet_filter if msg.packet_filter is None else msg.packet_filter,
         domain=msg.domain or nm.domain,
+        ssh_policy=nm.ssh_policy if msg.ssh_policy is None else msg.ssh_policy,
+        cap_grants=nm.cap_grants if msg.cap_grants is None else msg.cap_grants,
     )

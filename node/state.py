@@ -54,6 +54,7 @@ class Prefs:
     advertise_exit_node: bool = False
     accept_routes: bool = False
     snat_subnet_routes: bool = True
+    run_ssh: bool = False  # `shoal up --ssh`: serve Shoal SSH on the tailnet addresses (node/ssh)
 
     def routable_ips(self) -> tuple[str, ...]:
         """What Hostinfo.RoutableIPs offers: the subnet routes, and both default routes for an exit node."""
@@ -68,7 +69,7 @@ class Prefs:
         out = cls()
         for name, kind in (("login_server", str), ("server_key", str), ("ca_file", str), ("want_running", bool),
                            ("logged_out", bool), ("hostname", str), ("accept_dns", bool), ("advertise_exit_node", bool),
-                           ("accept_routes", bool), ("snat_subnet_routes", bool)):
+                           ("accept_routes", bool), ("snat_subnet_routes", bool), ("run_ssh", bool)):
             if name in data:
                 if not isinstance(data[name], kind):
                     raise ValueError(f"{name}: expected {kind.__name__}")

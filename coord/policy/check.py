@@ -26,8 +26,12 @@ A user's `groups` there are the ones the identity provider adds (sign-in with OI
 the policy declares. Given state is taken as complete: users not listed have no role, addresses not listed are no
 device.
 Result shape (exactly): {"ok", "tests", "assertions", "passed", "failed": [{"test", "src", "dst",
-"expected"}], "skipped": [{"test", "src", "dst", "reason"}], "errors": [str]}; `test` is the 0-based index
-into `tests`.
+"expected"}], "skipped": [{"test", "src", "dst", "reason"}], "errors": [str], "ssh_tests", "ssh_assertions",
+"ssh_passed", "ssh_failed": [{"ssh_test", "src", "dst": [str], "user", "expected", "got"}], "ssh_skipped":
+[{"ssh_test", "src", "dst", "user", "expected", "reason"}], "node_attrs": [{"node_attr", "attr", "applied",
+"reason"}]}; `test` and `ssh_test` are 0-based indexes into
+`tests` and `sshTests`. An sshTests assertion asks the first matching ssh rule (see ssh.py) whether `user` gets
+"accept", "check" or nothing ("deny"); a stand-in whose verdict depends on unknown facts skips it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from . import ssh
 from .compile import PolicyNode, node_nets, parse_net
 from .hujson import PolicyError
 from .match import Subject, Verdict, all_of, any_of, rule_allows
@@ -227,8 +232,77 @@ def run_tests(policy: Policy, tailnet: Mapping[str, Any] | None = None) -> dict[
                 else:
                     reason = "; ".join(v.reasons) or "needs tailnet state"
                     result["skipped"].append({"test": i, "src": test.src, "dst": dst, "reason": reason})
-    result["ok"] = not result["failed"]
+    _run_ssh_tests(policy, tn, result)
+    result["node_attrs"] = node_attrs_report(policy)
+    result["ok"] = not result["failed"] and not result["ssh_failed"]
     return result
+
+
+# nodeAttrs Shoal knows of and does not apply yet, by attribute (or its prefix before ':' or '?'), with why.
+NOT_APPLIED = {
+    "funnel": "Shoal has no Funnel (public ingress)",
+    "tailscale.com/cap/funnel": "Shoal has no Funnel (public ingress)",
+    "mullvad": "Shoal has no Mullvad exit nodes",
+    "drive": "Shoal has no Taildrive",
+    "tailscale.com/cap/file-sharing": "Shoal has no Taildrop",
+    "nextdns": "Shoal's MagicDNS has no NextDNS resolver",
+    "exit-node": "exit nodes are chosen by the client (shoal up), not by attribute",
+    "disable-split-dns-when-no-custom-resolvers": "not applied by Shoal's MagicDNS",
+    "traffic-steering": "Shoal has no traffic steering",
+    "randomize-client-port": "not applied: the agent keeps its WireGuard port",
+}
+
+
+def node_attrs_report(policy: Policy) -> list[dict[str, Any]]:
+    """Every `nodeAttrs` attribute, and whether Shoal applies it. None is applied yet: each says why, known ones
+    with the missing feature, the rest as unknown (kept in the policy, never an error)."""
+    out: list[dict[str, Any]] = []
+    for i, na in enumerate(policy.node_attrs):
+        for attr in na.attr:
+            base = attr.split("?", 1)[0]
+            reason = NOT_APPLIED.get(base) or NOT_APPLIED.get(base.split(":", 1)[0]) or "not known to Shoal"
+            out.append({"node_attr": i, "attr": attr, "applied": False, "reason": reason})
+    return out
+
+
+def _run_ssh_tests(policy: Policy, tn: _Tailnet, result: dict[str, Any]) -> None:
+    """`sshTests`: for each login user listed, the first matching ssh rule's action must be the expected one."""
+    result.update(ssh_tests=len(policy.ssh_tests), ssh_assertions=0, ssh_passed=0, ssh_failed=[], ssh_skipped=[])
+    for i, t in enumerate(policy.ssh_tests):
+        for expected, logins in (("accept", t.accept), ("check", t.check), ("deny", t.deny)):
+            for login in logins:
+                result["ssh_assertions"] += 1
+                got, reasons = _ssh_assertion(policy, t.src, t.dst, login, tn)
+                entry = {"ssh_test": i, "src": t.src, "dst": list(t.dst), "user": login, "expected": expected}
+                if got is None:
+                    result["ssh_skipped"].append({**entry, "reason": "; ".join(reasons) or "needs tailnet state"})
+                elif got == expected:
+                    result["ssh_passed"] += 1
+                else:
+                    result["ssh_failed"].append({**entry, "got": got})
+
+
+def _ssh_assertion(
+    policy: Policy, src: str, dsts: tuple[str, ...], login: str, tn: _Tailnet
+) -> tuple[str | None, list[str]]:
+    """One verdict over every stand-in of src and every dst: all must agree, or it is not known."""
+    seen: set[str] = set()
+    reasons: list[str] = []
+    unknown = False
+    for s in subjects(policy, src, tn):
+        for alias in dsts:
+            for d in subjects(policy, alias, tn, src=s):
+                got, why = ssh.login_verdict(policy, s, d, login)
+                if got is None:
+                    unknown = True
+                    reasons.extend(r for r in why if r not in reasons)
+                else:
+                    seen.add(got)
+    if len(seen) > 1:
+        return min(seen, key=lambda a: {"deny": 0, "check": 1, "accept": 2}[a]), []
+    if unknown or not seen:
+        return None, reasons
+    return seen.pop(), []
 
 
 def _assertion(policy: Policy, test: Test, dst: str, expected: str, tn: _Tailnet) -> Verdict:
@@ -265,7 +339,9 @@ def check(
 
 
 def _error(msg: str) -> dict[str, Any]:
-    return {"ok": False, "tests": 0, "assertions": 0, "passed": 0, "failed": [], "skipped": [], "errors": [msg]}
+    return {"ok": False, "tests": 0, "assertions": 0, "passed": 0, "failed": [], "skipped": [], "errors": [msg],
+            "ssh_tests": 0, "ssh_assertions": 0, "ssh_passed": 0, "ssh_failed": [], "ssh_skipped": [],
+            "node_attrs": []}
 
 
 def render_check(result: Mapping[str, Any]) -> str:
@@ -277,9 +353,23 @@ def render_check(result: Mapping[str, Any]) -> str:
         lines.append(f"FAIL tests[{f['test']}]: {f['src']} -> {f['dst']} should be {want}")
     for s in result["skipped"]:
         lines.append(f"skip tests[{s['test']}]: {s['src']} -> {s['dst']}: {s['reason']}")
+    for f in result.get("ssh_failed", []):
+        lines.append(f"FAIL sshTests[{f['ssh_test']}]: {f['src']} -> {','.join(f['dst'])} as {f['user']}: "
+                     f"expected {f['expected']}, got {f['got']}")
+    for s in result.get("ssh_skipped", []):
+        where = f"{s['src']} -> {','.join(s['dst'])} as {s['user']}"
+        lines.append(f"skip sshTests[{s['ssh_test']}]: {where}: {s['reason']}")
+    for a in result.get("node_attrs", []):
+        if not a["applied"]:
+            lines.append(f"note nodeAttrs[{a['node_attr']}]: {a['attr']} not applied: {a['reason']}")
     verdict = "ok" if result["ok"] else "FAILED"
     lines.append(
         f"{verdict}: {result['tests']} tests, {result['assertions']} assertions: {result['passed']} passed, "
         f"{len(result['failed'])} failed, {len(result['skipped'])} skipped"
     )
+    if result.get("ssh_tests"):
+        lines.append(
+            f"{verdict}: {result['ssh_tests']} sshTests, {result['ssh_assertions']} ssh assertions: "
+            f"{result['ssh_passed']} passed, {len(result['ssh_failed'])} failed, {len(result['ssh_skipped'])} skipped"
+        )
     return "\n".join(lines)

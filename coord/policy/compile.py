@@ -29,6 +29,7 @@ from typing import Any
 
 from coord.wire.schema import FILTER_ALLOW_ALL as FILTER_ALLOW_ALL
 
+from . import capgrant, ssh
 from .match import Subject, match_sel, posture_ok
 from .model import INTERNET, IPNet, Policy, Rule, Sel
 
@@ -194,6 +195,8 @@ class PolicyEngine:
                 self.dst_index.setdefault(("ag", "self"), set()).add(i)
         self.all_ids: set[int] = set()
         self._filters: dict[int, list[dict[str, Any]]] = {}
+        self._ssh: dict[int, dict[str, Any] | None] = {}
+        self._caps: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
         self._srcips: dict[int, list[str]] = {}
         self._self_srcips: dict[tuple[int, str], list[str]] = {}
@@ -265,6 +268,25 @@ class PolicyEngine:
         if cached is None:
             cached = self._filters[node_id] = self._compute_filter(node_id)
         return cached
+
+    def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
+        """The node's SSHPolicy (coord/policy/ssh.py), or None when no ssh rule concerns it. Computed on demand:
+        it depends on every node a rule's sources select, so any node change drops every cached one."""
+        if node_id not in self.nodes or self.policy is None or not self.policy.ssh:
+            return None
+        if node_id not in self._ssh:
+            subjects = [(i, n.subject) for i, n in sorted(self.nodes.items())]
+            self._ssh[node_id] = ssh.compile_node(self.policy, self.nodes[node_id].subject, node_id, subjects)
+        return self._ssh[node_id]
+
+    def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
+        """The app capabilities other nodes hold on this one (coord/policy/capgrant.py); cached like ssh_policy."""
+        if node_id not in self.nodes or self.policy is None or not any(g.app for g in self.policy.grants):
+            return []
+        if node_id not in self._caps:
+            subjects = [(i, n.subject) for i, n in sorted(self.nodes.items())]
+            self._caps[node_id] = capgrant.compile_node(self.policy, self.nodes[node_id].subject, node_id, subjects)
+        return self._caps[node_id]
 
     def node(self, node_id: int) -> PolicyNode | None:
         n = self.nodes.get(node_id)
@@ -370,6 +392,8 @@ class PolicyEngine:
             self.self_nodes[i].get(n.subject.user or "", set()).discard(node_id)
 
     def _invalidate(self, ids: Iterable[int]) -> None:
+        self._ssh.clear()
+        self._caps.clear()
         for x in ids:
             self._filters.pop(x, None)
             self._peers.pop(x, None)

@@ -12,6 +12,7 @@ port ranges, and the IP protocols (empty = Tailscale's default TCP, UDP, ICMPv4,
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ AUTOGROUPS = frozenset({"member", "tagged", "self", "shared", "internet", "dange
 SRC_ONLY = frozenset({"danger-all"})
 DST_ONLY = frozenset({"self", "internet"})
 SSH_ONLY = frozenset({"nonroot"})
+# A local user name for ssh `users` and `sshTests` as useradd accepts it (Debian's NAME_REGEX, relaxed to upper case
+# and dots): never a leading '-' (an option to every program it reaches), at most 32 characters.
+LOCAL_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?")
 
 
 def _internet() -> tuple[IPNet, ...]:
@@ -127,6 +131,8 @@ class Grant:
     via: tuple[str, ...]
     app: dict[str, Any] | None
     src_posture: tuple[str, ...] | None
+    src_sels: tuple[Sel, ...] = ()
+    dst_sels: tuple[Sel, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,8 @@ class SshRule:
     recorder: tuple[str, ...]
     enforce_recorder: bool
     accept_env: tuple[str, ...]
+    src_sels: tuple[Sel, ...] = ()
+    dst_sels: tuple[Sel, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from .model import (
     ALL_PORTS,
     AUTOGROUPS,
     DST_ONLY,
+    LOCAL_USER,
     PROTOCOLS,
     ROLE_AUTOGROUPS,
     SRC_ONLY,
@@ -468,7 +469,7 @@ class _Parser:
             Rule(path, src, tuple(Dst(s, tuple(ports)) for s in dst_sels), protos, via, posture)
             for protos, ports in by_proto.items()
         ]
-        return Grant(tuple(g["src"]), tuple(g["dst"]), ip, via, app, posture), rules
+        return Grant(tuple(g["src"]), tuple(g["dst"]), ip, via, app, posture, src, dst_sels), rules
 
     def ip_spec(self, spec: str, path: Path) -> tuple[tuple[int, ...], tuple[PortRange, ...]]:
         if spec == "*":
@@ -528,12 +529,11 @@ class _Parser:
             action = self.string(r["action"], (*path, "action"))
             if action not in ("accept", "check"):
                 raise self.err((*path, "action"), f'expected "accept" or "check", got {action!r}')
-            self.sels(r["src"], (*path, "src"), "ssh-src")
-            self.sels(r["dst"], (*path, "dst"), "ssh-dst")
+            src_sels = self.sels(r["src"], (*path, "src"), "ssh-src")
+            dst_sels = self.sels(r["dst"], (*path, "dst"), "ssh-dst")
             users = self.strings(r["users"], (*path, "users"))
             for j, u in enumerate(users):
-                if u.startswith("autogroup:"):
-                    self.sel(u, (*path, "users", j), "ssh-user")
+                self.ssh_user(u, (*path, "users", j))
             period = None
             if "checkPeriod" in r:
                 period = self.string(r["checkPeriod"], (*path, "checkPeriod"))
@@ -546,8 +546,22 @@ class _Parser:
                 self.boolean(r["enforceRecorder"], (*path, "enforceRecorder")) if "enforceRecorder" in r else False
             )
             env = self.strings(r.get("acceptEnv", []), (*path, "acceptEnv"))
-            out.append(SshRule(action, tuple(r["src"]), tuple(r["dst"]), users, period, recorder, enforce, env))
+            out.append(
+                SshRule(
+                    action, tuple(r["src"]), tuple(r["dst"]), users, period, recorder, enforce, env, src_sels, dst_sels
+                )
+            )
         return tuple(out)
+
+    def ssh_user(self, u: str, path: Path) -> None:
+        """An ssh `users` entry: autogroup:nonroot, localpart:*@domain, or a valid local user name."""
+        if u.startswith("autogroup:"):
+            self.sel(u, path, "ssh-user")
+        elif u.startswith("localpart:"):
+            if not re.fullmatch(r"localpart:\*@[A-Za-z0-9.-]+", u):
+                raise self.err(path, f"expected 'localpart:*@domain', got {u!r}")
+        elif not LOCAL_USER.fullmatch(u):
+            raise self.err(path, f"{u!r} is not a valid local user name")
 
     def parse_ssh_tests(self, v: Any) -> tuple[SshTest, ...]:
         if not isinstance(v, list):
@@ -562,6 +576,10 @@ class _Parser:
             for j, d in enumerate(dst):
                 self.sel(d, (*path, "dst", j), "ssh-dst")
             lists = [self.strings(t.get(k, []), (*path, k)) for k in ("accept", "deny", "check")]
+            for k, names in zip(("accept", "deny", "check"), lists, strict=True):
+                for j, u in enumerate(names):
+                    if u != "autogroup:nonroot" and not LOCAL_USER.fullmatch(u):  # nonroot: any user but root
+                        raise self.err((*path, k, j), f"{u!r} is not a valid local user name")
             out.append(SshTest(src, dst, lists[0], lists[1], lists[2]))
         return tuple(out)
 

@@ -21,9 +21,9 @@ LoggedOut?, Error?``.
 
 MapResponse: ``Node`` (self), ``Peers`` (full list, sorted by ID), ``PeersChanged``, ``PeersRemoved`` (IDs),
 ``PeersChangedPatch`` (``[{NodeID, Endpoints?, HomeDERP?, Online?, LastSeen?, DiscoKey?, Key?, KeyExpiry?}]``),
-``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``Domain``, ``KeepAlive``, ``ControlTime``. A missing field means
-"unchanged"; a present ``Peers`` replaces the whole peer list (PeersChanged, PeersRemoved and PeersChangedPatch
-are then ignored). ``PacketFilter`` present and empty blocks all. Node/mapsession.py applies them.
+``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``SSHPolicy``, ``Domain``, ``KeepAlive``, ``ControlTime``. A missing
+field means "unchanged"; a present ``Peers`` replaces the whole peer list (PeersChanged, PeersRemoved and
+PeersChangedPatch are then ignored). ``PacketFilter`` present and empty blocks all. Node/mapsession.py applies them.
 
 Node object: ``ID, StableID, Name (FQDN with trailing dot), User (null for tagged nodes), Key, KeyExpiry (null =
 never), Machine, DiscoKey ("" = none), Addresses, AllowedIPs, PrimaryRoutes, Endpoints, HomeDERP, Online,
@@ -34,7 +34,10 @@ routes the node is the elected router for, and ``AllowedIPs`` is its addresses p
 for an approved exit node.
 
 FilterRule: ``{SrcIPs: [cidr|"*"|"a-b"], DstPorts: [{IP: cidr|"*", Ports: {First, Last}}], IPProto?: [int]}``
-for traffic arriving at the node. The renderer (node/render/nft.py) checks the addresses again before any of
+for traffic arriving at the node. SSHPolicy: ``{Rules: [{Principals: [{Node, User, Tags, IPs}], SSHUsers: {login|"*":
+local|"="|""}, Action: "accept"|"check", CheckPeriod, Origin}]}`` for Shoal SSH to the node (coord/policy/ssh.py);
+no rules: no SSH. CapGrants: ``[{SrcIPs: [ip], CapMap: {cap: [object]}}]``, the app capabilities sources
+hold on this node (coord/policy/capgrant.py). The renderer (node/render/nft.py) checks the addresses again before any of
 them reaches an nft script.
 
 DERPMap: ``{Regions: {"<id>": {RegionID, RegionCode, RegionName, NoMeasureNoHome?, Nodes: [{Name, RegionID,
@@ -613,6 +616,113 @@ def parse_filter(v: object, where: str = "PacketFilter") -> tuple[FilterRule, ..
     return tuple(FilterRule.from_json(r, f"{where}[{i}]") for i, r in enumerate(_list(v, where)))
 
 
+# --- SSH policy -------------------------------------------------------------------------------------------
+
+SSH_ACTIONS = ("accept", "check")
+
+
+@dataclass(frozen=True, slots=True)
+class SSHPrincipal:
+    node: int
+    user: str | None
+    tags: tuple[str, ...]
+    ips: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, v: object, where: str) -> SSHPrincipal:
+        d = _fields(v, where, "Node", "IPs")
+        user = d.get("User")
+        if user is not None and not isinstance(user, str):
+            raise WireError(f"{where}.User: expected a string or null")
+        ips = _strs(d["IPs"], f"{where}.IPs")
+        for i, ip in enumerate(ips):
+            try:
+                a = ipaddress.ip_address(ip)
+            except ValueError:
+                raise WireError(f"{where}.IPs[{i}]: expected an address") from None
+            if isinstance(a, ipaddress.IPv6Address) and a.scope_id is not None:
+                raise WireError(f"{where}.IPs[{i}]: scoped address")
+        return cls(_int(d["Node"], f"{where}.Node"), user, _strs(d.get("Tags"), f"{where}.Tags"), ips)
+
+    def to_json(self) -> JSON:
+        return {"Node": self.node, "User": self.user, "Tags": list(self.tags), "IPs": list(self.ips)}
+
+
+@dataclass(frozen=True, slots=True)
+class SSHRule:
+    principals: tuple[SSHPrincipal, ...]
+    users: tuple[tuple[str, str], ...]  # (login asked for or "*", local user | "=" | "")
+    action: str
+    check_period: str | None = None
+    origin: int = 0
+
+    @classmethod
+    def from_json(cls, v: object, where: str) -> SSHRule:
+        d = _fields(v, where, "Principals", "SSHUsers", "Action")
+        users = _obj(d["SSHUsers"], f"{where}.SSHUsers")
+        for k, val in users.items():
+            if not isinstance(val, str):
+                raise WireError(f"{where}.SSHUsers[{k!r}]: expected a string")
+        action = _str(d["Action"], f"{where}.Action")
+        if action not in SSH_ACTIONS:
+            raise WireError(f"{where}.Action: expected one of {', '.join(SSH_ACTIONS)}")
+        period = d.get("CheckPeriod")
+        if period is not None and not isinstance(period, str):
+            raise WireError(f"{where}.CheckPeriod: expected a string or null")
+        principals = tuple(SSHPrincipal.from_json(p, f"{where}.Principals[{i}]")
+                           for i, p in enumerate(_list(d["Principals"], f"{where}.Principals")))
+        return cls(principals, tuple(sorted(users.items())), action, period,
+                   _int(d.get("Origin") or 0, f"{where}.Origin", 0))
+
+    def to_json(self) -> JSON:
+        return {"Principals": [p.to_json() for p in self.principals], "SSHUsers": dict(self.users),
+                "Action": self.action, "CheckPeriod": self.check_period, "Origin": self.origin}
+
+
+@dataclass(frozen=True, slots=True)
+class SSHPolicy:
+    """The ssh rules for connections TO this node, in policy order (coord/policy/ssh.py); no rules: no SSH."""
+
+    rules: tuple[SSHRule, ...] = ()
+
+    @classmethod
+    def from_json(cls, v: object, where: str = "SSHPolicy") -> SSHPolicy:
+        d = _obj(v, where)
+        return cls(tuple(SSHRule.from_json(r, f"{where}.Rules[{i}]")
+                         for i, r in enumerate(_list(d.get("Rules") or [], f"{where}.Rules"))))
+
+    def to_json(self) -> JSON:
+        return {"Rules": [r.to_json() for r in self.rules]}
+
+
+@dataclass(frozen=True)
+class CapGrant:
+    """App capabilities the sources hold on this node (coord/policy/capgrant.py); values are opaque JSON."""
+
+    src_ips: tuple[str, ...]
+    cap_map: tuple[tuple[str, tuple[JSON, ...]], ...]
+
+    @classmethod
+    def from_json(cls, v: object, where: str) -> CapGrant:
+        d = _fields(v, where, "SrcIPs", "CapMap")
+        ips = _strs(d["SrcIPs"], f"{where}.SrcIPs")
+        for i, ip in enumerate(ips):
+            try:
+                ipaddress.ip_network(ip, strict=False)
+            except ValueError:
+                raise WireError(f"{where}.SrcIPs[{i}]: expected an address or prefix") from None
+        caps: list[tuple[str, tuple[JSON, ...]]] = []
+        for name, vals in _obj(d["CapMap"], f"{where}.CapMap").items():
+            items = _list(vals, f"{where}.CapMap[{name!r}]")
+            if not all(isinstance(x, dict) for x in items):
+                raise WireError(f"{where}.CapMap[{name!r}]: expected a list of objects")
+            caps.append((name, tuple(items)))
+        return cls(ips, tuple(caps))
+
+    def to_json(self) -> JSON:
+        return {"SrcIPs": list(self.src_ips), "CapMap": {k: list(v) for k, v in self.cap_map}}
+
+
 # --- DERP map ---------------------------------------------------------------------------------------------
 
 
@@ -1004,6 +1114,8 @@ class MapResponse:
     derp_map: DERPMap | None = None
     dns: DNSConfig | None = None
     packet_filter: tuple[FilterRule, ...] | None = None  # None: unchanged; () blocks all
+    ssh_policy: SSHPolicy | None = None  # None: unchanged; no rules: no SSH
+    cap_grants: tuple[CapGrant, ...] | None = None  # None: unchanged
     domain: str = ""
     keep_alive: bool = False
     control_time: datetime | None = None
@@ -1032,6 +1144,9 @@ class MapResponse:
             derp_map=None if derp is None else DERPMap.from_json(derp, f"{w}.DERPMap", problems),
             dns=None if dns is None else DNSConfig.from_json(dns, f"{w}.DNSConfig"),
             packet_filter=None if filt is None else parse_filter(filt, f"{w}.PacketFilter"),
+            ssh_policy=None if d.get("SSHPolicy") is None else SSHPolicy.from_json(d["SSHPolicy"], f"{w}.SSHPolicy"),
+            cap_grants=None if d.get("CapGrants") is None else tuple(
+                CapGrant.from_json(g, f"{w}.CapGrants[{i}]") for i, g in enumerate(_list(d["CapGrants"], w))),
             domain=_str(d.get("Domain"), f"{w}.Domain"),
             keep_alive=_bool(d.get("KeepAlive"), f"{w}.KeepAlive"),
             control_time=_time(d.get("ControlTime"), f"{w}.ControlTime"),
@@ -1056,6 +1171,10 @@ class MapResponse:
             out["DNSConfig"] = self.dns.to_json()
         if self.packet_filter is not None:
             out["PacketFilter"] = [r.to_json() for r in self.packet_filter]
+        if self.ssh_policy is not None:
+            out["SSHPolicy"] = self.ssh_policy.to_json()
+        if self.cap_grants is not None:
+            out["CapGrants"] = [g.to_json() for g in self.cap_grants]
         if self.domain:
             out["Domain"] = self.domain
         if self.keep_alive:
@@ -1069,7 +1188,8 @@ class MapResponse:
         """Nothing in it changes a netmap (a keep-alive, say)."""
         return (self.node is None and self.peers is None and not self.peers_changed and not self.peers_removed
                 and not self.peers_patch and self.derp_map is None and self.dns is None
-                and self.packet_filter is None and not self.domain)
+                and self.packet_filter is None and self.ssh_policy is None and self.cap_grants is None
+                and not self.domain)
 
 
 R = TypeVar("R", Node, PeerChange)
@@ -1111,6 +1231,8 @@ class NetMap:
     dns: dict[str, Any] | None = None
     packet_filter: list[dict[str, Any]] | None = None
     domain: str = ""
+    ssh_policy: dict[str, Any] | None = None
+    cap_grants: list[dict[str, Any]] | None = None
 
     def apply(self, msg: dict[str, Any]) -> None:
         if "Node" in msg and msg["Node"] is not None:
@@ -1131,7 +1253,8 @@ class NetMap:
                     if k in patch:
                         peer[k] = patch[k]
                 self.peers[patch["NodeID"]] = peer
-        for attr, key in (("derp_map", "DERPMap"), ("dns", "DNSConfig"), ("packet_filter", "PacketFilter")):
+        for attr, key in (("derp_map", "DERPMap"), ("dns", "DNSConfig"), ("packet_filter", "PacketFilter"),
+                          ("ssh_policy", "SSHPolicy"), ("cap_grants", "CapGrants")):
             if msg.get(key) is not None:
                 setattr(self, attr, msg[key])
         if msg.get("Domain"):
@@ -1145,5 +1268,7 @@ class NetMap:
             "DNSConfig": self.dns,
             "PacketFilter": self.packet_filter,
             "Domain": self.domain,
+            "SSHPolicy": self.ssh_policy,
+            "CapGrants": self.cap_grants,
         }
 

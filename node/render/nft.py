@@ -52,6 +52,13 @@ source may only arrive through the tunnel, where WireGuard's AllowedIPs bind it 
 exempt (the node talking to its own tailnet address). Our own addresses coming in from the tailnet are
 dropped as spoofed in `from_tailnet`, so a connection from them is never taken for a peer's.
 
+With Shoal SSH on (`ssh_port`, `shoal up --ssh`), a `prerouting` nat chain `ssh_redirect` sends tailnet port 22
+on our own addresses to the SSH listener (`iifname "tail0" ip daddr 100.64.0.2 tcp dport 22 dnat ip to
+100.64.0.2:41022`), so
+a host sshd on 0.0.0.0:22 keeps its port; the input chain drops the listener's port from any other interface,
+`from_tailnet` drops it unless the connection's original destination port was 22, and every rule that opens TCP
+22 opens the listener's port to the same sources.
+
 The agent applies it with `nft -f -` (`NftApplier`); the same input always renders the same text, so
 re-applying is a no-op in effect. Established connections survive a policy change because conntrack state
 is kept.
@@ -192,21 +199,27 @@ def render(
     own_addresses: Iterable[str] = (),
     table: str = TABLE,
     snat: bool = False,
+    ssh_port: int | None = None,
 ) -> str:
     """The nft script; raises RenderError (and nothing else) for malformed rules, addresses or names."""
     _check_names(table, iface)
+    if ssh_port is not None:
+        _int(ssh_port, 1, 65535, "ssh port")
     if not isinstance(rules, (list, tuple)):
         raise RenderError(f"expected a list of FilterRules, got {type(rules).__name__}")
     body: list[str] = []
     for i, rule in enumerate(rules):
-        body.extend(_rule_lines(rule, f"rule {i}"))
-    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"], snat)
+        body.extend(_rule_lines(rule, f"rule {i}", ssh_port))
+    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"], snat, ssh_port)
 
 
-def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE, snat: bool = False) -> str:
+def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE, snat: bool = False,
+                     ssh_port: int | None = None) -> str:
     """An allow-all policy: every protocol from the tailnet passes, the always-on rules stay."""
     _check_names(table, iface)
-    return _table(table, iface, own_addresses, ["accept"], snat)
+    if ssh_port is not None:
+        _int(ssh_port, 1, 65535, "ssh port")
+    return _table(table, iface, own_addresses, ["accept"], snat, ssh_port)
 
 
 def delete_script(table: str = TABLE) -> str:
@@ -221,7 +234,8 @@ def _check_names(table: str, iface: str) -> None:
         raise RenderError(f"bad interface name {iface!r}")
 
 
-def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str], snat: bool = False) -> str:
+def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str], snat: bool = False,
+           ssh_port: int | None = None) -> str:
     self4: list[str] = []
     self6: list[str] = []
     for a in own_addresses:
@@ -250,6 +264,8 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
             *(f'\t\tiifname != {{ "lo", "{iface}" }} {kw} saddr {net} counter name spoofed drop'
               for kw, net in TAILNET_SOURCES),
             *(mark if snat and chain == "forward" else []),
+            *([f'\t\tiifname != "{iface}" tcp dport {ssh_port} counter name dropped drop']
+              if ssh_port is not None and chain == "input" else []),
             f'\t\tiifname "{iface}" jump from_tailnet',
             "\t}",
         ]
@@ -260,9 +276,19 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
             f"\t\tmeta mark & {MARK_MASK} == {SUBNET_MARK} masquerade",
             "\t}",
         ]
+    if ssh_port is not None and (self4 or self6):
+        out += ["\tchain ssh_redirect {", "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+                # dnat to the same address, not `redirect`: that picks the interface's first address, which may be
+                # quad-100's (dropped in from_tailnet)
+                *(f'\t\tiifname "{iface}" ip daddr {x} tcp dport 22 dnat ip to {x}:{ssh_port}' for x in _uniq(self4)),
+                *(f'\t\tiifname "{iface}" ip6 daddr {x} tcp dport 22 dnat ip6 to [{x}]:{ssh_port}'
+                  for x in _uniq(self6)),
+                "\t}"]
     # quad-100 serves this node only, whatever the policy: no peer may use it as a forwarder or list names
     out += ["\tchain from_tailnet {", *(f"\t\t{kw} daddr {a} counter name dropped drop" for kw, a in QUAD100),
             "\t\tct state established,related accept"]
+    if ssh_port is not None:  # the SSH listener only through the redirect of port 22
+        out.append(f"\t\ttcp dport {ssh_port} ct original proto-dst != 22 counter name dropped drop")
     if self4:
         out.append("\t\tip saddr @self4 counter name dropped drop")
     if self6:
@@ -295,7 +321,7 @@ def _parse_rule(rule: object, where: str) -> tuple[_Addrs, list[_Dst], list[int]
     return src, dsts, _protos(rule.get("IPProto"), f"{where}.IPProto")
 
 
-def _rule_lines(rule: object, where: str) -> list[str]:
+def _rule_lines(rule: object, where: str, ssh_port: int | None = None) -> list[str]:
     src_addrs, dsts, protos = _parse_rule(rule, where)
     if not (src_addrs.v4 or src_addrs.v6 or src_addrs.star):
         return []
@@ -312,6 +338,9 @@ def _rule_lines(rule: object, where: str) -> list[str]:
                 for p in protos:
                     if p in PORT_PROTOS:
                         lines.append(f"{m} {PORT_PROTOS[p]} dport {d.ports} ct state new accept")
+                        if p == 6 and ssh_port is not None and _has_port(d.ports, 22):
+                            # port 22 arrives redirected to the SSH listener: the same sources may reach it
+                            lines.append(f"{m} tcp dport {ssh_port} ct state new accept")
                     elif (p == 1 and fam == "4") or (p == 58 and fam == "6"):
                         lines.append(f"{m} meta l4proto {icmp} accept")
                     elif p not in (1, 58):
@@ -319,6 +348,11 @@ def _rule_lines(rule: object, where: str) -> list[str]:
                 # Tailscale: ICMP echo to an address is allowed if any port there is allowed.
                 lines.append(f"{m} {icmp} type echo-request accept")
     return lines
+
+
+def _has_port(ports: str, port: int) -> bool:
+    first, _, last = ports.partition("-")
+    return int(first) <= port <= int(last or first)
 
 
 class NftApplier:

@@ -77,6 +77,12 @@ def test_check_reports_failure_shape() -> None:
         "failed": [{"test": 0, "src": "alice@example.com", "dst": "tag:web:80", "expected": "accept"}],
         "skipped": [],
         "errors": [],
+        "ssh_tests": 0,
+        "ssh_assertions": 0,
+        "ssh_passed": 0,
+        "ssh_failed": [],
+        "ssh_skipped": [],
+        "node_attrs": [],
     }
     bad = check('{"acls": [}')
     assert not bad["ok"] and bad["errors"] and "policy.hujson:1:11" in bad["errors"][0]
