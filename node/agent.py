@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from coord import wire
-from node import compile, endpoints, login, mapsession
+from node import compile, endpoints, login, mapsession, sockmark
 from node import status as status_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.dns.magic import MagicDNS
@@ -86,6 +86,7 @@ class AgentConfig:
     dns_port: int = 53
     resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
     sysctl_dir: Path = Path("/proc/sys")  # where IP forwarding is read (per network namespace)
+    fwmark: int = 0  # the bypass mark on our own sockets (shoald: node/sockmark.BYPASS_MARK; 0 in unit tests)
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -121,6 +122,7 @@ class Agent:
         self.endpoint_types: list[int] = []
         self.choose: compile.EndpointChooser = compile.first_endpoint()
         self.local_endpoints: list[str] = []
+        self.lan_prefixes: list[str] = []  # directly connected, for --exit-node-allow-lan-access
         self.magicsock: MagicSock | None = None
         self.engine: Engine | None = None
         self.reconciler: Reconciler | None = None
@@ -320,8 +322,26 @@ class Agent:
             engine=self.engine.name if self.engine is not None else "", iface=self.cfg.iface, port=self.cfg.port,
             netmap=self.netmap, node_key=str(self.node_key.public()), hostname=self._hostname(),
             endpoints=self.endpoints, peers=peers,
-            magic=self.magicsock.status() if self.magicsock is not None else None,
+            magic=self.magicsock.status() if self.magicsock is not None else None, dev=dev,
         )
+
+    async def exit_nodes(self) -> dict[str, Any]:
+        """`shoal exit-node list|suggest`: the peers the server marked as exit nodes for us (approved; the
+        policy's autogroup:internet decides who may send through them), the one chosen, a suggestion."""
+        chosen = compile.find_exit_node(self.netmap, self.prefs.exit_node)
+        ms = self.magicsock
+        home = ms.home if ms is not None else 0
+
+        def direct(p: wire.Node) -> bool:
+            key = compile.peer_key(p)
+            view = ms.observe(key.raw, None) if ms is not None and key is not None else None
+            return view is not None and view.confirmed is not None
+
+        best = compile.suggest_exit_node(self.netmap, home, direct)
+        return {"ExitNodes": [{"ID": p.id, "Name": p.name, "HostName": p.short_name, "Addresses": p.ips(),
+                               "Online": p.online, "Selected": chosen is not None and chosen.id == p.id}
+                              for p in compile.exit_nodes(self.netmap)],
+                "Suggested": best.name if best is not None else None, "Selected": self.prefs.exit_node}
 
     def _sysctl(self, name: str) -> str | None:
         try:
@@ -404,7 +424,7 @@ class Agent:
         prefs = prefs or self.prefs
         return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
                              server_public=prefs.server_key_raw(), clock=self.clock,
-                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file)
+                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file, fwmark=self.cfg.fwmark)
 
     async def _pin(self, client: ControlClient, prefs: Prefs | None = None) -> None:
         """Pins on first contact. `prefs` other than ours (a tentative `up`) is updated but not saved."""
@@ -533,10 +553,12 @@ class Agent:
         r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
         local, _ = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
         self.local_endpoints = local
+        lan = compile.lan_prefixes(r.out, exclude=[self.cfg.iface])
+        lan_changed, self.lan_prefixes = lan != self.lan_prefixes, lan
         self.choose = endpoints.chooser(lambda: self.magicsock, local)
         if self.magicsock is not None:
             self.magicsock.set_local_endpoints([ap for e in local if (ap := parse_endpoint(e)) is not None])
-        return self._combine_endpoints()
+        return self._combine_endpoints() or (lan_changed and self.prefs.exit_node_allow_lan_access)
 
     def _combine_endpoints(self) -> bool:
         ms = self.magicsock
@@ -611,6 +633,7 @@ class Agent:
             self.magicsock = MagicSock(
                 self.cfg.port, key.raw, key.public().raw, self.disco.raw, engine_get=self._engine_read,
                 apply=self._reconcile, on_endpoints=self._on_magic_endpoints, held=initiator.held,
+                fwmark=self.cfg.fwmark,
             )
             self.magicsock.set_local_endpoints(
                 [ap for e in self.local_endpoints if (ap := parse_endpoint(e)) is not None])
@@ -629,8 +652,11 @@ class Agent:
         want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
                        routes=compile.route_config(nm, self.cfg.iface, self.prefs.accept_routes, dns=self.cfg.dns),
                        wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive,
-                                            self.prefs.accept_routes),
-                       filter_error=script_error)
+                                            self.prefs.accept_routes, prefs.exit_node, self.cfg.fwmark),
+                       filter_error=script_error,
+                       exit=compile.exit_config(nm, self.cfg.iface, prefs.exit_node,
+                                                prefs.exit_node_allow_lan_access, self.lan_prefixes,
+                                                mark=self.cfg.fwmark or sockmark.BYPASS_MARK))
         loop = asyncio.get_running_loop()
         out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))
         if ms is not None:

@@ -17,6 +17,7 @@ import httpx
 from nacl.public import Box
 
 from coord import wire
+from node import sockmark
 from node.errors import RemoteError
 
 
@@ -43,6 +44,7 @@ class ControlClient:
     timeout: float = 30.0
     transport: httpx.AsyncBaseTransport | None = None
     ca_file: str = ""  # PEM CA bundle an https server's certificate must chain to ("" = the system store)
+    fwmark: int = 0  # SO_MARK on every connection (node/sockmark.py: the exit-node bypass); 0 = none
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
 
     def _http(self) -> httpx.AsyncClient:
@@ -53,10 +55,13 @@ class ControlClient:
                     verify = ssl.create_default_context(cafile=self.ca_file)
                 except (OSError, ssl.SSLError) as e:
                     raise ControlError(0, f"CA file {self.ca_file}: {e}") from None
+            transport = self.transport
+            if transport is None and self.fwmark:
+                transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=sockmark.socket_options(self.fwmark))
             self._client = httpx.AsyncClient(
                 base_url=self.server_url.rstrip("/"),
                 timeout=httpx.Timeout(self.timeout, read=None),
-                transport=self.transport,
+                transport=transport,
                 verify=verify,
             )
         return self._client

@@ -25,6 +25,7 @@ from typing import IO, NoReturn
 
 import uvicorn
 
+from node import sockmark
 from node.agent import Agent, AgentConfig
 from node.api import create_app
 from node.errors import LocalError
@@ -112,7 +113,8 @@ async def run(args: argparse.Namespace) -> int:
     sock_path = Path(args.socket)
     sock = bind_socket(sock_path)
     agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine,
-                              dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None))
+                              dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None,
+                              fwmark=sockmark.BYPASS_MARK))
     try:
         await agent.start()
         server = _Server(uvicorn.Config(create_app(agent), log_level="warning", lifespan="off"))
