@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.abc
+import httpcore
 import httpx
+from httpcore._backends.anyio import AnyIOStream
 from nacl.public import Box
 
 from coord import wire
@@ -32,6 +36,46 @@ class ControlError(RemoteError):
 
 class PinMismatch(RemoteError):
     """The server presents a key other than the pinned one (or none is pinned yet)."""
+
+
+class _MarkedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's TCP connect with SO_MARK set *before* connect. httpx's `socket_options` are applied after
+    the connection is made (httpcore/_backends/anyio.py), so the SYN would go out unmarked: with an exit node
+    it would be routed into the tunnel while the rest of the connection bypasses it."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                sock = await sockmark.connect_tcp(host, port, self.mark)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e)) from None
+        for opt in socket_options or ():
+            sock.setsockopt(*opt)
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        return AnyIOStream(stream)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        return await self.inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def marked_transport(verify: ssl.SSLContext | bool, mark: int) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection carries `mark` from its first packet."""
+    t = httpx.AsyncHTTPTransport(verify=verify)
+    t._pool = httpcore.AsyncConnectionPool(ssl_context=t._pool._ssl_context,
+                                           network_backend=_MarkedBackend(mark))
+    return t
 
 
 @dataclass
@@ -57,7 +101,7 @@ class ControlClient:
                     raise ControlError(0, f"CA file {self.ca_file}: {e}") from None
             transport = self.transport
             if transport is None and self.fwmark:
-                transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=sockmark.socket_options(self.fwmark))
+                transport = marked_transport(verify, self.fwmark)
             self._client = httpx.AsyncClient(
                 base_url=self.server_url.rstrip("/"),
                 timeout=httpx.Timeout(self.timeout, read=None),
