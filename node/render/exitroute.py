@@ -119,10 +119,11 @@ def parse_rules(text: str, fam: str) -> set[tuple[str, str]]:
             continue
         parts = [f"priority {prio}"]
         mark = r.get("fwmark")
-        if isinstance(mark, str):
+        if isinstance(mark, str):  # iproute2 gives {"fwmark": "0x80000", "fwmask": "0xff0000"}
             val, _, mask = mark.partition("/")
+            mask = str(r.get("fwmask") or mask or "0xffffffff")
             try:
-                parts.append(f"fwmark {int(val, 16):#x}/{int(mask or '0xffffffff', 16):#x}")
+                parts.append(f"fwmark {int(val, 16):#x}/{int(mask, 16):#x}")
             except ValueError:
                 raise ExitRouteError(f"ip -j rule: bad fwmark {mark!r:.40}") from None
         action = r.get("action")
@@ -180,7 +181,8 @@ class ExitRouteApplier:
             self.applied = cfg
             return
         self.iface = cfg.iface
-        self.applied = None
+        # on (or turning off) until it is all gone: a failure half-way is retried, and `clear` cleans up
+        self.applied = cfg if cfg.on else self.applied
         for argv in render(cfg, await self.read()):
             await self.runner.run(argv)
         self.applied = cfg

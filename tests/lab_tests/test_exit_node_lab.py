@@ -10,7 +10,9 @@ may reach alice's nodes on TCP 22 only (so e is his peer) but not the internet t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Lab, Topology
+from tests.lab.lab import netns_pids
 from tests.lab.udp import py
 from tests.lab_tests.tailnet import Tailnet
 from tests.lab_tests.test_subnet_router_lab import ASK, WHO
@@ -122,6 +125,7 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
     router_wan = lab.routers["home"].wan_addr
     e_addr = lab.nodes["e"].addr
     lab.sysctl(lab.ns("e"), "net.ipv4.ip_forward", "1")
+    lab.sysctl(lab.ns("e"), "net.ipv6.conf.all.forwarding", "1")
     # the client's own gateway counts every packet it forwards to the internet host
     lab.nft(lab.ns("home"), f"""table inet {lab.prefix}leak {{
   counter tohost {{}}
@@ -187,8 +191,12 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
     tn.wait_for("c reaches its LAN", lambda: tn.ping("c", lan_host, wait=1), timeout=10)
     assert ask(tn, "c") == e_addr
 
-    # the exit node dies: traffic to the internet stops; nothing goes out through the client's gateway
+    # the exit node dies (its agent and the wireguard-go it started): traffic to the internet stops, and
+    # nothing goes out through the client's gateway
     lab.kill(tn.agents.pop("e"), signal.SIGKILL)
+    for pid in netns_pids(lab.ns("e")):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     tn.wait_for("c learns e is offline", lambda: not (tn.status("c")["ExitNode"] or {}).get("Online"),
                 timeout=20, step=0.5)  # a netmap delta: control still flows
     at_kill = count_to_host(lab, "home")
@@ -206,5 +214,8 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
 
     # clearing the exit node goes out directly again
     tn.up("c", tn.auth_key(ALICE), "--exit-node=")
+    st = tn.status("c")
+    assert st["ExitNode"] is None and st["Self"]["ExitNode"] == "", st
+    assert not any("exit" in h for h in st["Health"]), st["Health"]
     tn.wait_for("c goes out directly", lambda: ask(tn, "c") == router_wan, timeout=15, step=0.2)
     assert "lookup 52" not in lab.exec("c", ["ip", "rule", "show"]).stdout
