@@ -56,6 +56,7 @@ log = logging.getLogger("shoald")
 # keep-alives every 50 s by default).
 STREAM_IDLE = 130.0
 UP_WAIT = 20.0
+ROUTE_PROBE_TIMEOUT = 1  # seconds `ping -W` waits for the --route-probe address
 # On the first netmap, how long the tunnel waits for the home relay, so the first handshake is not lost.
 DERP_FIRST_WAIT = 2.0
 
@@ -86,6 +87,7 @@ class AgentConfig:
     dns_port: int = 53
     resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
     sysctl_dir: Path = Path("/proc/sys")  # where IP forwarding is read (per network namespace)
+    route_check: float = 0.0  # seconds between a router's self-checks (`_check_routes`); 0 = none (unit tests)
     fwmark: int = 0  # the bypass mark on our own sockets (shoald: node/sockmark.BYPASS_MARK; 0 in unit tests)
 
 
@@ -137,6 +139,10 @@ class Agent:
         self._applied = asyncio.Event()
         self._control: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._route_checker: asyncio.Task[None] | None = None
+        # the router's self-check (`_check_routes`): what it offers now, and why the rest is withheld
+        self.offered: tuple[str, ...] | None = None  # None: not checked yet, offer what the prefs say
+        self.withheld = ""
         self._client: ControlClient | None = None
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
                             port=self.cfg.dns_port, iface=self.cfg.iface)
@@ -181,13 +187,16 @@ class Agent:
                 await self._reconcile()
             self._start_control(registered=False)
         self._watcher = asyncio.create_task(self._watch_endpoints(), name="endpoints")
+        if self.cfg.route_check > 0:
+            self._route_checker = asyncio.create_task(self._watch_routes(), name="route-check")
 
     async def stop(self) -> None:
         """Daemon shutdown: the tunnel goes, the prefs stay (a restart brings it back)."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._route_checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._stop_control()
         await self._teardown_os()
 
@@ -315,6 +324,8 @@ class Agent:
             warn = compile.forwarding_warning(self.prefs.routable_ips(), self._sysctl("net/ipv4/ip_forward"),
                                               self._sysctl("net/ipv6/conf/all/forwarding"))
             health += [warn] if warn else []
+            if self.withheld:
+                health.append(f"routes withheld from the tailnet by the self-check: {self.withheld}")
         peers = (status_doc.peer_rows(self.netmap, dev, self._observer(), now)
                  if self.prefs.want_running else [])
         return status_doc.document(
@@ -441,8 +452,55 @@ class Agent:
 
     def _hostinfo(self, prefs: Prefs | None = None) -> wire.Hostinfo:
         prefs = prefs or self.prefs
+        routes = prefs.routable_ips()
+        if prefs is self.prefs and self.offered is not None:
+            routes = tuple(r for r in routes if r in self.offered)  # the self-check withholds the others
         return wire.Hostinfo(hostname=self._hostname(prefs), os="linux", request_tags=tuple(prefs.advertise_tags),
-                             routable_ips=prefs.routable_ips())
+                             routable_ips=routes)
+
+    async def _check_routes(self) -> bool:
+        """The router's self-check (forwarding on, an up interface on each subnet, the --route-probe answering);
+        True when what it may offer changed. A withheld route is withdrawn from Hostinfo.RoutableIPs, so the
+        server elects another primary at once; it comes back when the check passes again."""
+        prefs = self.prefs
+        wanted = prefs.routable_ips()
+        if not wanted or not prefs.want_running:
+            changed = self.offered is not None
+            self.offered, self.withheld = None, ""
+            return changed
+        probe_ok = True
+        if prefs.route_probe:
+            fam = "-6" if ":" in prefs.route_probe else "-4"
+            r = await self.runner.run(["ping", fam, "-c", "1", "-W", str(ROUTE_PROBE_TIMEOUT), prefs.route_probe],
+                                      check=False)
+            probe_ok = r.rc == 0
+        a = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
+        offered, why = compile.route_health(wanted, self._sysctl("net/ipv4/ip_forward"),
+                                            self._sysctl("net/ipv6/conf/all/forwarding"),
+                                            compile.lan_prefixes(a.out, exclude=[self.cfg.iface]),
+                                            prefs.route_probe, probe_ok)
+        if offered == self.offered and why == self.withheld:
+            return False
+        if why != self.withheld:
+            log.warning("routes withheld: %s", why) if why else log.info("routes: self-check passes again")
+        was, self.offered, self.withheld = self.offered, offered, why
+        return was != offered and not (was is None and offered == wanted)
+
+    async def _watch_routes(self) -> None:
+        while True:
+            try:
+                if await self._check_routes():
+                    client = self._client
+                    if client is not None and self.connected:
+                        await client.update(wire.MapRequest(
+                            node_key=self.node_key.public().raw, disco_key=self.disco.public().raw,
+                            stream=False, endpoints=tuple(self.endpoints),
+                            endpoint_types=tuple(self.endpoint_types), hostinfo=self._hostinfo()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("route self-check: %s", e)
+            await asyncio.sleep(self.cfg.route_check)
 
     def _register_request(self, auth_key: str = "", followup: str = "", old_key: bytes | None = None,
                           expiry: float | None = None, node_key: PrivateKey | None = None,

@@ -4,7 +4,7 @@
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
                    "advertise_routes"?: [cidr], "advertise_exit_node"?: bool, "accept_routes"?: bool,
                    "snat_subnet_routes"?: bool, "exit_node"?: name|tailnet IP|"" (clears),
-                   "exit_node_allow_lan_access"?: bool,
+                   "exit_node_allow_lan_access"?: bool, "route_probe"?: IP|"",
                    "server_key"?: "mkey:<64 hex>", "ca_file"?: path, "wait"?: seconds}
                   -> Status once the first netmap is applied (or a login URL is known)
     GET  /exit-nodes                -> {"ExitNodes": [{ID, Name, HostName, Addresses, Online, Selected}],
@@ -57,6 +57,7 @@ UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
     "accept_routes": bool, "snat_subnet_routes": bool, "exit_node": str, "exit_node_allow_lan_access": bool,
+    "route_probe": str,
 }
 BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes", "exit_node_allow_lan_access"}
 
@@ -116,7 +117,7 @@ def create_app(agent: Agent) -> Starlette:
             ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
                                args.get("accept_routes"), args.get("snat_subnet_routes"), args.get("exit_node"),
-                               args.get("exit_node_allow_lan_access")),
+                               args.get("exit_node_allow_lan_access"), args.get("route_probe")),
         ))
 
     async def exit_nodes(request: Request) -> Response:

@@ -4,6 +4,7 @@
           [--advertise-routes CIDR,...] [--advertise-exit-node] [--accept-routes] [--snat-subnet-routes=false]
                              [--server-key mkey:HEX] [--ca-file PEM]
           [--exit-node NAME|IP] [--exit-node-allow-lan-access]     (--exit-node= clears it)
+          [--route-probe ADDR]
     shoal down | logout
     shoal exit-node list [--json] | suggest
     shoal status [--json]
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="send all traffic through this peer (an approved exit node); '' to stop using one")
     up.add_argument("--exit-node-allow-lan-access", default=None, action=argparse.BooleanOptionalAction,
                     help="with --exit-node, keep directly connected LANs outside the tunnel (default off)")
+    up.add_argument("--route-probe", default=None, metavar="ADDR",
+                    help="with --advertise-routes: an address on the LAN that must answer ping, else the routes "
+                         "are withdrawn until it does (HA: another router takes over); '' for none")
     up.add_argument("--server-key", default=None, type=server_key_arg,
                     help="the server key to pin, as `shoal-server info` prints it (mkey:<64 hex>); a server "
                          "presenting another is refused. Default: pin the key the server presents first")
@@ -182,7 +186,7 @@ def cmd_up(api: Api, args: argparse.Namespace) -> int:
     if args.advertise_routes is not None:
         body["advertise_routes"] = [r.strip() for r in args.advertise_routes.split(",") if r.strip()]
     for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "exit_node",
-                 "exit_node_allow_lan_access"):
+                 "exit_node_allow_lan_access", "route_probe"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     st = api.call("POST", "/up", body)

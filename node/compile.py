@@ -192,6 +192,8 @@ def lan_prefixes(ip_addr_json: str, exclude: Iterable[str] = ()) -> list[str]:
     for link in links if isinstance(links, list) else []:
         if not isinstance(link, dict) or link.get("ifname") in skip or "LOOPBACK" in (link.get("flags") or []):
             continue
+        if "UP" not in (link.get("flags") or []):
+            continue
         for a in link.get("addr_info") or []:
             if not isinstance(a, dict) or a.get("scope") != "global":
                 continue
@@ -310,6 +312,32 @@ def forwarding_warning(prefs_routes: Sequence[str], ipv4: str | None, ipv6: str 
         return ""
     return (f"IP forwarding is off ({', '.join(off)} is not 1): the routes this node advertises will not work; "
             f"enable it with sysctl -w {'=1 '.join(off)}=1")
+
+
+def route_health(prefs_routes: Sequence[str], ipv4: str | None, ipv6: str | None, lan: Sequence[str],
+                 probe: str = "", probe_ok: bool = True) -> tuple[tuple[str, ...], str]:
+    """The router's self-check: (the routes it may offer now, why the others are withheld, "" when none are).
+
+    Forwarding off for a family withholds that family's routes (default routes included); a subnet route
+    needs an up interface connected to it (`lan`: lan_prefixes of the up links) or, with `--route-probe`,
+    the probe answering; a probe that does not answer withholds every subnet route (the LAN is gone)."""
+    fwd_off = {fam for fam, v in ((4, ipv4), (6, ipv6)) if (v or "").strip() != "1"}
+    lan_nets = [ipaddress.ip_network(x) for x in lan]
+    keep: list[str] = []
+    why: list[str] = []
+    for r in prefs_routes:
+        net = ipaddress.ip_network(r, strict=False)
+        if net.version in fwd_off:
+            why.append(f"{r}: IP forwarding is off")
+        elif net.prefixlen == 0:
+            keep.append(r)
+        elif probe and not probe_ok:
+            why.append(f"{r}: route probe {probe} does not answer")
+        elif not probe and not any(n.version == net.version and n.overlaps(net) for n in lan_nets):
+            why.append(f"{r}: no up interface on it")
+        else:
+            keep.append(r)
+    return tuple(keep), "; ".join(why)
 
 
 # --- back-off -------------------------------------------------------------------------------------------

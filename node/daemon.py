@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> int:
     sock = bind_socket(sock_path)
     agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine,
                               dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None,
-                              fwmark=sockmark.BYPASS_MARK))
+                              fwmark=sockmark.BYPASS_MARK, route_check=2.0))
     try:
         await agent.start()
         server = _Server(uvicorn.Config(create_app(agent), log_level="warning", lifespan="off"))

@@ -127,6 +127,7 @@ class RouteFlags:
     snat_subnet_routes: bool | None = None
     exit_node: str | None = None  # "" clears it
     exit_node_allow_lan_access: bool | None = None
+    route_probe: str | None = None  # "" clears it
 
 
 def parse_routes(texts: list[str]) -> list[str]:
@@ -185,6 +186,12 @@ def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[s
             setattr(out, name, v)
     if routing.exit_node is not None:
         out.exit_node = parse_exit_node(routing.exit_node)
+    if routing.route_probe is not None:
+        t = routing.route_probe.strip()
+        try:
+            out.route_probe = str(ipaddress.ip_address(t)) if t else ""
+        except ValueError:
+            raise UpRefused(400, f"--route-probe: {routing.route_probe!r} is not an IP address") from None
     if out.exit_node and out.advertise_exit_node:
         raise UpRefused(400, "--exit-node and --advertise-exit-node cannot both be set (an exit node does not use "
                              "another)")
