@@ -222,3 +222,23 @@ def test_exit_node_bypass_mark_on_sockets() -> None:
             srv.close()
 
     assert asyncio.run(connect()) == 0x80000
+
+
+def test_ha_failover_route_health_withholds_what_the_router_cannot_serve() -> None:
+    lan = ["198.51.100.0/24"]
+    routes = ["198.51.100.0/24", "0.0.0.0/0", "::/0"]
+    assert compile.route_health(routes, "1", "1", lan) == (tuple(routes), "")
+    assert compile.route_health(routes, "1", "0", lan) == (("198.51.100.0/24", "0.0.0.0/0"),
+                                                           "::/0: IP forwarding is off")
+    assert compile.route_health(routes, "1", "1", []) == (("0.0.0.0/0", "::/0"),
+                                                          "198.51.100.0/24: no up interface on it")
+    # with a probe, the probe decides for subnets (the LAN may be behind a gateway)
+    assert compile.route_health(routes, "1", "1", [], "198.51.100.10", True)[0] == tuple(routes)
+    assert compile.route_health(routes, "1", "1", lan, "198.51.100.10", False) == (
+        ("0.0.0.0/0", "::/0"), "198.51.100.0/24: route probe 198.51.100.10 does not answer")
+    p = login.up_prefs(Prefs(), "http://192.0.2.1:8080", None, None,
+                       routing=login.RouteFlags(route_probe=" 198.51.100.10 "))
+    assert p.route_probe == "198.51.100.10"
+    with pytest.raises(login.UpRefused, match="--route-probe"):
+        login.up_prefs(Prefs(), "http://192.0.2.1:8080", None, None, routing=login.RouteFlags(route_probe="lan"))
+    assert cli.build_parser().parse_args(["up", "--route-probe", "198.51.100.10"]).route_probe == "198.51.100.10"
