@@ -55,6 +55,10 @@ log = logging.getLogger("shoald")
 # A map stream that stays silent this long is dead even if TCP has not noticed (the server sends
 # keep-alives every 50 s by default).
 STREAM_IDLE = 130.0
+# A subnet router gets a keep-alive every second (coord/fanout.py ROUTER_KEEPALIVE): once keep-alives come that
+# often, a stream silent this long is dead (a cut link the kernel has not noticed), and the router reconnects.
+ROUTER_STREAM_IDLE = 6.0
+ROUTER_KEEPALIVE_SEEN = 2.0
 UP_WAIT = 20.0
 ROUTE_PROBE_TIMEOUT = 1  # seconds `ping -W` waits for the --route-probe address
 # On the first netmap, how long the tunnel waits for the home relay, so the first handshake is not lost.
@@ -575,9 +579,20 @@ class Agent:
 
     async def _stream(self, client: ControlClient, backoff: compile.Backoff) -> None:
         it = client.poll(self._map_request(stream=True))
+        loop = asyncio.get_running_loop()
+        idle, last = STREAM_IDLE, loop.time()
         try:
             while True:
-                msg = await asyncio.wait_for(it.__anext__(), STREAM_IDLE)
+                try:
+                    msg = await asyncio.wait_for(it.__anext__(), idle)
+                except TimeoutError:
+                    raise ControlError(0, f"map stream silent for {idle:.0f}s") from None
+                now = loop.time()
+                # keep-alives a second apart: the server treats us as a router, and a silence means a cut link
+                # (a node that stops being a router reconnects once, after 6 s of the slower keep-alives)
+                if msg.keep_alive and msg.empty:
+                    idle = ROUTER_STREAM_IDLE if now - last < ROUTER_KEEPALIVE_SEEN else STREAM_IDLE
+                last = now
                 if not self.connected:
                     self.connected = True
                     self.last_error = ""
@@ -593,8 +608,6 @@ class Agent:
                 self._persist()
         except StopAsyncIteration:
             raise ControlError(0, "map stream ended") from None
-        except TimeoutError:
-            raise ControlError(0, f"map stream silent for {STREAM_IDLE:.0f}s") from None
         finally:
             await it.aclose()
 
