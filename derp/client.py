@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import ssl as ssl_mod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class DerpClient:
         queue_size: int = 4096,
         max_write_buffer: int = 1 << 20,
         skip_server_key: bytes | None = None,
+        fwmark: int = 0,
     ) -> None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -86,6 +88,7 @@ class DerpClient:
         if mesh_key is not None and len(mesh_key) != 32:
             raise ConfigError("mesh key must be 32 bytes")
         self.url = url
+        self.fwmark = fwmark  # SO_MARK on the TCP socket, set before connect (the agent's exit-node bypass)
         self.host = u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.path = u.path or "/derp"
@@ -229,18 +232,34 @@ class DerpClient:
                 fut.set_exception(ConnectionError("relay connection lost"))
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.tls else None,
-                limit=1 << 20,
-            ),
-            self.connect_timeout,
-        )
+        reader, writer = await asyncio.wait_for(self._open(), self.connect_timeout)
         try:
             await self._talk(reader, writer)
         finally:
             if self._writer is None:
                 writer.close()
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        hostname = self.host if self.tls else None
+        if not self.fwmark:
+            return await asyncio.open_connection(self.host, self.port, ssl=self.ssl, server_hostname=hostname,
+                                                 limit=1 << 20)
+        # the mark must be on the socket before connect, so the SYN is routed by it
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        err: OSError = OSError(f"cannot resolve {self.host}")
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.fwmark)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                err = e
+                continue
+            return await asyncio.open_connection(sock=sock, ssl=self.ssl, server_hostname=hostname, limit=1 << 20)
+        raise err
 
     async def _talk(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"

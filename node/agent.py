@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from coord import wire
-from node import compile, endpoints, login, mapsession
+from node import compile, endpoints, login, mapsession, sockmark
 from node import metrics as node_metrics
 from node import status as status_doc
 from node import whois as whois_doc
@@ -60,7 +60,12 @@ log = logging.getLogger("shoald")
 # A map stream that stays silent this long is dead even if TCP has not noticed (the server sends
 # keep-alives every 50 s by default).
 STREAM_IDLE = 130.0
+# A subnet router gets a keep-alive every second (coord/fanout.py ROUTER_KEEPALIVE): once keep-alives come that
+# often, a stream silent this long is dead (a cut link the kernel has not noticed), and the router reconnects.
+ROUTER_STREAM_IDLE = 6.0
+ROUTER_KEEPALIVE_SEEN = 2.0
 UP_WAIT = 20.0
+ROUTE_PROBE_TIMEOUT = 1  # seconds `ping -W` waits for the --route-probe address
 # On the first netmap, how long the tunnel waits for the home relay, so the first handshake is not lost.
 DERP_FIRST_WAIT = 2.0
 
@@ -92,6 +97,8 @@ class AgentConfig:
     resolv_conf: Path | None = None  # the file MagicDNS points at quad-100 (None: never touch the OS)
     sysctl_dir: Path = Path("/proc/sys")  # where IP forwarding is read (per network namespace)
     ssh_port: int = ssh_server.LISTEN_PORT  # where nft redirects tailnet port 22 with `shoal up --ssh`
+    route_check: float = 0.0  # seconds between a router's self-checks (`_check_routes`); 0 = none (unit tests)
+    fwmark: int = 0  # the bypass mark on our own sockets (shoald: node/sockmark.BYPASS_MARK; 0 in unit tests)
 
 
 EngineFactory = Callable[[str, Callable[[], Awaitable[None]]], Engine]
@@ -127,6 +134,7 @@ class Agent:
         self.endpoint_types: list[int] = []
         self.choose: compile.EndpointChooser = compile.first_endpoint()
         self.local_endpoints: list[str] = []
+        self.lan_prefixes: list[str] = []  # directly connected, for --exit-node-allow-lan-access
         self.magicsock: MagicSock | None = None
         self.engine: Engine | None = None
         self.reconciler: Reconciler | None = None
@@ -141,6 +149,10 @@ class Agent:
         self._applied = asyncio.Event()
         self._control: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._route_checker: asyncio.Task[None] | None = None
+        # the router's self-check (`_check_routes`): what it offers now, and why the rest is withheld
+        self.offered: tuple[str, ...] | None = None  # None: not checked yet, offer what the prefs say
+        self.withheld = ""
         self._client: ControlClient | None = None
         self.ssh = ssh_server.SshServer(self.cfg.state_dir / "ssh_host_ed25519_key", self.cfg.ssh_port)
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
@@ -186,13 +198,16 @@ class Agent:
                 await self._reconcile()
             self._start_control(registered=False)
         self._watcher = asyncio.create_task(self._watch_endpoints(), name="endpoints")
+        if self.cfg.route_check > 0:
+            self._route_checker = asyncio.create_task(self._watch_routes(), name="route-check")
 
     async def stop(self) -> None:
         """Daemon shutdown: the tunnel goes, the prefs stay (a restart brings it back)."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._route_checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._stop_control()
         await self._teardown_os()
 
@@ -322,6 +337,8 @@ class Agent:
             warn = compile.forwarding_warning(self.prefs.routable_ips(), self._sysctl("net/ipv4/ip_forward"),
                                               self._sysctl("net/ipv6/conf/all/forwarding"))
             health += [warn] if warn else []
+            if self.withheld:
+                health.append(f"routes withheld from the tailnet by the self-check: {self.withheld}")
         peers = (status_doc.peer_rows(self.netmap, dev, self._observer(), now)
                  if self.prefs.want_running else [])
         return status_doc.document(
@@ -329,7 +346,7 @@ class Agent:
             engine=self.engine.name if self.engine is not None else "", iface=self.cfg.iface, port=self.cfg.port,
             netmap=self.netmap, node_key=str(self.node_key.public()), hostname=self._hostname(),
             endpoints=self.endpoints, peers=peers,
-            magic=self.magicsock.status() if self.magicsock is not None else None,
+            magic=self.magicsock.status() if self.magicsock is not None else None, dev=dev,
         )
 
     async def metric_families(self) -> list[Metric]:
@@ -343,6 +360,24 @@ class Agent:
                 filt = node_metrics.parse_nft_counters(r.out, compile.FILTER_TABLE)
         queries = self.dns.status(self.prefs.accept_dns).get("Queries", 0)
         return node_metrics.families(doc, int(queries or 0), filt, self.clock())
+
+    async def exit_nodes(self) -> dict[str, Any]:
+        """`shoal exit-node list|suggest`: the peers the server marked as exit nodes for us (approved; the
+        policy's autogroup:internet decides who may send through them), the one chosen, a suggestion."""
+        chosen = compile.find_exit_node(self.netmap, self.prefs.exit_node)
+        ms = self.magicsock
+        home = ms.home if ms is not None else 0
+
+        def direct(p: wire.Node) -> bool:
+            key = compile.peer_key(p)
+            view = ms.observe(key.raw, None) if ms is not None and key is not None else None
+            return view is not None and view.confirmed is not None
+
+        best = compile.suggest_exit_node(self.netmap, home, direct)
+        return {"ExitNodes": [{"ID": p.id, "Name": p.name, "HostName": p.short_name, "Addresses": p.ips(),
+                               "Online": p.online, "Selected": chosen is not None and chosen.id == p.id}
+                              for p in compile.exit_nodes(self.netmap)],
+                "Suggested": best.name if best is not None else None, "Selected": self.prefs.exit_node}
 
     def _sysctl(self, name: str) -> str | None:
         try:
@@ -431,7 +466,7 @@ class Agent:
         prefs = prefs or self.prefs
         return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
                              server_public=prefs.server_key_raw(), clock=self.clock,
-                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file)
+                             timeout=self.cfg.control_timeout, ca_file=prefs.ca_file, fwmark=self.cfg.fwmark)
 
     async def _pin(self, client: ControlClient, prefs: Prefs | None = None) -> None:
         """Pins on first contact. `prefs` other than ours (a tentative `up`) is updated but not saved."""
@@ -448,8 +483,55 @@ class Agent:
 
     def _hostinfo(self, prefs: Prefs | None = None) -> wire.Hostinfo:
         prefs = prefs or self.prefs
+        routes = prefs.routable_ips()
+        if prefs is self.prefs and self.offered is not None:
+            routes = tuple(r for r in routes if r in self.offered)  # the self-check withholds the others
         return wire.Hostinfo(hostname=self._hostname(prefs), os="linux", request_tags=tuple(prefs.advertise_tags),
-                             routable_ips=prefs.routable_ips())
+                             routable_ips=routes)
+
+    async def _check_routes(self) -> bool:
+        """The router's self-check (forwarding on, an up interface on each subnet, the --route-probe answering);
+        True when what it may offer changed. A withheld route is withdrawn from Hostinfo.RoutableIPs, so the
+        server elects another primary at once; it comes back when the check passes again."""
+        prefs = self.prefs
+        wanted = prefs.routable_ips()
+        if not wanted or not prefs.want_running:
+            changed = self.offered is not None
+            self.offered, self.withheld = None, ""
+            return changed
+        probe_ok = True
+        if prefs.route_probe:
+            fam = "-6" if ":" in prefs.route_probe else "-4"
+            r = await self.runner.run(["ping", fam, "-c", "1", "-W", str(ROUTE_PROBE_TIMEOUT), prefs.route_probe],
+                                      check=False)
+            probe_ok = r.rc == 0
+        a = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
+        offered, why = compile.route_health(wanted, self._sysctl("net/ipv4/ip_forward"),
+                                            self._sysctl("net/ipv6/conf/all/forwarding"),
+                                            compile.lan_prefixes(a.out, exclude=[self.cfg.iface]),
+                                            prefs.route_probe, probe_ok)
+        if offered == self.offered and why == self.withheld:
+            return False
+        if why != self.withheld:
+            log.warning("routes withheld: %s", why) if why else log.info("routes: self-check passes again")
+        was, self.offered, self.withheld = self.offered, offered, why
+        return was != offered and not (was is None and offered == wanted)
+
+    async def _watch_routes(self) -> None:
+        while True:
+            try:
+                if await self._check_routes():
+                    client = self._client
+                    if client is not None and self.connected:
+                        await client.update(wire.MapRequest(
+                            node_key=self.node_key.public().raw, disco_key=self.disco.public().raw,
+                            stream=False, endpoints=tuple(self.endpoints),
+                            endpoint_types=tuple(self.endpoint_types), hostinfo=self._hostinfo()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("route self-check: %s", e)
+            await asyncio.sleep(self.cfg.route_check)
 
     def _register_request(self, auth_key: str = "", followup: str = "", old_key: bytes | None = None,
                           expiry: float | None = None, node_key: PrivateKey | None = None,
@@ -524,9 +606,20 @@ class Agent:
 
     async def _stream(self, client: ControlClient, backoff: compile.Backoff) -> None:
         it = client.poll(self._map_request(stream=True))
+        loop = asyncio.get_running_loop()
+        idle, last = STREAM_IDLE, loop.time()
         try:
             while True:
-                msg = await asyncio.wait_for(it.__anext__(), STREAM_IDLE)
+                try:
+                    msg = await asyncio.wait_for(it.__anext__(), idle)
+                except TimeoutError:
+                    raise ControlError(0, f"map stream silent for {idle:.0f}s") from None
+                now = loop.time()
+                # keep-alives a second apart: the server treats us as a router, and a silence means a cut link
+                # (a node that stops being a router reconnects once, after 6 s of the slower keep-alives)
+                if msg.keep_alive and msg.empty:
+                    idle = ROUTER_STREAM_IDLE if now - last < ROUTER_KEEPALIVE_SEEN else STREAM_IDLE
+                last = now
                 if not self.connected:
                     self.connected = True
                     self.last_error = ""
@@ -542,8 +635,6 @@ class Agent:
                 self._persist()
         except StopAsyncIteration:
             raise ControlError(0, "map stream ended") from None
-        except TimeoutError:
-            raise ControlError(0, f"map stream silent for {STREAM_IDLE:.0f}s") from None
         finally:
             await it.aclose()
 
@@ -560,10 +651,12 @@ class Agent:
         r = await self.runner.run(["ip", "-j", "addr", "show"], check=False)
         local, _ = compile.local_endpoints(r.out, self.cfg.port, exclude=[self.cfg.iface])
         self.local_endpoints = local
+        lan = compile.lan_prefixes(r.out, exclude=[self.cfg.iface])
+        lan_changed, self.lan_prefixes = lan != self.lan_prefixes, lan
         self.choose = endpoints.chooser(lambda: self.magicsock, local)
         if self.magicsock is not None:
             self.magicsock.set_local_endpoints([ap for e in local if (ap := parse_endpoint(e)) is not None])
-        return self._combine_endpoints()
+        return self._combine_endpoints() or (lan_changed and self.prefs.exit_node_allow_lan_access)
 
     def _combine_endpoints(self) -> bool:
         ms = self.magicsock
@@ -638,6 +731,7 @@ class Agent:
             self.magicsock = MagicSock(
                 self.cfg.port, key.raw, key.public().raw, self.disco.raw, engine_get=self._engine_read,
                 apply=self._reconcile, on_endpoints=self._on_magic_endpoints, held=initiator.held,
+                fwmark=self.cfg.fwmark,
             )
             self.magicsock.set_local_endpoints(
                 [ap for e in self.local_endpoints if (ap := parse_endpoint(e)) is not None])
@@ -657,8 +751,11 @@ class Agent:
         want = Desired(filter=script, closed=compile.closed_filter_script(self.cfg.iface),
                        routes=compile.route_config(nm, self.cfg.iface, self.prefs.accept_routes, dns=self.cfg.dns),
                        wg=compile.wg_config(nm, key, self.cfg.port, self.choose, self.cfg.keepalive,
-                                            self.prefs.accept_routes),
-                       filter_error=script_error)
+                                            self.prefs.accept_routes, prefs.exit_node, self.cfg.fwmark),
+                       filter_error=script_error,
+                       exit=compile.exit_config(nm, self.cfg.iface, prefs.exit_node,
+                                                prefs.exit_node_allow_lan_access, self.lan_prefixes,
+                                                mark=self.cfg.fwmark or sockmark.BYPASS_MARK))
         loop = asyncio.get_running_loop()
         out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))
         if ms is not None:

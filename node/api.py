@@ -4,9 +4,12 @@
     GET  /metrics                   -> Prometheus text exposition (node/metrics.py)
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
                    "advertise_routes"?: [cidr], "advertise_exit_node"?: bool, "accept_routes"?: bool,
-                   "snat_subnet_routes"?: bool,
+                   "snat_subnet_routes"?: bool, "exit_node"?: name|tailnet IP|"" (clears),
+                   "exit_node_allow_lan_access"?: bool, "route_probe"?: IP|"",
                    "server_key"?: "mkey:<64 hex>", "ca_file"?: path, "wait"?: seconds}
                   -> Status once the first netmap is applied (or a login URL is known)
+    GET  /exit-nodes                -> {"ExitNodes": [{ID, Name, HostName, Addresses, Online, Selected}],
+                                        "Suggested": Name|null, "Selected": the pref as given}
     POST /down    {}                -> Status
     POST /logout  {}                -> Status
     POST /ping    {"peer": name|tailnet IP|nodekey, "timeout"?: seconds}
@@ -21,7 +24,8 @@
 Status: {"BackendState": "NeedsLogin"|"Starting"|"Running"|"Stopped", "AuthURL", "LoginServer", "Connected",
 "KeyExpired", "Engine", "Interface", "Port", "Health": [str], "MagicDNSSuffix",
 "Self": {ID, Name, HostName, Addresses, Key, KeyExpiry, Endpoints, Online, AdvertisedRoutes, PrimaryRoutes,
-ExitNodeApproved, AcceptRoutes},
+ExitNodeApproved, AcceptRoutes, ExitNode (the pref), ExitNodeAllowLANAccess},
+"ExitNode": {"Wanted", "ID", "Name", "Online", "InUse" (0.0.0.0/0 in WireGuard for it now)} | null,
 "Peers": [{ID, Name, HostName, Addresses, Online, LastSeen, Key, Endpoint, Path, LastHandshake, RxBytes,
 TxBytes, InEngine, PrimaryRoutes, RoutesInUse (in WireGuard now),
 Path "direct"|"derp"|"unconfirmed"|"connecting"|"stale"|"none" (node/status.py: direct only with the
@@ -58,7 +62,8 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_lates
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
-    "accept_routes": bool, "snat_subnet_routes": bool, "ssh": bool,
+    "accept_routes": bool, "snat_subnet_routes": bool, "ssh": bool, "exit_node": str,
+    "exit_node_allow_lan_access": bool, "route_probe": str,
 }
 # bool is an int in Python: a number field must not take true/false, and a bool field must take them.
 BOOL_FIELDS = {k for k, t in UP_FIELDS.items() if t is bool}
@@ -137,8 +142,12 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
             wait=float(args.get("wait", 20.0)), server_key=args.get("server_key", ""),
             ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"), ssh=args.get("ssh"),
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
-                               args.get("accept_routes"), args.get("snat_subnet_routes")),
+                               args.get("accept_routes"), args.get("snat_subnet_routes"), args.get("exit_node"),
+                               args.get("exit_node_allow_lan_access"), args.get("route_probe")),
         ))
+
+    async def exit_nodes(request: Request) -> Response:
+        return JSONResponse(await agent.exit_nodes())
 
     async def down(request: Request) -> Response:
         await _body(request)
@@ -201,6 +210,7 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
             Route("/whois", whois, methods=["GET"]),
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),
+            Route("/exit-nodes", exit_nodes, methods=["GET"]),
             Route("/logout", logout, methods=["POST"]),
             Route("/ping", ping, methods=["POST"]),
             Route("/netcheck", netcheck, methods=["POST"]),

@@ -3,7 +3,10 @@
     shoal [--socket PATH] up --login-server URL [--auth-key K] [--hostname H] [--advertise-tags tag:a,tag:b]
           [--advertise-routes CIDR,...] [--advertise-exit-node] [--accept-routes] [--snat-subnet-routes=false]
                              [--server-key mkey:HEX] [--ca-file PEM]
+          [--exit-node NAME|IP] [--exit-node-allow-lan-access]     (--exit-node= clears it)
+          [--route-probe ADDR]
     shoal down | logout
+    shoal exit-node list [--json] | suggest
     shoal status [--json]
     shoal ip [-4|-6] [PEER]
     shoal ping [-c N] [--timeout S] [--no-until-direct] PEER
@@ -66,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--snat-subnet-routes", default=None, type=bool_arg, metavar="true|false",
                     help="masquerade traffic forwarded to advertised subnets (default true; false keeps the "
                          "tailnet source address, the LAN must route 100.64.0.0/10 back to this node)")
+    up.add_argument("--exit-node", default=None, metavar="NAME|IP",
+                    help="send all traffic through this peer (an approved exit node); '' to stop using one")
+    up.add_argument("--exit-node-allow-lan-access", default=None, action=argparse.BooleanOptionalAction,
+                    help="with --exit-node, keep directly connected LANs outside the tunnel (default off)")
+    up.add_argument("--route-probe", default=None, metavar="ADDR",
+                    help="with --advertise-routes: an address on the LAN that must answer ping, else the routes "
+                         "are withdrawn until it does (HA: another router takes over); '' for none")
     up.add_argument("--server-key", default=None, type=server_key_arg,
                     help="the server key to pin, as `shoal-server info` prints it (mkey:<64 hex>); a server "
                          "presenting another is refused. Default: pin the key the server presents first")
@@ -80,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=0,
                     help="give up waiting for login approval after this many seconds (default: wait)")
     sub.add_parser("down", help="take the tunnel down; stay registered")
+    ex = sub.add_parser("exit-node", help="exit nodes this node may use")
+    exsub = ex.add_subparsers(dest="exit_cmd", required=True, parser_class=Parser)
+    exl = exsub.add_parser("list", help="the peers offering an exit node (approved), and which is in use")
+    exl.add_argument("--json", action="store_true")
+    exsub.add_parser("suggest", help="the exit node to use (online; direct path, then home DERP region)")
     sub.add_parser("logout", help="log this node out of the tailnet")
     st = sub.add_parser("status", help="this node and its peers")
     st.add_argument("--json", action="store_true")
@@ -177,7 +192,8 @@ def cmd_up(api: Api, args: argparse.Namespace) -> int:
         body["advertise_tags"] = parse_tags(args.advertise_tags)
     if args.advertise_routes is not None:
         body["advertise_routes"] = [r.strip() for r in args.advertise_routes.split(",") if r.strip()]
-    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "ssh"):
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "ssh", "exit_node",
+                 "exit_node_allow_lan_access", "route_probe"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     st = api.call("POST", "/up", body)
@@ -233,6 +249,16 @@ def render_status(st: dict[str, Any], now: float) -> str:
         waiting = [r for r in offered if r not in primary and r not in ("0.0.0.0/0", "::/0")]
         lines.append(f"# Routes: offering {', '.join(offered)}; primary for {', '.join(primary) or '-'}"
                      + (f"; not approved or standby: {', '.join(waiting)}" if waiting else ""))
+    ex = st.get("ExitNode")
+    if ex:
+        if ex.get("ID") is None:
+            lines.append(f"# Exit node: {ex['Wanted']}: not an exit node in the network map; traffic is stopped"
+                         " (run `shoal up --exit-node=` to go out directly)")
+        else:
+            state = "in use" if ex.get("InUse") else "not in WireGuard yet"
+            online = "online" if ex.get("Online") else "offline, traffic is stopped"
+            lan = "; LAN access allowed" if me.get("ExitNodeAllowLANAccess") else ""
+            lines.append(f"# Exit node: {str(ex.get('Name') or '').rstrip('.')} ({online}, {state}){lan}")
     addrs = me.get("Addresses") or ["-"]
     rows = [[addrs[0], " ".join(addrs[1:]), _name(me), "self",
              "endpoints " + (", ".join(me.get("Endpoints") or []) or "-"), "", "", ""]]
@@ -251,6 +277,30 @@ def render_status(st: dict[str, Any], now: float) -> str:
 def _name(node: dict[str, Any]) -> str:
     """The MagicDNS name (FQDN, no trailing dot) when the node has one, else its host name."""
     return str(node.get("Name") or "").rstrip(".") or str(node.get("HostName") or "") or "-"
+
+
+def render_exit_nodes(d: dict[str, Any]) -> str:
+    rows = [["IP", "NAME", "STATUS", ""]]
+    for n in d.get("ExitNodes") or ():
+        rows.append([(n.get("Addresses") or ["-"])[0], _name(n), "online" if n.get("Online") else "offline",
+                     "selected" if n.get("Selected") else ""])
+    if len(rows) == 1:
+        return "no exit nodes in the network map (an exit node must be approved, and the policy must allow " \
+               "autogroup:internet)"
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def cmd_exit_node(api: Api, args: argparse.Namespace) -> int:
+    d = api.call("GET", "/exit-nodes")
+    if args.exit_cmd == "list":
+        print(json.dumps(d, indent=2) if args.json else render_exit_nodes(d))
+        return 0
+    if not d.get("Suggested"):
+        raise CliError("no online exit node to suggest")
+    name = str(d["Suggested"]).rstrip(".")
+    print(f"Suggested exit node: {name}\nTo use it, run: shoal up --exit-node={name}")
+    return 0
 
 
 def render_dns_status(d: dict[str, Any]) -> str:
@@ -406,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "dns":
             return cmd_dns(api, args)
+        if args.cmd == "exit-node":
+            return cmd_exit_node(api, args)
         if args.cmd == "netcheck":
             r = api.call("POST", "/netcheck", {})
             print(json.dumps(r, indent=2) if args.json else render_netcheck(r))

@@ -21,7 +21,9 @@ from coord import wire
 from node.keys import PrivateKey, PublicKey
 from node.mapsession import NetMap
 from node.render import nft
+from node.render.exitroute import ExitConfig
 from node.render.routes import TAILNET_V4, TAILNET_V6, RouteConfig
+from node.sockmark import BYPASS_MARK
 from node.wg.config import ConfigError, WgConfig, WgPeer
 
 KEEPALIVE = 25
@@ -121,24 +123,105 @@ def subnet_routes(peer: wire.Node) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _peer_allowed(peer: wire.Node, accept_routes: bool) -> tuple[str, ...]:
-    """A peer's own tailnet addresses from its AllowedIPs; its subnet routes only with --accept-routes."""
+def _peer_allowed(peer: wire.Node, accept_routes: bool, exit_node: bool = False) -> tuple[str, ...]:
+    """A peer's own tailnet addresses from its AllowedIPs; its subnet routes only with --accept-routes; the
+    default routes only for the chosen exit node."""
     own = [str(n) for n in peer.allowed_ips if any(n.version == t.version and n.subnet_of(t)  # type: ignore[arg-type]
                                                    for t in TAILNET_NETS)]
-    return tuple(own) + (subnet_routes(peer) if accept_routes else ())
+    defaults = tuple(str(n) for n in peer.allowed_ips if n.prefixlen == 0) if exit_node else ()
+    return tuple(own) + (subnet_routes(peer) if accept_routes else ()) + defaults
+
+
+# --- exit nodes -----------------------------------------------------------------------------------------
+
+
+def offers_exit(peer: wire.Node) -> bool:
+    """The server puts 0.0.0.0/0 and ::/0 in an approved exit node's AllowedIPs."""
+    return any(n.prefixlen == 0 for n in peer.allowed_ips)
+
+
+def _names(peer: wire.Node) -> set[str]:
+    full = peer.name.rstrip(".").lower()
+    return {x for x in (full, full.split(".")[0], peer.hostinfo.hostname.lower()) if x}
+
+
+def find_exit_node(nm: NetMap, spec: str) -> wire.Node | None:
+    """The peer `shoal up --exit-node` names (tailnet IP, MagicDNS label or full name), if it is one this node
+    may use as an exit node (approved, in the netmap, not expired). None: none such, and traffic stops."""
+    if not spec:
+        return None
+    for p in nm.sorted_peers():
+        if p.expired or p.key is None or not offers_exit(p):
+            continue
+        if spec in {str(a.ip) for a in p.addresses} or spec in _names(p):
+            return p
+    return None
+
+
+def exit_nodes(nm: NetMap) -> list[wire.Node]:
+    return [p for p in nm.sorted_peers() if not p.expired and p.key is not None and offers_exit(p)]
+
+
+def suggest_exit_node(nm: NetMap, home_derp: int = 0, direct: Callable[[wire.Node], bool] = lambda _p: False,
+                      ) -> wire.Node | None:
+    """An online exit node: one we have a direct path to first, then one on our home DERP region, then the
+    lowest node id (a stable choice)."""
+    online = [p for p in exit_nodes(nm) if p.online]
+    if not online:
+        return None
+    return min(online, key=lambda p: (not direct(p), p.home_derp != home_derp or not home_derp, p.id))
+
+
+def exit_config(nm: NetMap, iface: str, exit_node: str, allow_lan: bool, lan: Sequence[str],
+                mark: int = BYPASS_MARK) -> ExitConfig:
+    """Table 52 and its rules (node/render/exitroute.py) while an exit node is chosen, found or not: when it
+    is gone, traffic goes into the tunnel and stops there rather than out through the local gateway."""
+    return ExitConfig(iface, on=bool(exit_node), throw=tuple(lan) if allow_lan and exit_node else (), mark=mark)
+
+
+def lan_prefixes(ip_addr_json: str, exclude: Iterable[str] = ()) -> list[str]:
+    """The directly connected prefixes of this host's up interfaces (not loopback, not the tailnet
+    interface, not link-local, not host routes), from `ip -j addr show`: what --exit-node-allow-lan-access
+    keeps outside the tunnel."""
+    try:
+        links = json.loads(ip_addr_json or "[]")
+    except ValueError:
+        return []
+    out: list[str] = []
+    skip = set(exclude)
+    for link in links if isinstance(links, list) else []:
+        if not isinstance(link, dict) or link.get("ifname") in skip or "LOOPBACK" in (link.get("flags") or []):
+            continue
+        if "UP" not in (link.get("flags") or []):
+            continue
+        for a in link.get("addr_info") or []:
+            if not isinstance(a, dict) or a.get("scope") != "global":
+                continue
+            try:
+                net = ipaddress.ip_interface(f"{a.get('local')}/{a.get('prefixlen')}").network
+            except ValueError:
+                continue
+            if net.prefixlen == net.max_prefixlen or any(net.version == t.version and net.overlaps(t)
+                                                          for t in TAILNET_NETS):
+                continue
+            if str(net) not in out:
+                out.append(str(net))
+    return out
 
 
 def wg_config(
     nm: NetMap, private_key: PrivateKey, port: int, choose: EndpointChooser, keepalive: int = KEEPALIVE,
-    accept_routes: bool = False,
+    accept_routes: bool = False, exit_node: str = "", fwmark: int = 0,
 ) -> WgConfig:
     """One WireGuard peer per netmap peer with a key: its AllowedIPs, the chosen endpoint, a keepalive.
 
     AllowedIPs are the peer's tailnet addresses, plus the subnet routes it is primary for when this node accepts
-    routes (`shoal up --accept-routes`): what WireGuard sends to the peer and accepts from it.
+    routes (`shoal up --accept-routes`), plus 0.0.0.0/0 and ::/0 for the chosen exit node only: what WireGuard
+    sends to the peer and accepts from it. `fwmark` marks the engine's own UDP socket (the bypass mark).
     A peer that cannot be used (no key, a key shared with another peer or with us, expired) is left out rather
     than failing the whole map."""
     own = private_key.public().raw
+    chosen = find_exit_node(nm, exit_node)
     peers: list[WgPeer] = []
     seen = {own}
     for p in nm.sorted_peers():
@@ -149,10 +232,11 @@ def wg_config(
             continue
         seen.add(key.raw)
         try:
-            peers.append(WgPeer(key, _peer_allowed(p, accept_routes), choose(p), keepalive))
+            allowed = _peer_allowed(p, accept_routes, chosen is not None and p.id == chosen.id)
+            peers.append(WgPeer(key, allowed, choose(p), keepalive))
         except ConfigError:
             continue
-    return WgConfig(private_key, port, tuple(peers))
+    return WgConfig(private_key, port, tuple(peers), fwmark)
 
 
 def self_addresses(nm: NetMap) -> tuple[str, ...]:
@@ -230,6 +314,32 @@ def forwarding_warning(prefs_routes: Sequence[str], ipv4: str | None, ipv6: str 
         return ""
     return (f"IP forwarding is off ({', '.join(off)} is not 1): the routes this node advertises will not work; "
             f"enable it with sysctl -w {'=1 '.join(off)}=1")
+
+
+def route_health(prefs_routes: Sequence[str], ipv4: str | None, ipv6: str | None, lan: Sequence[str],
+                 probe: str = "", probe_ok: bool = True) -> tuple[tuple[str, ...], str]:
+    """The router's self-check: (the routes it may offer now, why the others are withheld, "" when none are).
+
+    Forwarding off for a family withholds that family's routes (default routes included); a subnet route
+    needs an up interface connected to it (`lan`: lan_prefixes of the up links) or, with `--route-probe`,
+    the probe answering; a probe that does not answer withholds every subnet route (the LAN is gone)."""
+    fwd_off = {fam for fam, v in ((4, ipv4), (6, ipv6)) if (v or "").strip() != "1"}
+    lan_nets = [ipaddress.ip_network(x) for x in lan]
+    keep: list[str] = []
+    why: list[str] = []
+    for r in prefs_routes:
+        net = ipaddress.ip_network(r, strict=False)
+        if net.version in fwd_off:
+            why.append(f"{r}: IP forwarding is off")
+        elif net.prefixlen == 0:
+            keep.append(r)
+        elif probe and not probe_ok:
+            why.append(f"{r}: route probe {probe} does not answer")
+        elif not probe and not any(n.version == net.version and n.overlaps(net) for n in lan_nets):
+            why.append(f"{r}: no up interface on it")
+        else:
+            keep.append(r)
+    return tuple(keep), "; ".join(why)
 
 
 # --- back-off -------------------------------------------------------------------------------------------

@@ -5,18 +5,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.abc
+import httpcore
 import httpx
+from httpcore._backends.anyio import AnyIOStream
 from nacl.public import Box
 
 from coord import wire
+from node import sockmark
 from node.errors import RemoteError
 
 
@@ -33,6 +38,46 @@ class PinMismatch(RemoteError):
     """The server presents a key other than the pinned one (or none is pinned yet)."""
 
 
+class _MarkedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's TCP connect with SO_MARK set *before* connect. httpx's `socket_options` are applied after
+    the connection is made (httpcore/_backends/anyio.py), so the SYN would go out unmarked: with an exit node
+    it would be routed into the tunnel while the rest of the connection bypasses it."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                sock = await sockmark.connect_tcp(host, port, self.mark)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e)) from None
+        for opt in socket_options or ():
+            sock.setsockopt(*opt)
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        return AnyIOStream(stream)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        return await self.inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def marked_transport(verify: ssl.SSLContext | bool, mark: int) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection carries `mark` from its first packet."""
+    t = httpx.AsyncHTTPTransport(verify=verify)
+    t._pool = httpcore.AsyncConnectionPool(ssl_context=t._pool._ssl_context,
+                                           network_backend=_MarkedBackend(mark))
+    return t
+
+
 @dataclass
 class ControlClient:
     server_url: str
@@ -43,6 +88,7 @@ class ControlClient:
     timeout: float = 30.0
     transport: httpx.AsyncBaseTransport | None = None
     ca_file: str = ""  # PEM CA bundle an https server's certificate must chain to ("" = the system store)
+    fwmark: int = 0  # SO_MARK on every connection (node/sockmark.py: the exit-node bypass); 0 = none
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
 
     def _http(self) -> httpx.AsyncClient:
@@ -53,10 +99,13 @@ class ControlClient:
                     verify = ssl.create_default_context(cafile=self.ca_file)
                 except (OSError, ssl.SSLError) as e:
                     raise ControlError(0, f"CA file {self.ca_file}: {e}") from None
+            transport = self.transport
+            if transport is None and self.fwmark:
+                transport = marked_transport(verify, self.fwmark)
             self._client = httpx.AsyncClient(
                 base_url=self.server_url.rstrip("/"),
                 timeout=httpx.Timeout(self.timeout, read=None),
-                transport=self.transport,
+                transport=transport,
                 verify=verify,
             )
         return self._client

@@ -26,6 +26,7 @@ from typing import IO, NoReturn
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from node import sockmark
 from node.agent import Agent, AgentConfig
 from node.api import create_app
 from node.errors import LocalError
@@ -113,7 +114,8 @@ async def run(args: argparse.Namespace) -> int:
     sock_path = Path(args.socket)
     sock = bind_socket(sock_path)
     agent = Agent(AgentConfig(state_dir=state_dir, iface=args.iface, port=args.port, engine=args.engine,
-                              dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None))
+                              dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None,
+                              fwmark=sockmark.BYPASS_MARK, route_check=2.0))
     try:
         await agent.start()
         server = _Server(uvicorn.Config(create_app(agent, CollectorRegistry()), log_level="warning", lifespan="off"))

@@ -125,6 +125,9 @@ class RouteFlags:
     advertise_exit_node: bool | None = None
     accept_routes: bool | None = None
     snat_subnet_routes: bool | None = None
+    exit_node: str | None = None  # "" clears it
+    exit_node_allow_lan_access: bool | None = None
+    route_probe: str | None = None  # "" clears it
 
 
 def parse_routes(texts: list[str]) -> list[str]:
@@ -177,8 +180,33 @@ def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[s
     out.advertise_routes = list(prefs.advertise_routes)
     if routing.advertise_routes is not None:
         out.advertise_routes = parse_routes(routing.advertise_routes)
-    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes"):
+    for name in ("advertise_exit_node", "accept_routes", "snat_subnet_routes", "exit_node_allow_lan_access"):
         v = getattr(routing, name)
         if v is not None:
             setattr(out, name, v)
+    if routing.exit_node is not None:
+        out.exit_node = parse_exit_node(routing.exit_node)
+    if routing.route_probe is not None:
+        t = routing.route_probe.strip()
+        try:
+            out.route_probe = str(ipaddress.ip_address(t)) if t else ""
+        except ValueError:
+            raise UpRefused(400, f"--route-probe: {routing.route_probe!r} is not an IP address") from None
+    if out.exit_node and out.advertise_exit_node:
+        raise UpRefused(400, "--exit-node and --advertise-exit-node cannot both be set (an exit node does not use "
+                             "another)")
     return out
+
+
+def parse_exit_node(text: str) -> str:
+    """--exit-node: a tailnet IP, or a peer's name (its MagicDNS label or full name); "" clears it."""
+    t = text.strip().rstrip(".")
+    if not t:
+        return ""
+    try:
+        return str(ipaddress.ip_address(t))
+    except ValueError:
+        pass
+    if len(t) > 253 or not all(c.isalnum() or c in "-." for c in t):
+        raise UpRefused(400, f"--exit-node: {text!r} is neither an IP address nor a node name")
+    return t.lower()

@@ -130,8 +130,10 @@ class MagicSock:
         on_endpoints: Callable[[], None],
         poll_interval: float = POLL_INTERVAL,
         held: Callable[[bytes], bool] = lambda _key: False,
+        fwmark: int = 0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.fwmark = fwmark  # on the raw sender and every DERP connection (node/sockmark.py)
         self.port = port
         self.node_private = node_private
         self.node_public = node_public
@@ -146,7 +148,7 @@ class MagicSock:
         self.raw: rawsock.RawPort | None = None
         self.raw_error = ""
         try:
-            self.raw = rawsock.RawPort(port, self._on_raw, loop=self.loop)
+            self.raw = rawsock.RawPort(port, self._on_raw, loop=self.loop, fwmark=fwmark)
         except OSError as e:  # no CAP_NET_RAW: DERP still works, direct paths only from LAN endpoints
             self.raw_error = f"raw socket on port {port}: {e}"
             log.warning("%s; no STUN or disco over UDP", self.raw_error)
@@ -411,7 +413,8 @@ class MagicSock:
         def on_event(ev: ClientEvent) -> None:
             self._on_derp(region, ev)
 
-        client = DerpClient(url, self.node_private, preferred=region == self.home, on_event=on_event)
+        client = DerpClient(url, self.node_private, preferred=region == self.home, on_event=on_event,
+                            fwmark=self.fwmark)
         r = self.clients[region] = _Region(region, client)
         client.start()
         return r

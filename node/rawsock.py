@@ -150,12 +150,14 @@ class RawReceiver:
 class RawSender:
     """Sends UDP datagrams with source port `port` through a raw socket, beside the engine that owns it."""
 
-    def __init__(self, port: int, family: socket.AddressFamily = socket.AF_INET) -> None:
+    def __init__(self, port: int, family: socket.AddressFamily = socket.AF_INET, fwmark: int = 0) -> None:
         self.port = port
         self.family = family
         self.sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
         try:
             self.sock.setblocking(False)
+            if fwmark:  # the exit-node bypass (node/sockmark.py): disco and STUN never enter the tunnel
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
             # A raw socket receives too; this one must not queue a copy of every datagram nobody reads.
             attach_filter(self.sock, [bpf.Insn(bpf.RET | bpf.K, 0, 0, bpf.DROP)])
             if family == socket.AF_INET6:
@@ -188,11 +190,12 @@ class RawPort:
         on_packet: OnPacket,
         family: socket.AddressFamily = socket.AF_INET,
         loop: asyncio.AbstractEventLoop | None = None,
+        fwmark: int = 0,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.receiver = RawReceiver(port, family)
         try:
-            self.sender = RawSender(port, family)
+            self.sender = RawSender(port, family, fwmark)
         except BaseException:
             self.receiver.close()
             raise

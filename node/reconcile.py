@@ -10,6 +10,8 @@ Appliers (each `set(config)` changes only what differs, `clear()` removes what i
 - `wireguard`: the engine's peers (the engine's own `plan()` makes it a diff). It gets only peers whose filter
   is in place: while the filter fails, a peer that was not admitted under the last filter that went in is
   left out, and an admitted one keeps the AllowedIPs it had then.
+- `exit`: policy routing for an exit node (table 52 and its ip rules, node/render/exitroute.py), after the
+  routes (the interface must be up for `default dev`), before WireGuard gets the default routes for the peer.
 - (later) `dns`.
 
 A failure of one applier does not stop the next; all failures come back in `Outcome.errors`, for status.
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
+from node.render.exitroute import ExitConfig, ExitRouteApplier
 from node.render.nft import NftApplier
 from node.render.routes import RouteApplier, RouteConfig
 from node.run import Runner
@@ -49,6 +52,7 @@ class Desired:
     routes: RouteConfig
     wg: WgConfig
     filter_error: str = ""
+    exit: ExitConfig | None = None  # None: leave policy routing alone (tests that do not care)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class Reconciler:
     def __init__(self, runner: Runner, engine: Engine) -> None:
         self.filter = FilterApplier(runner)
         self.routes = RoutesApplier(runner)
+        self.exit = ExitRouteApplier(runner)
         self.wireguard = WireGuardApplier(engine)
         self.admitted: dict[bytes, WgPeer] = {}  # peers of the last config whose filter went in
         self.installed: set[bytes] = set()  # peers the engine was last given
@@ -133,8 +138,8 @@ class Reconciler:
         self.installed = set()
 
     @property
-    def appliers(self) -> list[Applier[str] | Applier[RouteConfig] | Applier[WgConfig]]:
-        return [self.filter, self.routes, self.wireguard]
+    def appliers(self) -> list[Applier[str] | Applier[RouteConfig] | Applier[ExitConfig] | Applier[WgConfig]]:
+        return [self.filter, self.routes, self.exit, self.wireguard]
 
     async def apply(self, want: Desired, shape: Callable[[WgConfig], WgConfig] | None = None) -> Outcome:
         """`shape` adjusts the WireGuard config of the admitted peers last (the handshake tie-break)."""
@@ -161,6 +166,11 @@ class Reconciler:
             await self.routes.set(want.routes)
         except Exception as e:
             errors["routes"] = str(e)
+        if want.exit is not None:
+            try:
+                await self.exit.set(want.exit)
+            except Exception as e:
+                errors["exit"] = str(e)
         try:
             await self.wireguard.set(shape(wg) if shape is not None else wg)
             self.installed = {p.public_key.raw for p in wg.peers}

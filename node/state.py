@@ -15,7 +15,10 @@ Files (mode 0600, written atomically with node.keys.write_private):
      "advertise_routes": ["198.51.100.0/24"],     # subnet routes offered (Hostinfo.RoutableIPs)
      "advertise_exit_node": false,                # offer 0.0.0.0/0 and ::/0 too
      "accept_routes": false,                      # install peers' approved subnet routes
-     "snat_subnet_routes": true}                  # masquerade traffic forwarded to advertised subnets
+     "snat_subnet_routes": true,                  # masquerade traffic forwarded to advertised subnets
+     "exit_node": "",                             # the peer (name or tailnet IP) all traffic goes through
+     "exit_node_allow_lan_access": false,         # with it, directly connected LANs stay outside the tunnel
+     "route_probe": ""}                           # an address on the LAN that must answer for routes to count
 
 ``netmap.json``: the last netmap (``node.mapsession.NetMap.to_json()``, a full MapResponse), so a restart while
 the server is down brings the tunnels back. It holds no secrets but is 0600 all the same (it lists the tailnet).
@@ -55,6 +58,9 @@ class Prefs:
     accept_routes: bool = False
     snat_subnet_routes: bool = True
     run_ssh: bool = False  # `shoal up --ssh`: serve Shoal SSH on the tailnet addresses (node/ssh)
+    exit_node: str = ""  # as given to `shoal up --exit-node` (name or tailnet IP); "" = none
+    exit_node_allow_lan_access: bool = False
+    route_probe: str = ""  # an address on the advertised LAN that must answer ping (`--route-probe`); "" = none
 
     def routable_ips(self) -> tuple[str, ...]:
         """What Hostinfo.RoutableIPs offers: the subnet routes, and both default routes for an exit node."""
@@ -69,7 +75,8 @@ class Prefs:
         out = cls()
         for name, kind in (("login_server", str), ("server_key", str), ("ca_file", str), ("want_running", bool),
                            ("logged_out", bool), ("hostname", str), ("accept_dns", bool), ("advertise_exit_node", bool),
-                           ("accept_routes", bool), ("snat_subnet_routes", bool), ("run_ssh", bool)):
+                           ("accept_routes", bool), ("snat_subnet_routes", bool), ("run_ssh", bool),
+                           ("exit_node", str), ("exit_node_allow_lan_access", bool), ("route_probe", str)):
             if name in data:
                 if not isinstance(data[name], kind):
                     raise ValueError(f"{name}: expected {kind.__name__}")

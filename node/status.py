@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coord import wire
-from node.compile import peer_key, subnet_routes
+from node.compile import find_exit_node, peer_key, subnet_routes
 from node.login import Login, State
 from node.mapsession import NetMap
 from node.netcheck import Region, Report
@@ -137,7 +137,8 @@ def health(login: Login, *, want_running: bool, connected: bool, last_error: str
 
 def document(*, login: Login, prefs: Prefs, connected: bool, health: Sequence[str], engine: str, iface: str,
              port: int, netmap: NetMap, node_key: str, hostname: str, endpoints: Sequence[str],
-             peers: list[dict[str, Any]], magic: dict[str, Any] | None) -> dict[str, Any]:
+             peers: list[dict[str, Any]], magic: dict[str, Any] | None,
+             dev: DeviceState | None = None) -> dict[str, Any]:
     """The `/status` JSON (node/api.py documents it)."""
     node = netmap.node
     return {
@@ -165,10 +166,27 @@ def document(*, login: Login, prefs: Prefs, connected: bool, health: Sequence[st
             "PrimaryRoutes": [str(n) for n in node.primary_routes] if node is not None else [],
             "ExitNodeApproved": node is not None and any(n.prefixlen == 0 for n in node.allowed_ips),
             "AcceptRoutes": prefs.accept_routes,
+            "ExitNode": prefs.exit_node,
+            "ExitNodeAllowLANAccess": prefs.exit_node_allow_lan_access,
         },
+        "ExitNode": exit_node_row(netmap, prefs.exit_node, dev),
         "Peers": peers,
         "Magic": magic,
     }
+
+
+def exit_node_row(netmap: NetMap, wanted: str, dev: DeviceState | None) -> dict[str, Any] | None:
+    """The exit node in the prefs, as found in the netmap, and whether the engine holds 0.0.0.0/0 for it now
+    (read back, not assumed). None when no exit node is chosen."""
+    if not wanted:
+        return None
+    p = find_exit_node(netmap, wanted)
+    if p is None:
+        return {"Wanted": wanted, "ID": None, "Name": "", "Online": False, "InUse": False}
+    key = peer_key(p)
+    st = dev.peer(key) if dev is not None and key is not None else None
+    return {"Wanted": wanted, "ID": p.id, "Name": p.name, "Online": p.online,
+            "InUse": st is not None and "0.0.0.0/0" in st.allowed_ips}
 
 
 def netcheck(report: Report, regions: Sequence[Region], per_region: Mapping[int, str], home: int) -> dict[str, Any]:

@@ -74,10 +74,13 @@ class WgConfig:
     private_key: PrivateKey
     listen_port: int
     peers: tuple[WgPeer, ...] = ()
+    fwmark: int = 0  # SO_MARK of the engine's own UDP socket (the bypass mark with an exit node); 0 = none
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port < 65536:
             raise ConfigError(f"listen port {self.listen_port} out of range")
+        if not 0 <= self.fwmark < 2**32:
+            raise ConfigError(f"fwmark {self.fwmark:#x} out of range")
         seen: set[bytes] = set()
         for p in self.peers:
             if p.public_key.raw in seen:
@@ -101,6 +104,7 @@ class DeviceState:
     private_key: PrivateKey | None = None
     listen_port: int = 0
     peers: tuple[PeerState, ...] = ()
+    fwmark: int = 0
 
     @property
     def public_key(self) -> PublicKey | None:
@@ -126,10 +130,11 @@ class DeviceUpdate:
     private_key: PrivateKey | None = None
     listen_port: int | None = None
     peers: tuple[PeerUpdate, ...] = field(default=())
+    fwmark: int | None = None
 
     @property
     def empty(self) -> bool:
-        return self.private_key is None and self.listen_port is None and not self.peers
+        return self.private_key is None and self.listen_port is None and self.fwmark is None and not self.peers
 
 
 def plan(desired: WgConfig, current: DeviceState) -> DeviceUpdate:
@@ -162,4 +167,5 @@ def plan(desired: WgConfig, current: DeviceState) -> DeviceUpdate:
         if endpoint is not None or keepalive is not None or ips is not None:
             updates.append(PeerUpdate(want.public_key, endpoint=endpoint, persistent_keepalive=keepalive,
                                       allowed_ips=ips))
-    return DeviceUpdate(key, port, tuple(updates))
+    fwmark = desired.fwmark if desired.fwmark != current.fwmark else None
+    return DeviceUpdate(key, port, tuple(updates), fwmark)

@@ -65,11 +65,11 @@ class KernelEngine:
     async def set(self, cfg: WgConfig) -> None:
         async with self._lock:
             update = plan(cfg, await self.get())
-            if update.private_key is not None or update.listen_port is not None:
+            if update.private_key is not None or update.listen_port is not None or update.fwmark is not None:
                 await asyncio.to_thread(
                     self.wg.set, self.iface,
                     private_key=None if update.private_key is None else update.private_key.b64,
-                    listen_port=update.listen_port,
+                    listen_port=update.listen_port, fwmark=update.fwmark,
                 )
             for p in update.peers:
                 peer: dict[str, Any] = {"public_key": p.public_key.b64}
@@ -90,6 +90,7 @@ def device_from_netlink(msgs: list[Any]) -> DeviceState:
     """DeviceState from WG_CMD_GET_DEVICE replies (large devices span several messages)."""
     private_key: PrivateKey | None = None
     port = 0
+    fwmark = 0
     peers: dict[bytes, PeerState] = {}
     for msg in msgs:
         key = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
@@ -98,6 +99,7 @@ def device_from_netlink(msgs: list[Any]) -> DeviceState:
             if raw != bytes(32):
                 private_key = PrivateKey(raw)
         port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or port
+        fwmark = msg.get_attr("WGDEVICE_A_FWMARK") or fwmark
         for p in msg.get_attr("WGDEVICE_A_PEERS") or []:
             pub = PublicKey.from_b64(_text(p.get_attr("WGPEER_A_PUBLIC_KEY")))
             ep = p.get_attr("WGPEER_A_ENDPOINT")
@@ -124,7 +126,7 @@ def device_from_netlink(msgs: list[Any]) -> DeviceState:
                 rx_bytes=p.get_attr("WGPEER_A_RX_BYTES") or 0,
                 tx_bytes=p.get_attr("WGPEER_A_TX_BYTES") or 0,
             )
-    return DeviceState(private_key, port, tuple(peers.values()))
+    return DeviceState(private_key, port, tuple(peers.values()), fwmark)
 
 
 def _text(v: bytes | str) -> str:

@@ -5,7 +5,7 @@ https://www.wireguard.com/xplatform/. A request is `get=1\\n\\n` or `set=1\\n` f
 and an empty line. Keys are lowercase hex. The reply ends with `errno=N\\n\\n` (0 = success).
 
 set (device keys first, then per peer, each peer section opened by `public_key=`):
-    private_key=<hex>  listen_port=<n>  replace_peers=true
+    private_key=<hex>  listen_port=<n>  fwmark=<n> (0 clears it)  replace_peers=true
     public_key=<hex>  remove=true  endpoint=<ip:port|[ip6]:port>  persistent_keepalive_interval=<s>
     replace_allowed_ips=true  allowed_ip=<cidr> (repeated)
 get reply: private_key, listen_port, fwmark, then per peer public_key, preshared_key, protocol_version,
@@ -40,6 +40,8 @@ def render_set(update: DeviceUpdate) -> bytes:
         lines.append(f"private_key={update.private_key.hex}")
     if update.listen_port is not None:
         lines.append(f"listen_port={update.listen_port}")
+    if update.fwmark is not None:
+        lines.append(f"fwmark={update.fwmark}")
     for p in update.peers:
         lines.append(f"public_key={p.public_key.hex}")
         if p.remove:
@@ -80,6 +82,7 @@ def parse_get(reply: bytes) -> DeviceState:
         raise UapiError(f"get failed: errno={errno}")
     private_key: PrivateKey | None = None
     listen_port = 0
+    fwmark = 0
     peers: list[PeerState] = []
     peer: dict[str, object] | None = None
 
@@ -99,7 +102,9 @@ def parse_get(reply: bytes) -> DeviceState:
                 private_key = _priv(value)
             elif key == "listen_port":
                 listen_port = _int(value, key, 65535)
-            # fwmark and unknown device keys are ignored, as the protocol asks of readers
+            elif key == "fwmark":
+                fwmark = _int(value, key, 2**32 - 1)
+            # unknown device keys are ignored, as the protocol asks of readers
         elif key == "endpoint":
             try:
                 peer["endpoint"] = canonical_endpoint(value)
@@ -117,7 +122,7 @@ def parse_get(reply: bytes) -> DeviceState:
         elif key == "persistent_keepalive_interval":
             peer[key] = _int(value, key, 65535)
     close()
-    return DeviceState(private_key, listen_port, tuple(peers))
+    return DeviceState(private_key, listen_port, tuple(peers), fwmark)
 
 
 def _peer(d: dict[str, object]) -> PeerState:

@@ -109,7 +109,11 @@ def test_subnet_router_lab_approval_snat_and_policy(tailnet: Tailnet, tmp_path: 
     # forwarding is off in a fresh namespace: the router says so
     assert any(h.startswith("IP forwarding is off (net.ipv4.ip_forward") for h in tn.status("r")["Health"])
     lab.sysctl(lab.ns("r"), "net.ipv4.ip_forward", "1")
-    assert not any("forwarding" in h for h in tn.status("r")["Health"])
+    # the self-check (every 2 s) withheld the route while forwarding was off; it offers it again
+    tn.wait_for("the router's health clears", lambda: not any("forwarding" in h for h in tn.status("r")["Health"]),
+                timeout=6, step=0.2)
+    tn.wait_for("r offers the route", lambda: json.loads(server_cli(tn, "routes", "list", "--json"))[0]["advertised"],
+                timeout=6, step=0.2)
 
     # advertised but not approved: nobody gets the route, the host is unreachable
     routes = json.loads(server_cli(tn, "routes", "list", "--json"))
