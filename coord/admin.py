@@ -13,6 +13,7 @@ from typing import Any
 
 from coord import access, decide, views
 from coord import events as ev
+from coord.delivery import Webhooks
 from coord.errors import DomainError
 from coord.history import History
 from coord.logins import Logins
@@ -29,6 +30,7 @@ class Admin:
     has_session: Callable[[int], bool]
     info: Callable[[], dict[str, Any]]
     history: History | None = None
+    webhooks: Webhooks | None = None
 
 
 Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
@@ -161,6 +163,19 @@ def _opt_str(args: dict[str, Any], key: str) -> str | None:
     return v or None
 
 
+def _hooks(a: Admin) -> Webhooks:
+    if a.webhooks is None:
+        raise DomainError("webhooks are not available here")
+    return a.webhooks
+
+
+def _limit(args: dict[str, Any]) -> int:
+    v = args.get("limit", 50)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DomainError("limit: expected a positive number")
+    return v
+
+
 COMMANDS: dict[str, Handler] = {
     "users.create": lambda x, a: x.service.create_user(_str(a, "name")),
     "users.list": users_list,
@@ -199,6 +214,11 @@ COMMANDS: dict[str, Handler] = {
     "dns.records.remove": lambda x, a: x.service.remove_dns_record(
         _str(a, "name"), _opt_str(a, "type"), _opt_str(a, "value")
     ),
+    "webhooks.list": lambda x, a: _hooks(x).endpoints(),
+    "webhooks.add": lambda x, a: _hooks(x).add(_str(a, "url"), _opt_strs(a, "events") or []),
+    "webhooks.remove": lambda x, a: _hooks(x).remove(_str(a, "endpoint")),
+    "webhooks.test": lambda x, a: _hooks(x).test(_str(a, "endpoint")),
+    "webhooks.deliveries": lambda x, a: _hooks(x).deliveries(_opt_str(a, "endpoint"), _limit(a)),
     "info": lambda x, a: _value(x.info()),
 }
 

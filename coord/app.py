@@ -29,6 +29,7 @@ from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
 from coord.checkpoints import Checkpointer
 from coord.config import Config, parse_hostport
+from coord.delivery import Webhooks
 from coord.dnswatch import RecordsWatch
 from coord.errors import ConfigError, DomainError
 from coord.fanout import Fanout
@@ -41,7 +42,7 @@ from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
 from coord.store import Filter
-from coord.store.sqlite import SqliteStore
+from coord.store.sqlite import SqliteStore, WebhookTables
 from coord.supervise import Supervisor
 from derp.server import DerpServer
 from derp.stunserver import StunServer, start_stun_server
@@ -113,6 +114,7 @@ class App:
     history: History
     checkpointer: Checkpointer
     supervisor: Supervisor
+    webhooks: Webhooks
     relay: DerpServer | None = None
     stun: StunServer | None = None
     signin: SignIn | None = None
@@ -122,7 +124,8 @@ class App:
     dns_poll: float = 1.0
 
     def __post_init__(self) -> None:
-        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
+        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history,
+                                 self.webhooks)
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
@@ -155,6 +158,7 @@ class App:
         self.tasks.append(asyncio.create_task(
             self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
         ))
+        await self.webhooks.start()
         if self.relay is not None:
             await self.relay.start()
             if self.config.stun_listen:
@@ -182,6 +186,7 @@ class App:
             await self.signin.provider.http.aclose()
         self.fanout.close_all()
         await self.lifecycle.stop()
+        await self.webhooks.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -257,8 +262,9 @@ async def create_app(
         http = oidc_http or httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
         signin = SignIn(oidc, Provider(oidc, f"{base}/oidc/callback", http, clock), logins, config.server_url, clock)
         logins.links = signin
+    webhooks = Webhooks(service, WebhookTables(store.conn), config.base_domain, supervisor)
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
-              signin=signin, dns_poll=dns_poll)
+              webhooks, signin=signin, dns_poll=dns_poll)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.
         async def admit(node_key: bytes, source: str) -> bool:
