@@ -165,7 +165,8 @@ class Webhooks:
             until = min(committed, cursor + READ_AHEAD)
             records = [r async for r in self.service.store.read(Filter(since_seq=cursor, until_seq=until))]
             _, types = self.service.state.webhooks[eid]
-            batch, skip = core.next_batch(eid, records, types, self.tailnet, self.service.state)
+            names = await self._names(records)
+            batch, skip = core.next_batch(eid, records, types, self.tailnet, self.service.state, names)
             if batch is None:
                 # Nothing here for this endpoint: skipping it is as durable as delivering it.
                 cursor = skip or until
@@ -173,6 +174,15 @@ class Webhooks:
                 continue
             await self._deliver(batch)
             cursor = batch.through
+
+    async def _names(self, records: list[ev.Record]) -> core.Names:
+        wanted = core.deleted_names(records, self.service.state)
+        if not wanted:
+            return {}
+        until = records[-1].seq
+        kinds = ("NodeRegistered", "NodeRenamed", "UserCreated", "UserRenamed")
+        named = [r async for r in self.service.store.read(Filter(types=kinds, until_seq=until))]
+        return core.names_from(named, wanted)
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
         if self.http is None:

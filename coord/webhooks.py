@@ -86,24 +86,50 @@ def types_of(r: ev.Record) -> list[str]:
     return []
 
 
-def _node_name(state: State, nid: int) -> str:
-    n = state.nodes.get(nid)
-    return n.given_name if n is not None else ""
+# Names of deleted nodes and users, which the state no longer knows: ("node" | "user", id) -> name. The shell finds
+# them in the log (``deleted_names``, ``names_from``).
+Names = dict[tuple[str, int], str]
 
 
-def message(kind: str, r: ev.Record, state: State) -> tuple[str, dict[str, Any]]:
-    """The message and data of one Tailscale event. Names the event does not carry (a deleted node's) come from
-    ``state`` when it still knows them; ``data`` never holds a secret (events hold none)."""
+def deleted_names(records: Sequence[ev.Record], state: State) -> set[tuple[str, int]]:
+    """The (kind, id) whose names rendering these records needs from the log."""
+    out: set[tuple[str, int]] = set()
+    for r in records:
+        if isinstance(r.event, ev.NodeDeleted) and r.event.node_id not in state.nodes:
+            out.add(("node", r.event.node_id))
+        if isinstance(r.event, ev.UserDeleted) and r.event.user_id not in state.users:
+            out.add(("user", r.event.user_id))
+    return out
+
+
+def names_from(records: Sequence[ev.Record], wanted: set[tuple[str, int]]) -> Names:
+    """The last name each wanted node or user had in these records (the log before their deletion)."""
+    out: Names = {}
+    for r in records:
+        e = r.event
+        if isinstance(e, ev.NodeRegistered | ev.NodeRenamed) and ("node", e.node_id) in wanted:
+            out["node", e.node_id] = e.given_name
+        if isinstance(e, ev.UserCreated | ev.UserRenamed) and ("user", e.user_id) in wanted:
+            out["user", e.user_id] = e.name
+    return out
+
+
+def message(kind: str, r: ev.Record, state: State, names: Names | None = None) -> tuple[str, dict[str, Any]]:
+    """The message and data of one Tailscale event. Names the event does not carry come from ``state``, or for
+    deleted nodes and users from ``names``; ``data`` never holds a secret (events hold none)."""
     e = r.event
+    known = names or {}
     data: dict[str, Any] = {"actor": r.actor, "seq": r.seq}
     nid = getattr(e, "node_id", None)
     if isinstance(nid, int):
-        name = e.given_name if isinstance(e, ev.NodeRegistered) else _node_name(state, nid)
+        n = state.nodes.get(nid)
+        name = e.given_name if isinstance(e, ev.NodeRegistered) else (
+            n.given_name if n is not None else known.get(("node", nid), ""))
         data |= {"nodeID": str(nid), "deviceName": name}
-    uid = getattr(e, "user_id", None)
-    if isinstance(e, (ev.UserCreated, ev.UserDeleted)) and isinstance(uid, int):
-        u = state.users.get(uid)
-        data |= {"userID": str(uid), "user": e.name if isinstance(e, ev.UserCreated) else (u.name if u else "")}
+    if isinstance(e, ev.UserCreated | ev.UserDeleted):
+        u = state.users.get(e.user_id)
+        uname = e.name if isinstance(e, ev.UserCreated) else (u.name if u else known.get(("user", e.user_id), ""))
+        data |= {"userID": str(e.user_id), "user": uname}
     what = {
         "nodeCreated": "Node {n} created", "nodeApproved": "Node {n} approved", "nodeDeleted": "Node {n} deleted",
         "nodeKeyExpired": "Node {n} key expired", "nodeKeyExpiringInOneDay": "Node {n} key is expiring in one day",
@@ -123,13 +149,13 @@ def message(kind: str, r: ev.Record, state: State) -> tuple[str, dict[str, Any]]
 
 
 def render(records: Sequence[ev.Record], subscribed: Sequence[str], tailnet: str,
-           state: State) -> list[dict[str, Any]]:
+           state: State, names: Names | None = None) -> list[dict[str, Any]]:
     """The body's events for these records, for an endpoint subscribed to ``subscribed``."""
     out = []
     for r in records:
         for kind in types_of(r):
             if kind in subscribed:
-                text, data = message(kind, r, state)
+                text, data = message(kind, r, state, names)
                 out.append({"timestamp": r.time, "version": VERSION, "type": kind, "tailnet": tailnet,
                             "message": text, "data": data})
     return out
@@ -259,13 +285,13 @@ class Batch:
 
 
 def next_batch(endpoint_id: str, records: Sequence[ev.Record], subscribed: Sequence[str], tailnet: str,
-               state: State, max_batch: int = MAX_BATCH) -> tuple[Batch | None, int]:
+               state: State, names: Names | None = None, max_batch: int = MAX_BATCH) -> tuple[Batch | None, int]:
     """From records after the cursor (in seq order): the next batch to send, or (None, seq the cursor may skip
     to) when none of them is for this endpoint."""
     events: list[dict[str, Any]] = []
     first = through = 0
     for r in records:
-        got = render([r], subscribed, tailnet, state)
+        got = render([r], subscribed, tailnet, state, names)
         if not got:
             continue
         if events and len(events) + len(got) > max_batch:
