@@ -38,6 +38,10 @@ class Path:
     fail: int = 0  # answer 500 to this many requests first
     refuse_seq: int | None = None  # answer 500 to any request holding this seq
     delay: float = 0.0  # seconds before answering
+    # Hold every request after the first ``hold_after`` (recorded on arrival) until ``release`` is set: the sender
+    # is then mid-delivery for as long as the test likes.
+    hold_after: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -104,6 +108,9 @@ class Receiver:
             p.fail -= 1 if p.fail > 0 else 0
             hit.code = 500 if fail else 200
             self.hits.append(hit)
+            hold = p.hold_after is not None and len([h for h in self.hits if h.path == path]) > p.hold_after
+        if hold:
+            p.release.wait(30)
         if p.delay:
             time.sleep(p.delay)
         return hit.code
