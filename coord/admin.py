@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coord import access, decide, views
 from coord import events as ev
-from coord.delivery import Webhooks
 from coord.errors import DomainError
 from coord.history import History
 from coord.logins import Logins
 from coord.service import Service
 from coord.state import State
+
+if TYPE_CHECKING:  # the CLI's socket path imports this module: it need not load the delivery engine
+    from coord.delivery import Webhooks
 
 
 @dataclass(frozen=True)

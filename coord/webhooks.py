@@ -191,6 +191,8 @@ def verify(secret: str, header: str, body: bytes, now: float, max_skew: float = 
         parts.setdefault(k, []).append(v)
     try:
         (t_text,) = parts["t"]
+        if not (t_text.isascii() and t_text.isdigit() and len(t_text) <= 12):
+            raise ValueError(t_text)
         t = int(t_text)
     except (KeyError, ValueError):
         raise BadSignature("signature header: needs exactly one t=<unix seconds>") from None
