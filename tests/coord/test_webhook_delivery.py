@@ -88,6 +88,7 @@ def test_webhook_receiver_rejects_stale_and_forged_signatures(receiver: Receiver
 
 async def test_webhook_delivers_signed_events_in_order_and_retries_re_sign(app: App, receiver: Receiver) -> None:
     app.webhooks.retry_base = 1.0  # retries 1 s and 2 s later: their t (whole seconds) must differ
+    app.webhooks.rand = lambda: 0.5  # no jitter
     ep = await add(app, receiver, "/a", ["userCreated", "userDeleted", "policyUpdate"], fail=2)
     names = [f"u{i}" for i in range(6)]
     for n in names:
@@ -175,3 +176,25 @@ async def test_webhook_no_secret_in_any_event(app: App, receiver: Receiver) -> N
                  base64.b64encode(bytes.fromhex(raw)).decode()[:16]]
         assert not [f for f in forms if f in log], f"a form of endpoint {e['id']}'s secret is in the log"
         assert e["id"] in log
+
+
+async def test_webhook_node_key_expiring_in_one_day_from_the_expiry_loop(app: App, receiver: Receiver) -> None:
+    from coord import events as ev
+    from coord.service import Actor
+
+    await add(app, receiver, "/x", ["nodeCreated", "nodeKeyExpiringInOneDay", "nodeKeyExpired"])
+    await app.service.create_user("alice")
+    now = app.service.clock()
+    reg = ev.NodeRegistered(1, "mkey:" + "1" * 64, "nodekey:" + "2" * 64, "discokey:" + "3" * 64, 1, (), "laptop",
+                            "laptop", "100.64.0.1", "fd7a:115c:a1e0::1", False, now + 3600, None)
+    await app.service.execute(lambda s: [reg], Actor.ADMIN)
+    await app.lifecycle.expiry_sweep()
+    await app.lifecycle.expiry_sweep()  # once per expiry, however often the loop runs
+    await app.service.set_node_expiry("laptop", now + 7200)  # a new expiry is warned of again
+    await app.lifecycle.expiry_sweep()
+    await until(lambda: sum(len(h.events) for h in receiver.of("/x")) >= 3)
+    events = [e for h in receiver.of("/x") for e in h.events]
+    got = [(e["type"], e["data"].get("expiry")) for e in events]
+    assert got == [("nodeCreated", None), ("nodeKeyExpiringInOneDay", ev.rfc3339(now + 3600)),
+                   ("nodeKeyExpiringInOneDay", ev.rfc3339(now + 7200))]
+    assert events[1]["message"] == "Node laptop key is expiring in one day"

@@ -14,7 +14,7 @@ import httpx
 
 from tests.coord.harness import free_port
 from tests.coord.test_dns_cli import start, stop
-from tests.coord.util import cli_json
+from tests.coord.util import cli, cli_json
 from tests.coord.webhook_receiver import Hit, Receiver
 from tests.coord.webhook_receiver import Path as Endpoint
 
@@ -67,6 +67,7 @@ def test_webhook_delivery_survives_sigkill_mid_delivery(tmp_path: Path) -> None:
         wait(lambda: len(receiver.of("/a")) >= 2, 20, "a second request to /a")
         server.send_signal(signal.SIGKILL)
         server.wait(10)
+        logged = server.stderr.read().decode() if server.stderr else ""
         killed_in_flight = receiver.of("/a")[-1].seqs
         before = len(receiver.of("/a"))
         receiver.paths["/a"].hold_after = None
@@ -96,6 +97,12 @@ def test_webhook_delivery_survives_sigkill_mid_delivery(tmp_path: Path) -> None:
         listed = {r["id"]: r for r in cli_json(data, "webhooks", "list")}
         wait(lambda: all(r["behind"] == 0 for r in cli_json(data, "webhooks", "list")), 10, "cursors at the end")
         assert set(listed) == {a["id"], b["id"]}
+        text = cli(data, "webhooks", "deliveries", a["id"]).stdout
+        assert text.splitlines()[0].split() == ["ENDPOINT", "EVENTS", "ATTEMPT", "TIME", "STATUS", "OUTCOME", "ERROR"]
+        assert f"{cursor_a + 1}-" in text and "delivered" in text
+        stop(server)
+        logged += server.stderr.read().decode() if server.stderr else ""
+        assert a["secret"] not in logged and b["secret"] not in logged
     finally:
         if server.poll() is None:
             stop(server)
