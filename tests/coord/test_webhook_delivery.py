@@ -198,3 +198,24 @@ async def test_webhook_node_key_expiring_in_one_day_from_the_expiry_loop(app: Ap
     assert got == [("nodeCreated", None), ("nodeKeyExpiringInOneDay", ev.rfc3339(now + 3600)),
                    ("nodeKeyExpiringInOneDay", ev.rfc3339(now + 7200))]
     assert events[1]["message"] == "Node laptop key is expiring in one day"
+
+
+def test_webhook_cli_refuses_bad_input_precisely(tmp_path: Path) -> None:
+    from tests.coord.util import cli, cli_json
+
+    data = tmp_path / "data"
+    for args, want in (
+        (("add", "ftp://hooks.example/x"), "url: 'ftp://hooks.example/x' is not an http:// or https:// URL"),
+        (("add", "https://hooks.example/x", "--events", "nodeCreated,nodeExploded"),
+         "events: unknown type(s) nodeExploded"),
+        (("remove", "nope"), "no webhook endpoint 'nope'"),
+        (("test", "nope"), "no webhook endpoint 'nope'"),
+    ):
+        p = cli(data, "webhooks", *args, check=False)
+        assert p.returncode != 0 and want in p.stderr, p.stderr
+    # Without a running server the command runs in-process on the data dir: the endpoint waits for the next start.
+    added = cli_json(data, "webhooks", "add", "https://hooks.example/x", "--events", "nodeCreated")
+    (row,) = cli_json(data, "webhooks", "list")
+    assert row["id"] == added["id"] and row["events"] == ["nodeCreated"] and row["cursor"] == 1
+    assert row["behind"] == 0 and row["last"] is None
+    assert "no deliveries" in cli(data, "webhooks", "deliveries").stdout
