@@ -43,7 +43,9 @@ RETRY_BASE = 1.0
 RETRY_CAP = 3600.0
 MAX_BATCH = 20
 
-# Tailscale's event types, and the Shoal events behind them (see ``types_of``).
+# Tailscale's event types (its API's webhook subscriptions) that Shoal has events for, and those events (see
+# ``types_of``). Not yet: nodeNeedsApproval, nodeSigned, nodeNeedsSignature, userNeedsApproval, userSuspended,
+# userRestored, userApproved, userRoleUpdated, subnetIPForwardingNotEnabled, exitNodeIPForwardingNotEnabled.
 TYPES: dict[str, str] = {
     "nodeCreated": "NodeRegistered",
     "nodeApproved": "NodeRegistered/NodeReauthenticated by an admin (a pending registration approved)",
@@ -53,8 +55,6 @@ TYPES: dict[str, str] = {
     "policyUpdate": "PolicySet",
     "userCreated": "UserCreated",
     "userDeleted": "UserDeleted",
-    "webhookUpdated": "WebhookEndpointAdded",
-    "webhookDeleted": "WebhookEndpointRemoved",
 }
 TEST_TYPE = "test"
 
@@ -79,10 +79,6 @@ def types_of(r: ev.Record) -> list[str]:
             return ["userCreated"]
         case ev.UserDeleted():
             return ["userDeleted"]
-        case ev.WebhookEndpointAdded():
-            return ["webhookUpdated"]
-        case ev.WebhookEndpointRemoved():
-            return ["webhookDeleted"]
     return []
 
 
@@ -134,17 +130,13 @@ def message(kind: str, r: ev.Record, state: State, names: Names | None = None) -
         "nodeCreated": "Node {n} created", "nodeApproved": "Node {n} approved", "nodeDeleted": "Node {n} deleted",
         "nodeKeyExpired": "Node {n} key expired", "nodeKeyExpiringInOneDay": "Node {n} key is expiring in one day",
         "policyUpdate": "Tailnet policy file updated", "userCreated": "User {u} created",
-        "userDeleted": "User {u} deleted", "webhookUpdated": "Webhook endpoint {w} updated",
-        "webhookDeleted": "Webhook endpoint {w} deleted",
+        "userDeleted": "User {u} deleted",
     }[kind]
     if isinstance(e, ev.NodeKeyExpiringSoon | ev.NodeExpired):
         data["expiry"] = ev.rfc3339(e.key_expiry if isinstance(e, ev.NodeKeyExpiringSoon) else e.at)
     if isinstance(e, ev.PolicySet):
         data["sha256"] = e.sha256
-    if isinstance(e, ev.WebhookEndpointAdded | ev.WebhookEndpointRemoved):
-        data["endpointID"] = e.endpoint_id
-    text = what.format(n=data.get("deviceName") or data.get("nodeID", ""), u=data.get("user", ""),
-                       w=data.get("endpointID", ""))
+    text = what.format(n=data.get("deviceName") or data.get("nodeID", ""), u=data.get("user", ""))
     return text, data
 
 
