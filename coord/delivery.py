@@ -8,7 +8,7 @@ A crash between a 2xx and that write re-sends the batch after the restart: at le
 Endpoints have their own tasks, so one that is down (and backing off) holds up no other.
 
 The endpoint list is the fold of the log (``State.webhooks``); its signing secrets are in ``webhook_secrets``
-(migrations/0005_webhooks.sql), never in an event. ``Webhooks`` also carries the admin commands
+(migrations/0006_webhooks.sql), never in an event. ``Webhooks`` also carries the admin commands
 (``shoal-server webhooks ...``, coord/admin.py); it does not depend on any HTTP API.
 """
 
@@ -58,6 +58,11 @@ class Webhooks:
     def clock(self) -> Callable[[], float]:
         return self.service.clock
 
+    @property
+    def tailnet_name(self) -> str:
+        """The base domain in force (one an admin set at run time, else the config's)."""
+        return self.service.state.base_domain or self.tailnet
+
     # --- admin commands -----------------------------------------------------------------------------------
 
     async def add(self, url: str, types: list[str]) -> dict[str, Any]:
@@ -106,7 +111,7 @@ class Webhooks:
         if secret is None:
             raise DomainError(f"webhook endpoint {eid} has no secret stored")
         url = self.service.state.webhooks[eid][0]
-        body = core.body_bytes([core.sample_event(self.tailnet, self.clock())])
+        body = core.body_bytes([core.sample_event(self.tailnet_name, self.clock())])
         headers = {"Content-Type": "application/json",
                    core.SIGNATURE_HEADER: core.signature(secret, int(self.clock()), body)}
         status, error = await self._post(url, body, headers)
@@ -124,6 +129,7 @@ class Webhooks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.tables.drain()
         if self.http is not None:
             await self.http.aclose()
             self.http = None
@@ -166,7 +172,7 @@ class Webhooks:
             records = [r async for r in self.service.store.read(Filter(since_seq=cursor, until_seq=until))]
             _, types = self.service.state.webhooks[eid]
             names = await self._names(records)
-            batch, skip = core.next_batch(eid, records, types, self.tailnet, self.service.state, names)
+            batch, skip = core.next_batch(eid, records, types, self.tailnet_name, self.service.state, names)
             if batch is None:
                 # Nothing here for this endpoint: skipping it is as durable as delivering it.
                 cursor = skip or until

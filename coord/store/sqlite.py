@@ -137,7 +137,8 @@ PATCH_NODE = (
 )
 
 
-DNS_EVENTS = ("DNSConfigSeeded", "DNSSettingsSet", "DNSRecordAdded", "DNSRecordRemoved", "DNSRecordsFileLoaded")
+DNS_EVENTS = ("DNSConfigSeeded", "DNSSettingsSet", "DNSBaseDomainSet", "DNSRecordAdded", "DNSRecordRemoved",
+              "DNSRecordsFileLoaded")
 
 
 def dns_touched(events: list[ev.Event]) -> bool:
@@ -208,9 +209,10 @@ def projection_ops(
         d = state.dns
         ops.append((
             "INSERT OR REPLACE INTO dns (id, magic_dns, nameservers, split, search_domains, override_local_dns, "
-            "extra_records, file_records, seed) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "extra_records, file_records, seed, base_domain) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (d.magic_dns, _j(d.nameservers), _LIST.encode(d.split), _j(d.search_domains), d.override_local_dns,
-             _LIST.encode(d.extra_records), _LIST.encode(state.dns_file_records), _dns_settings_json(state.dns_seed)),
+             _LIST.encode(d.extra_records), _LIST.encode(state.dns_file_records), _dns_settings_json(state.dns_seed),
+             state.base_domain),
         ))
     return ops
 
@@ -448,6 +450,17 @@ class SqliteStore:
             c.execute("ROLLBACK")
             raise
 
+    async def put_secret(self, credential_id: str, secret_hash: str) -> None:
+        """The hash of a credential's secret, written (and committed) before the event that creates it."""
+        await self.conn.execute(
+            "INSERT OR REPLACE INTO credential_secrets (id, hash) VALUES (?, ?)", (credential_id, secret_hash)
+        )
+        await self.conn.commit()
+
+    async def secrets(self) -> dict[str, str]:
+        async with self.conn.execute("SELECT id, hash FROM credential_secrets") as cur:
+            return {str(i): str(h) for i, h in await cur.fetchall()}
+
     async def event_at(self, seq: int) -> ev.Record | None:
         async for r in self.read(Filter(since_seq=seq - 1, until_seq=seq)):
             return r if r.seq == seq else None
@@ -462,7 +475,7 @@ class SqliteStore:
         await self.conn.close()
 
 
-# --- webhooks (migrations/0005_webhooks.sql) -------------------------------------------------------------------
+# --- webhooks (migrations/0006_webhooks.sql) -------------------------------------------------------------------
 
 
 class WebhookTables:
@@ -473,6 +486,7 @@ class WebhookTables:
         self.conn = conn
         # Endpoints deliver concurrently on one connection: one write (or transaction) at a time.
         self._lock = asyncio.Lock()
+        self._inflight: set[asyncio.Task[None]] = set()
 
     async def put_secret(self, endpoint_id: str, secret: str) -> None:
         async with self._lock:
@@ -520,16 +534,31 @@ class WebhookTables:
 
     async def attempt_and_cursor(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
                                  time: float, status: int | None, error: str, outcome: str) -> None:
-        """The last attempt of a batch (delivered or undeliverable) and the cursor past it, in one transaction."""
+        """The last attempt of a batch (delivered or undeliverable) and the cursor past it, in one transaction.
+
+        Shielded: a cancellation (shutdown) while it runs must neither leave it half done nor be turned into a
+        failed ROLLBACK after a COMMIT that ran anyway; ``drain`` waits for it before the connection closes."""
+        task = asyncio.get_running_loop().create_task(self._attempt_and_cursor(
+            endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        await asyncio.shield(task)
+
+    async def _attempt_and_cursor(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
+                                  time: float, status: int | None, error: str, outcome: str) -> None:
         async with self._lock:
             await self.conn.execute("BEGIN IMMEDIATE")
             try:
                 await self._attempt(endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome)
                 await self._set_cursor(endpoint_id, last_seq)
-                await self.conn.execute("COMMIT")
             except BaseException:
                 await self.conn.execute("ROLLBACK")
                 raise
+            await self.conn.execute("COMMIT")
+
+    async def drain(self) -> None:
+        """Wait for shielded transactions still running (before the connection closes)."""
+        await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def pending_since(self, endpoint_id: str, first_seq: int) -> tuple[float | None, int]:
         """(time of the first failed attempt, failed attempts) of the batch starting at ``first_seq``: a batch
