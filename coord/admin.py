@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coord import access, decide, views
 from coord import events as ev
@@ -18,6 +18,9 @@ from coord.history import History
 from coord.logins import Logins
 from coord.service import Service
 from coord.state import State
+
+if TYPE_CHECKING:  # the CLI's socket path imports this module: it need not load the delivery engine
+    from coord.delivery import Webhooks
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Admin:
     has_session: Callable[[int], bool]
     info: Callable[[], dict[str, Any]]
     history: History | None = None
+    webhooks: Webhooks | None = None
 
 
 Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
@@ -188,6 +192,19 @@ async def tokens_list(a: Admin, args: dict[str, Any]) -> Any:
     return [views.credential(i, c, svc.clock()) for i, c in sorted(svc.state.credentials.items())]
 
 
+def _hooks(a: Admin) -> Webhooks:
+    if a.webhooks is None:
+        raise DomainError("webhooks are not available here")
+    return a.webhooks
+
+
+def _limit(args: dict[str, Any]) -> int:
+    v = args.get("limit", 50)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DomainError("limit: expected a positive number")
+    return v
+
+
 COMMANDS: dict[str, Handler] = {
     "users.create": lambda x, a: x.service.create_user(_str(a, "name")),
     "users.list": users_list,
@@ -231,6 +248,11 @@ COMMANDS: dict[str, Handler] = {
     "dns.records.remove": lambda x, a: x.service.remove_dns_record(
         _str(a, "name"), _opt_str(a, "type"), _opt_str(a, "value")
     ),
+    "webhooks.list": lambda x, a: _hooks(x).endpoints(),
+    "webhooks.add": lambda x, a: _hooks(x).add(_str(a, "url"), _opt_strs(a, "events") or []),
+    "webhooks.remove": lambda x, a: _hooks(x).remove(_str(a, "endpoint")),
+    "webhooks.test": lambda x, a: _hooks(x).test(_str(a, "endpoint")),
+    "webhooks.deliveries": lambda x, a: _hooks(x).deliveries(_opt_str(a, "endpoint"), _limit(a)),
     "info": lambda x, a: _value(x.info()),
 }
 

@@ -31,6 +31,7 @@ from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
 from coord.checkpoints import Checkpointer
 from coord.config import Config, parse_hostport
+from coord.delivery import Webhooks
 from coord.dnswatch import RecordsWatch
 from coord.errors import ConfigError, DomainError
 from coord.fanout import Fanout
@@ -44,7 +45,7 @@ from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
 from coord.store import Filter
-from coord.store.sqlite import SqliteStore
+from coord.store.sqlite import SqliteStore, WebhookTables
 from coord.supervise import Supervisor
 from derp.metrics import RelayCollector
 from derp.server import DerpServer
@@ -118,6 +119,7 @@ class App:
     checkpointer: Checkpointer
     supervisor: Supervisor
     metrics: ServerMetrics
+    webhooks: Webhooks
     relay: DerpServer | None = None
     stun: StunServer | None = None
     signin: SignIn | None = None
@@ -127,7 +129,8 @@ class App:
     dns_poll: float = 1.0
 
     def __post_init__(self) -> None:
-        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
+        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history,
+                                 self.webhooks)
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
@@ -167,6 +170,7 @@ class App:
         self.tasks.append(asyncio.create_task(
             self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
         ))
+        await self.webhooks.start()
         if self.relay is not None:
             await self.relay.start()
             if self.config.stun_listen:
@@ -194,6 +198,7 @@ class App:
             await self.signin.provider.http.aclose()
         self.fanout.close_all()
         await self.lifecycle.stop()
+        await self.webhooks.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -276,8 +281,9 @@ async def create_app(
     metrics = ServerMetrics(CollectorRegistry())
     service.on_commit = metrics.appended
     fanout.on_flush = metrics.fanned_out
+    webhooks = Webhooks(service, WebhookTables(store.conn), config.base_domain, supervisor)
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
-              metrics, signin=signin, dns_poll=dns_poll)
+              metrics, webhooks, signin=signin, dns_poll=dns_poll)
     metrics.bind(app.readings)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from coord import admin, logcmd, policy, views
+from coord import admin, logcmd, policy, views, webhooks
 from coord import events as ev
 from coord.config import Config, LogLevel, load, parse_duration
 from coord.errors import CoordError, LocalError
@@ -229,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("type", nargs="?", metavar="TYPE")
     x.add_argument("value", nargs="?")
 
+    wh = sub.add_parser("webhooks", parents=[common], help="webhook endpoints (Tailscale's body and signature)") \
+        .add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    wh.add_parser("list", parents=[common], help="endpoints, their cursors and last delivery")
+    x = wh.add_parser("add", parents=[common], help="add an endpoint; its signing secret is shown once")
+    x.add_argument("url")
+    x.add_argument("--events", default="", metavar="TYPE[,TYPE]",
+                   help="Tailscale event types to send (default: all): " + ", ".join(webhooks.TYPES))
+    wh.add_parser("remove", parents=[common]).add_argument("endpoint", help="endpoint id")
+    wh.add_parser("test", parents=[common], help="post a signed test event now").add_argument("endpoint")
+    x = wh.add_parser("deliveries", parents=[common], help="delivery attempts, oldest first")
+    x.add_argument("endpoint", nargs="?", help="endpoint id (default: all)")
+    x.add_argument("-n", "--limit", type=int, default=50)
     logcmd.add_parsers(sub, common, Parser)
     sub.add_parser("doctor", parents=[common],
                    help="check a deployment: URL, key and database modes, clock, relays, metrics; says what to fix")
@@ -290,6 +302,12 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return dns_request(args)
     if g == "routes":
         return f"routes.{c}", {"node": getattr(args, "node", None), "routes": getattr(args, "routes", None)}
+    if g == "webhooks":
+        if c == "add":
+            return "webhooks.add", {"url": args.url, "events": _split_tags(args.events)}
+        if c == "deliveries":
+            return "webhooks.deliveries", {"endpoint": args.endpoint, "limit": args.limit}
+        return f"webhooks.{c}", {"endpoint": getattr(args, "endpoint", None)}
     if g == "policy":
         if c in ("set", "diff"):
             return f"policy.{c}", {"text": read_text(args.file), "filename": args.file}
@@ -459,6 +477,25 @@ def render(command: str, result: Any) -> str:
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
             f"expires {result['expiration'] or 'never'})"
         )
+    if command == "webhooks.list":
+        return table(result, [
+            ("ID", "id"), ("URL", "url"), ("EVENTS", lambda r: ",".join(r["events"])), ("CURSOR", "cursor"),
+            ("BEHIND", "behind"),
+            ("LAST", lambda r: f"{r['last']['outcome']} {r['last']['status'] or r['last']['error']}" if r["last"]
+             else "-"),
+        ]) if result else "no webhook endpoints"
+    if command == "webhooks.add":
+        return (f"{result['secret']}\n(endpoint {result['id']}: the signing secret is shown once; it is kept in the "
+                f"data dir's database, never in the event log)")
+    if command == "webhooks.test":
+        return f"endpoint {result['id']} answered {result['status'] or '-'}" + (
+            f" ({result['error']})" if result["error"] else "")
+    if command == "webhooks.deliveries":
+        return table(result, [
+            ("ENDPOINT", "endpoint"), ("EVENTS", lambda r: f"{r['first_seq']}-{r['last_seq']} ({r['events']})"),
+            ("ATTEMPT", "attempt"), ("TIME", lambda r: _fmt_time(r["time"])), ("STATUS", lambda r: r["status"] or "-"),
+            ("OUTCOME", "outcome"), ("ERROR", lambda r: r["error"] or "-"),
+        ]) if result else "no deliveries"
     if command in ("tokens.create", "tokens.client"):
         return "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n(shown once: it is stored hashed)"
     if command == "tokens.list":

@@ -430,6 +430,20 @@ def expire_due(state: State, now: float) -> list[ev.Event]:
     ]
 
 
+EXPIRY_WARNING = 86400.0  # nodeKeyExpiringInOneDay
+
+
+def expiring_soon(state: State, now: float, within: float = EXPIRY_WARNING) -> list[ev.Event]:
+    """A NodeKeyExpiringSoon for each node key due within ``within`` seconds and not yet warned of (a new expiry,
+    set by an admin or a re-authentication, is warned of again)."""
+    return [
+        ev.NodeKeyExpiringSoon(n.id, n.key_expiry)
+        for n in state.nodes.values()
+        if not n.expired and n.key_expiry is not None and now < n.key_expiry <= now + within
+        and n.warned_expiry != n.key_expiry
+    ]
+
+
 # --- sign-in (OIDC) ---------------------------------------------------------------------------------------
 
 

@@ -261,6 +261,15 @@ class NodeExpired(Event):
 
 
 @dataclass(frozen=True)
+class NodeKeyExpiringSoon(Event):
+    """The expiry loop saw a node key due within a day (``key_expiry``, the expiry it warns of): the fact behind
+    the nodeKeyExpiringInOneDay webhook, which no cursor on the log could see without an event of its own."""
+
+    node_id: int
+    key_expiry: float
+
+
+@dataclass(frozen=True)
 class NodeLoggedOut(Event):
     node_id: int
 
@@ -363,6 +372,23 @@ class DNSRecordsFileLoaded(Event):
     records: tuple[Any, ...]
 
 
+# --- webhooks (coord/webhooks.py) ------------------------------------------------------------------------
+# An endpoint is named by its id only: its signing secret lives outside the log (the ``webhook_secrets`` table,
+# migrations/0006_webhooks.sql), because the audit API serves the log and an HMAC key has to be kept in clear.
+
+
+@dataclass(frozen=True)
+class WebhookEndpointAdded(Event):
+    endpoint_id: str
+    url: str
+    event_types: tuple[str, ...]  # Tailscale's names (nodeCreated, ...), see coord/webhooks.py TYPES
+
+
+@dataclass(frozen=True)
+class WebhookEndpointRemoved(Event):
+    endpoint_id: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -385,6 +411,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         NodeRoutesApproved,
         NodeKeyExpirySet,
         NodeExpired,
+        NodeKeyExpiringSoon,
         NodeLoggedOut,
         NodeDeleted,
         NodeEndpointsChanged,
@@ -398,6 +425,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DNSRecordAdded,
         DNSRecordRemoved,
         DNSRecordsFileLoaded,
+        WebhookEndpointAdded,
+        WebhookEndpointRemoved,
     )
 }
 

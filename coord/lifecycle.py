@@ -103,4 +103,7 @@ class Lifecycle:
     # --- key expiry ---------------------------------------------------------------------------------------
 
     async def expiry_sweep(self) -> None:
-        await self.service.execute(lambda s: decide.expire_due(s, self.service.clock()), Actor.SYSTEM)
+        # Keys due now expire; keys due within a day get their NodeKeyExpiringSoon (the nodeKeyExpiringInOneDay
+        # webhook), once per expiry.
+        now = self.service.clock()
+        await self.service.execute(lambda s: decide.expire_due(s, now) + decide.expiring_soon(s, now), Actor.SYSTEM)

@@ -14,7 +14,7 @@ collector that reads the rest at scrape time from the running parts (``bind``):
 
 No label takes unbounded values: no key, address or node name is ever a label. There is no module-level
 registry and ``prometheus_client``'s default ``REGISTRY`` is never used, so two servers in one process (tests)
-keep apart. Webhook deliveries have no series yet: this server has no webhooks.
+keep apart. Webhook deliveries have no series yet (`webhooks list` and `webhooks deliveries` show them).
 """
 
 from __future__ import annotations

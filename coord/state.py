@@ -104,6 +104,8 @@ class Node:
     last_seen: float | None = None
     expired: bool = False
     logged_out: bool = False
+    # The key expiry a NodeKeyExpiringSoon was logged for (None: none yet for this expiry).
+    warned_expiry: float | None = None
     # Bumped whenever anything a peer sees of this node changes; keys the netmap encoding cache.
     version: int = 0
 
@@ -163,6 +165,8 @@ class State:
     # API access tokens and OAuth clients (coord/apiv2/creds.py), by id: plain JSON values (kind, prefix,
     # user_id, description, created, expires, scopes, tags, revoked). Never a secret nor a hash of one.
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Webhook endpoints (coord/webhooks.py): id -> (url, Tailscale event types). Their secrets are not here.
+    webhooks: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     last_seq: int = 0
     last_hash: str = ev.GENESIS
     # The time of event last_seq: the next event's time is never earlier (see Service._append).
@@ -336,6 +340,9 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             n.expired = True
             _touch(n)
             return _routing(state, n, Change(removed={nid}, self_nodes={nid}, visibility={nid}))
+        case ev.NodeKeyExpiringSoon(node_id=nid, key_expiry=expiry):
+            state.nodes[nid].warned_expiry = expiry
+            return Change()
         case ev.NodeLoggedOut(node_id=nid):
             n = state.nodes[nid]
             n.logged_out = True
@@ -413,6 +420,12 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
         case ev.DNSRecordsFileLoaded(records=recs):
             state.dns_file_records = dnsmod.records_from(recs)
             return _dns_changed(state)
+        case ev.WebhookEndpointAdded(endpoint_id=eid, url=url, event_types=types):
+            state.webhooks[eid] = (url, tuple(types))
+            return Change()
+        case ev.WebhookEndpointRemoved(endpoint_id=eid):
+            state.webhooks.pop(eid, None)
+            return Change()
     raise ev.BadEvent(f"no fold for {type(event).__name__}")
 
 

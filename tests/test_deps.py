@@ -41,6 +41,7 @@ SANS_IO = [
     "coord/views.py",
     "coord/authkey.py",
     "coord/store/__init__.py",
+    "coord/webhooks.py",
     "coord/policy/*.py",
     "derp/frames.py",
     "derp/protocol.py",

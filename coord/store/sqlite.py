@@ -473,3 +473,116 @@ class SqliteStore:
         if self.writer is not None:
             self.writer.close()
         await self.conn.close()
+
+
+# --- webhooks (migrations/0006_webhooks.sql) -------------------------------------------------------------------
+
+
+class WebhookTables:
+    """Delivery bookkeeping and signing secrets of webhook endpoints: not projections of the log (no event holds a
+    secret), so a replay leaves them alone. Each call is its own autocommit statement on the reader connection."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        # Endpoints deliver concurrently on one connection: one write (or transaction) at a time.
+        self._lock = asyncio.Lock()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def put_secret(self, endpoint_id: str, secret: str) -> None:
+        async with self._lock:
+            await self.conn.execute("INSERT OR REPLACE INTO webhook_secrets (endpoint_id, secret) VALUES (?, ?)",
+                                    (endpoint_id, secret))
+
+    async def secret(self, endpoint_id: str) -> str | None:
+        async with self.conn.execute("SELECT secret FROM webhook_secrets WHERE endpoint_id = ?",
+                                     (endpoint_id,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def forget(self, endpoint_id: str) -> None:
+        """An endpoint removed: its secret and cursor go; its delivery history stays."""
+        async with self._lock:
+            await self.conn.execute("DELETE FROM webhook_secrets WHERE endpoint_id = ?", (endpoint_id,))
+            await self.conn.execute("DELETE FROM webhook_cursors WHERE endpoint_id = ?", (endpoint_id,))
+
+    async def cursor(self, endpoint_id: str) -> int | None:
+        async with self.conn.execute("SELECT seq FROM webhook_cursors WHERE endpoint_id = ?", (endpoint_id,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def set_cursor(self, endpoint_id: str, seq: int) -> None:
+        async with self._lock:
+            await self._set_cursor(endpoint_id, seq)
+
+    async def _set_cursor(self, endpoint_id: str, seq: int) -> None:
+        """Never backwards: a cursor only moves on."""
+        await self.conn.execute(
+            "INSERT INTO webhook_cursors (endpoint_id, seq) VALUES (?, ?) "
+            "ON CONFLICT(endpoint_id) DO UPDATE SET seq = max(seq, excluded.seq)", (endpoint_id, seq))
+
+    async def attempt(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
+                      time: float, status: int | None, error: str, outcome: str) -> None:
+        async with self._lock:
+            await self._attempt(endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome)
+
+    async def _attempt(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
+                       time: float, status: int | None, error: str, outcome: str) -> None:
+        await self.conn.execute(
+            "INSERT INTO webhook_deliveries (endpoint_id, first_seq, last_seq, events, attempt, time, status, "
+            "error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome))
+
+    async def attempt_and_cursor(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
+                                 time: float, status: int | None, error: str, outcome: str) -> None:
+        """The last attempt of a batch (delivered or undeliverable) and the cursor past it, in one transaction.
+
+        Shielded: a cancellation (shutdown) while it runs must neither leave it half done nor be turned into a
+        failed ROLLBACK after a COMMIT that ran anyway; ``drain`` waits for it before the connection closes."""
+        task = asyncio.get_running_loop().create_task(self._attempt_and_cursor(
+            endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        await asyncio.shield(task)
+
+    async def _attempt_and_cursor(self, endpoint_id: str, first_seq: int, last_seq: int, events: int, attempt: int,
+                                  time: float, status: int | None, error: str, outcome: str) -> None:
+        async with self._lock:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._attempt(endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome)
+                await self._set_cursor(endpoint_id, last_seq)
+            except BaseException:
+                await self.conn.execute("ROLLBACK")
+                raise
+            await self.conn.execute("COMMIT")
+
+    async def drain(self) -> None:
+        """Wait for shielded transactions still running (before the connection closes)."""
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def pending_since(self, endpoint_id: str, first_seq: int) -> tuple[float | None, int]:
+        """(time of the first failed attempt, failed attempts) of the batch starting at ``first_seq``: a batch
+        retried across a restart keeps its window."""
+        async with self.conn.execute(
+            "SELECT min(time), count(*) FROM webhook_deliveries WHERE endpoint_id = ? AND first_seq = ? "
+            "AND outcome = 'failed'", (endpoint_id, first_seq)) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None, 0
+        return float(row[0]), int(row[1])
+
+    async def deliveries(self, endpoint_id: str | None, limit: int) -> list[dict[str, Any]]:
+        where, args = ("WHERE endpoint_id = ?", [endpoint_id]) if endpoint_id else ("", [])
+        async with self.conn.execute(
+            "SELECT id, endpoint_id, first_seq, last_seq, events, attempt, time, status, error, outcome "
+            f"FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?", [*args, limit]) as cur:
+            rows = await cur.fetchall()
+        keys = ("id", "endpoint", "first_seq", "last_seq", "events", "attempt", "time", "status", "error", "outcome")
+        return [dict(zip(keys, tuple(r), strict=True)) for r in reversed(list(rows))]
+
+    async def last_outcomes(self) -> dict[str, dict[str, Any]]:
+        async with self.conn.execute(
+            "SELECT endpoint_id, outcome, status, time, error FROM webhook_deliveries WHERE id IN "
+            "(SELECT max(id) FROM webhook_deliveries GROUP BY endpoint_id)") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): {"outcome": r[1], "status": r[2], "time": r[3], "error": r[4]} for r in rows}
