@@ -102,6 +102,8 @@ class Node:
     last_seen: float | None = None
     expired: bool = False
     logged_out: bool = False
+    # A plain-WireGuard device: the hub node whose agent is its only peer (docs/wg-devices.md).
+    via: int | None = None
     # Bumped whenever anything a peer sees of this node changes; keys the netmap encoding cache.
     version: int = 0
 
@@ -207,6 +209,22 @@ def _routing(state: State, n: Node, change: Change) -> Change:
     return change
 
 
+def devices_of(state: State, hub_id: int) -> list[Node]:
+    """The plain-WireGuard devices a hub carries, by id."""
+    return sorted((d for d in state.nodes.values() if d.via == hub_id), key=lambda d: d.id)
+
+
+def _hub_changed(state: State, n: Node, change: Change) -> Change:
+    """A device came or went: its hub's record (AllowedIPs), peers and filter change with it."""
+    hub = state.nodes.get(n.via) if n.via is not None else None
+    if hub is not None:
+        _touch(hub)
+        change.peers.add(hub.id)
+        change.self_nodes.add(hub.id)
+        change.visibility.add(hub.id)
+    return change
+
+
 def apply(state: State, event: ev.Event, ts: float) -> Change:
     match event:
         case ev.UserCreated(user_id=uid, name=name):
@@ -252,7 +270,7 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 disco_key=event.disco_key, user_id=event.user_id, tags=tuple(event.tags),
                 hostname=event.hostname, given_name=event.given_name, ipv4=event.ipv4, ipv6=event.ipv6,
                 ephemeral=event.ephemeral, key_expiry=event.key_expiry, created=ts,
-                auth_key_id=event.auth_key_id, routes=tuple(event.routes),
+                auth_key_id=event.auth_key_id, routes=tuple(event.routes), via=event.via,
             )
             state.nodes[n.id] = n
             state.by_machine[n.machine_key] = n.id
@@ -263,7 +281,8 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             state.next_node_id = max(state.next_node_id, n.id + 1)
             if event.auth_key_id is not None:
                 state.keys[event.auth_key_id].used_by.append(n.id)
-            return Change(peers={n.id}, self_nodes={n.id}, visibility={n.id})
+            out = Change(peers={n.id}, self_nodes={n.id}, visibility={n.id})
+            return _hub_changed(state, n, out)
         case ev.NodeReauthenticated():
             n = state.nodes[event.node_id]
             state.by_node_key.pop(n.node_key, None)
@@ -329,7 +348,7 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             if state.by_given_name.get(n.given_name) == nid:
                 del state.by_given_name[n.given_name]
             state.used_ipv4.discard(n.ipv4)
-            out = Change(removed={nid}, close={nid})
+            out = _hub_changed(state, n, Change(removed={nid}, close={nid}))
             if n.primary_routes:
                 moved = _elect(state, set(n.primary_routes))
                 out.peers |= moved
