@@ -22,8 +22,8 @@ from coord import access, decide, dns, policy, views, wire
 from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
-from coord.errors import DomainError
 from coord.devices import DeviceVisibility
+from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import EXIT_ROUTES, Node, State, User, apply
 from coord.store import Filter, Store, load_state
