@@ -248,7 +248,7 @@ def logout(state: State, machine_key: bytes) -> list[ev.Event]:
         raise Unauthorized("unknown machine")
     n = state.nodes[nid]
     if n.ephemeral:
-        return [ev.NodeDeleted(nid, "ephemeral node logged out")]
+        return deleted(state, nid, "ephemeral node logged out")
     if n.logged_out:
         return []
     return [ev.NodeLoggedOut(nid)]
@@ -378,7 +378,13 @@ def add_wg_device(
 
 def delete_node(state: State, ref: str, reason: str = "deleted by admin") -> list[ev.Event]:
     n = find_node(state, ref)
-    return [ev.NodeDeleted(n.id, reason)]
+    return deleted(state, n.id, reason)
+
+
+def deleted(state: State, nid: int, reason: str) -> list[ev.Event]:
+    """A node goes, and with it the plain-WireGuard devices it carries (nothing else could carry them)."""
+    devices = [d.id for d in state.nodes.values() if d.via == nid]
+    return [ev.NodeDeleted(nid, reason)] + [ev.NodeDeleted(d, f"its hub (node {nid}) was deleted") for d in devices]
 
 
 def map_update(

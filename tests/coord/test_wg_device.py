@@ -109,6 +109,13 @@ async def test_wg_device_revocation_removes_it_everywhere_and_deltas_say_so() ->
     assert [p["ID"] for p in da["PeersChanged"]] == [hub] and d4 not in da["PeersChanged"][0]["AllowedIPs"]
     assert dev not in peers(net, hub) and d4 not in peers(net, a)[hub]["AllowedIPs"]
 
+    # a hub that goes takes its devices with it
+    tablet = (await net.svc.add_wg_device("tablet", ALICE, "hub", os.urandom(32)))["id"]
+    await net.svc.delete_node("hub")
+    assert tablet not in net.state.nodes
+    assert [(r.event.node_id, r.event.reason) for r in net.records()[-2:] if isinstance(r.event, ev.NodeDeleted)] == [
+        (hub, "deleted by admin"), (tablet, f"its hub (node {hub}) was deleted")]
+
 
 async def test_wg_device_refusals() -> None:
     net, _, a, _ = await tailnet()
