@@ -384,7 +384,8 @@ def delete_node(state: State, ref: str, reason: str = "deleted by admin") -> lis
 def deleted(state: State, nid: int, reason: str) -> list[ev.Event]:
     """A node goes, and with it the plain-WireGuard devices it carries (nothing else could carry them)."""
     devices = [d.id for d in state.nodes.values() if d.via == nid]
-    return [ev.NodeDeleted(nid, reason)] + [ev.NodeDeleted(d, f"its hub (node {nid}) was deleted") for d in devices]
+    out: list[ev.Event] = [ev.NodeDeleted(nid, reason)]
+    return out + [ev.NodeDeleted(d, f"its hub (node {nid}) was deleted") for d in devices]
 
 
 def map_update(
