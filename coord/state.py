@@ -158,6 +158,8 @@ class State:
     dns_seed: dnsmod.DnsSettings = dnsmod.DEFAULT
     dns_file_records: tuple[tuple[str, str, str], ...] = ()
     dns_version: int = 0
+    # hub node id -> the ids of the plain-WireGuard devices it carries (Node.via), sorted; kept by the fold.
+    hubs: dict[int, tuple[int, ...]] = field(default_factory=dict)
     last_seq: int = 0
     last_hash: str = ev.GENESIS
     # The time of event last_seq: the next event's time is never earlier (see Service._append).
@@ -211,12 +213,20 @@ def _routing(state: State, n: Node, change: Change) -> Change:
 
 def devices_of(state: State, hub_id: int) -> list[Node]:
     """The plain-WireGuard devices a hub carries, by id."""
-    return sorted((d for d in state.nodes.values() if d.via == hub_id), key=lambda d: d.id)
+    return [state.nodes[d] for d in state.hubs.get(hub_id, ()) if d in state.nodes]
 
 
 def _hub_changed(state: State, n: Node, change: Change) -> Change:
     """A device came or went: its hub's record (AllowedIPs), peers and filter change with it."""
-    hub = state.nodes.get(n.via) if n.via is not None else None
+    if n.via is None:
+        return change
+    ids = set(state.hubs.get(n.via, ()))
+    ids = ids | {n.id} if n.id in state.nodes else ids - {n.id}
+    if ids:
+        state.hubs[n.via] = tuple(sorted(ids))
+    else:
+        state.hubs.pop(n.via, None)
+    hub = state.nodes.get(n.via)
     if hub is not None:
         _touch(hub)
         change.peers.add(hub.id)

@@ -90,7 +90,8 @@ async def test_wg_device_event_holds_only_the_public_key_and_maps_fold_it_into_t
     assert f"{net.state.nodes[a].ipv4}/32" in from_dev and f"{net.state.nodes[b].ipv4}/32" not in from_dev
 
     # a replay folds to the same state
-    assert fold(net.records()).nodes[dev] == net.state.nodes[dev]
+    again = fold(net.records())
+    assert again.nodes[dev] == net.state.nodes[dev] and again.hubs == net.state.hubs == {hub: (dev,)}
 
 
 async def test_wg_device_revocation_removes_it_everywhere_and_deltas_say_so() -> None:
