@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,14 @@ def test_build_single_file_runs_the_walkthrough_with_an_empty_environment(built:
 
         # the key works: a real control client registers with it against the frozen server
         node = sim_node(url, "laptop")
-        resp = asyncio.run(node.join(key))
+
+        async def join() -> dict[str, Any]:
+            resp = await node.join(key)
+            await node.client.update(node.map_request(stream=False, endpoints=("192.0.2.10:41641",)))
+            await node.client.close()
+            return resp
+
+        resp = asyncio.run(join())
         assert not resp.get("AuthURL"), resp
 
         r = bare(exe, box, "--json", "nodes", "list")
@@ -98,6 +106,14 @@ def test_build_single_file_runs_the_walkthrough_with_an_empty_environment(built:
         assert json.loads(r.stdout)["Running"] is True
         r = bare(exe, box, "events", "verify")
         assert r.returncode == 0, r.stdout + r.stderr
+
+        # a plain-WireGuard device through the laptop: nacl makes the key, segno the QR code, inside the file
+        r = bare(exe, box, "devices", "add-wg", "phone", "--via", "laptop", "--user", "alice@example.com",
+                 "--qr-png", "phone.png")
+        assert r.returncode == 0, r.stderr
+        assert "[Interface]" in r.stdout and "Endpoint = 192.0.2.10:41641" in r.stdout
+        assert (box / "phone.png").read_bytes()[:4] == b"\x89PNG"
+        (box / "phone.png").unlink()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(20)
