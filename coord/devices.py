@@ -63,7 +63,15 @@ class DeviceVisibility:
         return out
 
     def sees(self, viewer: int, peer: int) -> bool:
-        return peer in set(self.peers(viewer))
+        """As ``peer in peers(viewer)``, without building the set: the fan-out asks this per viewer and change."""
+        if viewer == peer or self._via(viewer) is not None:
+            return False
+        via = self._via(peer)
+        if via is not None:
+            return via == viewer  # a device is seen by its hub only; others see the hub in its place
+        if self.inner.sees(viewer, peer):
+            return True
+        return any(self.inner.sees(viewer, d.id) for d in devices_of(self.state, peer))
 
     def filter(self, node_id: int) -> list[dict[str, Any]]:
         base = self.inner.filter(node_id)

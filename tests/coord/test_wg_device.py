@@ -156,3 +156,15 @@ def test_wg_device_cli_refuses_before_making_a_key_when_the_png_exists(tmp_path:
     r = cli(tmp_path / "data", "devices", "add-wg", "phone", "--via", "hub", "--user", ALICE,
             "--qr-png", str(tmp_path / "phone.png"), check=False)
     assert r.returncode == 1 and "exists" in r.stderr
+
+
+async def test_wg_device_sees_agrees_with_peers() -> None:
+    """The fan-out asks `sees` per change; `full` uses `peers`: they must agree for every pair."""
+    for policy in (POLICY, None):
+        net, hub, a, b = await tailnet(policy)
+        await net.svc.add_wg_device("phone", ALICE, "hub", os.urandom(32))
+        await net.svc.add_wg_device("tv", BOB, "hub", os.urandom(32))
+        vis = net.svc.visibility
+        ids = sorted(net.state.nodes)
+        for v in ids:
+            assert {p for p in ids if vis.sees(v, p)} == set(vis.peers(v)), (policy is None, v)
