@@ -161,7 +161,7 @@ def test_wg_device_cli_refuses_before_making_a_key_when_the_png_exists(tmp_path:
 async def test_wg_device_sees_agrees_with_peers() -> None:
     """The fan-out asks `sees` per change; `full` uses `peers`: they must agree for every pair."""
     for policy in (POLICY, None):
-        net, hub, a, b = await tailnet(policy)
+        net, *_ = await tailnet(policy)
         await net.svc.add_wg_device("phone", ALICE, "hub", os.urandom(32))
         await net.svc.add_wg_device("tv", BOB, "hub", os.urandom(32))
         vis = net.svc.visibility
