@@ -36,6 +36,11 @@ def policy_nodes(state: State) -> list[policy.PolicyNode]:
     return [policy_node(state, n) for n in state.nodes.values()]
 
 
+def roles(state: State) -> dict[str, tuple[str, ...]]:
+    """user name -> role autogroups (``autogroup:admin`` is role "admin"); members have none."""
+    return {u.name: (u.role,) for u in state.users.values() if u.role != "member"}
+
+
 def idp_groups(state: State) -> dict[str, tuple[str, ...]]:
     """user name -> policy groups from the identity provider (filled at sign-in, see coord.auth)."""
     return {u.name: u.groups for u in state.users.values() if u.groups}
@@ -46,7 +51,7 @@ class PolicyVisibility:
 
     def __init__(self, state: State, parsed: policy.Policy) -> None:
         self.state = state
-        self.engine = policy.PolicyEngine(parsed, policy_nodes(state), idp_groups=idp_groups(state))
+        self.engine = policy.PolicyEngine(parsed, policy_nodes(state), roles(state), idp_groups=idp_groups(state))
         # Under which name each user's IdP groups were given to the engine, so a rename moves them.
         self._group_names: dict[int, str] = {u.id: u.name for u in state.users.values() if u.groups}
 
@@ -99,4 +104,4 @@ class PolicyVisibility:
 
 def tailnet(state: State) -> dict[str, Any]:
     """The live tailnet in the shape ``policy check`` takes."""
-    return policy.tailnet_state(policy_nodes(state), {}, idp_groups(state))
+    return policy.tailnet_state(policy_nodes(state), roles(state), idp_groups(state))

@@ -162,6 +162,7 @@ async def dns_set(a: Admin, args: dict[str, Any]) -> Any:
         magic_dns=_opt_bool(args, "magic_dns"), nameservers=_opt_strs(args, "nameservers"),
         split=_opt_split(args), clear_split=bool(args.get("clear_split")),
         search_domains=_opt_strs(args, "search_domains"), override_local_dns=_opt_bool(args, "override_local_dns"),
+        domain=_opt_str(args, "base_domain"),
     )
 
 
@@ -172,11 +173,42 @@ def _opt_str(args: dict[str, Any], key: str) -> str | None:
     return v or None
 
 
+async def tokens_create(a: Admin, args: dict[str, Any]) -> Any:
+    svc = a.service
+    u = decide.find_user(svc.state, _str(args, "user"))
+    lifetime = _opt_float(args, "expiry") or 90 * 86400.0
+    cid, secret = await svc.create_credential("api", u.id, description=str(args.get("description") or ""),
+                                              expires=svc.clock() + lifetime)
+    return {"id": cid, "token": f"tskey-api-{cid}-{secret}", "user": u.name,
+            "expires": ev.rfc3339(svc.clock() + lifetime)}
+
+
+async def tokens_client(a: Admin, args: dict[str, Any]) -> Any:
+    svc = a.service
+    u = decide.find_user(svc.state, _str(args, "user"))
+    scopes = tuple(_opt_strs(args, "scopes") or [])
+    if not scopes:
+        raise DomainError("scopes: an OAuth client needs at least one scope")
+    cid, secret = await svc.create_credential("client", u.id, description=str(args.get("description") or ""),
+                                              scopes=scopes, tags=_tags(args))
+    return {"client_id": cid, "client_secret": f"tskey-client-{cid}-{secret}", "scopes": ",".join(scopes)}
+
+
+async def tokens_list(a: Admin, args: dict[str, Any]) -> Any:
+    svc = a.service
+    return [views.credential(i, c, svc.clock()) for i, c in sorted(svc.state.credentials.items())]
+
+
 COMMANDS: dict[str, Handler] = {
     "users.create": lambda x, a: x.service.create_user(_str(a, "name")),
     "users.list": users_list,
     "users.rename": lambda x, a: x.service.rename_user(_str(a, "user"), _str(a, "name")),
     "users.delete": lambda x, a: x.service.delete_user(_str(a, "user")),
+    "users.role": lambda x, a: x.service.set_role(_str(a, "user"), _str(a, "role")),
+    "tokens.create": tokens_create,
+    "tokens.client": tokens_client,
+    "tokens.list": tokens_list,
+    "tokens.revoke": lambda x, a: _revoked(x, _str(a, "id")),
     "keys.create": lambda x, a: x.service.create_key(
         _str(a, "user"), reusable=bool(a.get("reusable")), ephemeral=bool(a.get("ephemeral")),
         expiration=_opt_float(a, "expiration"), tags=_tags(a),
@@ -218,6 +250,11 @@ COMMANDS: dict[str, Handler] = {
 
 # Commands that only a running server can answer (its memory holds what they act on).
 NEEDS_SERVER = {"nodes.approve", "nodes.pending"}
+
+
+async def _revoked(a: Admin, cid: str) -> Any:
+    await a.service.revoke_credential(cid)
+    return views.credential(cid, a.service.state.credentials[cid], a.service.clock())
 
 
 async def _value(v: Any) -> Any:

@@ -20,11 +20,13 @@ from urllib.parse import urlsplit
 
 import httpx
 from nacl.public import PrivateKey
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from coord import admin, api, decide, dns, logfiles, private, wire
 from coord import events as ev
 from coord.api import Api
+from coord.apiv2.routes import ApiV2
 from coord.auth.oidc import Provider
 from coord.auth.web import SignIn
 from coord.checkpoints import Checkpointer
@@ -36,6 +38,7 @@ from coord.history import History
 from coord.ipam import Pool
 from coord.lifecycle import Lifecycle
 from coord.logins import Logins, active_node_key
+from coord.metrics import Readings, ServerMetrics
 from coord.netmap import Settings
 from coord.poll import Poll
 from coord.service import Service
@@ -43,6 +46,7 @@ from coord.state import State
 from coord.store import Filter
 from coord.store.sqlite import SqliteStore
 from coord.supervise import Supervisor
+from derp.metrics import RelayCollector
 from derp.server import DerpServer
 from derp.stunserver import StunServer, start_stun_server
 
@@ -113,6 +117,7 @@ class App:
     history: History
     checkpointer: Checkpointer
     supervisor: Supervisor
+    metrics: ServerMetrics
     relay: DerpServer | None = None
     stun: StunServer | None = None
     signin: SignIn | None = None
@@ -127,10 +132,17 @@ class App:
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
                        self.clock, guard, self.logins.limited, self.config.proxies)
+        self.apiv2 = ApiV2(self.service, self.clock, self.config.key_expiry_s)
         self.http = self._public_app()
         self.admin_http = Starlette(
             routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
         )
+
+    def readings(self) -> Readings:
+        """The scrape-time gauges: nodes by state (the fold's view), open streams, refusals by reason."""
+        online = sum(1 for n in self.service.state.nodes.values() if n.online)
+        return Readings(online, len(self.service.state.nodes) - online, len(self.fanout.streams),
+                        dict(self.logins.limited.counts))
 
     def info(self) -> dict[str, Any]:
         """``shoal-server info``: the key nodes pin, and what the limits refused (counters of this process)."""
@@ -201,7 +213,8 @@ class App:
                 await self.close()
 
         return Starlette(
-            routes=self.api.routes() + (self.signin.routes() if self.signin is not None else []),
+            routes=[*self.api.routes(), *self.apiv2.routes(),
+                    *(self.signin.routes() if self.signin is not None else [])],
             exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error},
             lifespan=lifespan,
         )
@@ -220,7 +233,8 @@ async def create_app(
     oidc = config.oidc_config() if serve else None
     private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
-    settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6))
+    settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6),
+                        urlsplit(config.server_url).hostname or "")
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
     store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
@@ -238,7 +252,8 @@ async def create_app(
     async def reload() -> State:
         return (await history.load()).state
 
-    service = Service(store, state, rules, settings, clock, reload=reload)
+    service = Service(store, state, rules, settings, clock, reload=reload,
+                      credential_hashes=await store.secrets())
     service.appended.append(history.maybe_snapshot)
     supervisor = Supervisor()
     checkpointer = Checkpointer(
@@ -257,12 +272,18 @@ async def create_app(
         http = oidc_http or httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
         signin = SignIn(oidc, Provider(oidc, f"{base}/oidc/callback", http, clock), logins, config.server_url, clock)
         logins.links = signin
+    # One metrics registry per server (never prometheus_client's global one); served by coord/serve.py.
+    metrics = ServerMetrics(CollectorRegistry())
+    service.on_commit = metrics.appended
+    fanout.on_flush = metrics.fanned_out
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
-              signin=signin, dns_poll=dns_poll)
+              metrics, signin=signin, dns_poll=dns_poll)
+    metrics.bind(app.readings)
     if serve and config.derp:
         # The embedded relay (region 900) admits only node keys of this tailnet's active nodes.
         async def admit(node_key: bytes, source: str) -> bool:
             return active_node_key(service.state, wire.key_text("nodekey", node_key))
 
         app.relay = DerpServer(load_or_create_key(config.data_path / "derp.key"), admit=admit)
+        metrics.registry.register(RelayCollector(app.relay.snapshot))
     return app

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server-url", help="URL nodes use to reach this server")
     serve.add_argument("--no-derp", action="store_true", help="do not run the embedded DERP relay")
     serve.add_argument("--stun-listen", help="host:port for the embedded STUN server ('' to disable)")
+    serve.add_argument("--metrics-listen",
+                       help="host:port for Prometheus /metrics (default 127.0.0.1:9470; '' to disable)")
     serve.add_argument("--derp-map-file", help="JSON file with extra DERP regions")
     serve.add_argument("--ephemeral-timeout", help="e.g. 120s")
     serve.add_argument("--key-expiry", help="e.g. 180d, or 0 for never")
@@ -110,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("name")
     u = users.add_parser("delete", parents=[common])
     u.add_argument("user")
+    u = users.add_parser("role", parents=[common], help="set a user's role (the only way to make an owner)")
+    u.add_argument("user")
+    u.add_argument("role", help="owner, admin, network-admin, it-admin, billing-admin, auditor or member")
+
+    tokens = sub.add_parser("tokens", parents=[common], help="API access tokens and OAuth clients (API v2)"
+                            ).add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    t = tokens.add_parser("create", parents=[common], help="an API access token of a user (shown once)")
+    t.add_argument("--user", required=True)
+    t.add_argument("--expiry", default="90d", help="lifetime (default 90d)")
+    t.add_argument("--description", default="")
+    t = tokens.add_parser("client", parents=[common], help="an OAuth client (client id and secret, shown once)")
+    t.add_argument("--user", required=True, help="the user auth keys it creates belong to")
+    t.add_argument("--scopes", required=True, help="comma-separated, e.g. devices:core:read,auth_keys")
+    t.add_argument("--tags", default="", help="tags its auth keys may carry, e.g. tag:ci")
+    t.add_argument("--description", default="")
+    tokens.add_parser("list", parents=[common])
+    t = tokens.add_parser("revoke", parents=[common])
+    t.add_argument("id")
 
     keys = sub.add_parser("keys", parents=[common], help="manage pre-auth keys").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
@@ -147,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--at-seq", type=int, metavar="N", help="show nodes as they were right after event N")
     for name in ("show", "expire", "delete"):
         nodes.add_parser(name, parents=[common]).add_argument("node", help="node id or name")
+    n = nodes.add_parser("history", parents=[common],
+                         help="a node's online/offline intervals, endpoints, key rotations and renames (from the log)")
+    n.add_argument("node", help="node id or name (a name it had before counts)")
+    n.add_argument("--since", help="only from this time on (RFC 3339)")
+    n.add_argument("--until", help="only up to this time (RFC 3339)")
     n = nodes.add_parser("rename", parents=[common])
     n.add_argument("node")
     n.add_argument("name")
@@ -192,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     dns.add_parser("get", parents=[common], help="the DNS settings, and the DNSConfig every node is sent")
     x = dns.add_parser("set", parents=[common], help="change DNS settings (each change is an event)")
     x.add_argument("--magic-dns", choices=["on", "off"])
+    x.add_argument("--base-domain", metavar="DOMAIN",
+                   help="the suffix of every node's name (default: the config's base_domain); every node gets its "
+                        "new names at once")
     x.add_argument("--nameserver", action="append", metavar="ADDR",
                    help="global upstream (repeatable; replaces the list; '' clears it)")
     x.add_argument("--split", action="append", metavar="SUFFIX=ADDR[,ADDR]",
@@ -216,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("value", nargs="?")
 
     logcmd.add_parsers(sub, common, Parser)
+    sub.add_parser("doctor", parents=[common],
+                   help="check a deployment: URL, key and database modes, clock, relays, metrics; says what to fix")
     return p
 
 
@@ -224,6 +254,7 @@ def config_from(args: argparse.Namespace) -> Config:
     if args.group == "serve":
         overrides.update(
             listen=args.listen, server_url=args.server_url, stun_listen=args.stun_listen,
+            metrics_listen=args.metrics_listen,
             derp_map_file=args.derp_map_file, ephemeral_timeout=args.ephemeral_timeout,
             key_expiry=args.key_expiry, batch_delay=args.batch_delay, keepalive=args.keepalive,
             log_level=args.log_level, derp=False if args.no_derp else None, durability=args.durability,
@@ -246,7 +277,15 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if g == "info":
         return "info", {}
     if g == "users":
-        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq")}
+        return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq", "role")}
+    if g == "tokens":
+        if c == "create":
+            return "tokens.create", {"user": args.user, "description": args.description,
+                                     "expiry": parse_duration(args.expiry, "--expiry")}
+        if c == "client":
+            return "tokens.client", {"user": args.user, "description": args.description,
+                                     "scopes": _split_tags(args.scopes), "tags": _split_tags(args.tags)}
+        return f"tokens.{c}", {"id": getattr(args, "id", None)}
     if g == "keys":
         if c == "create":
             return "keys.create", {
@@ -291,7 +330,7 @@ def dns_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         a: dict[str, Any] = {
             "magic_dns": _on_off(args.magic_dns), "override_local_dns": _on_off(args.override_local_dns),
             "nameservers": args.nameserver, "search_domains": args.search, "split": split,
-            "clear_split": args.clear_split,
+            "clear_split": args.clear_split, "base_domain": args.base_domain,
         }
         if all(v is None for k, v in a.items() if k != "clear_split") and not args.clear_split:
             raise CliError("dns set: nothing to change (see --help)")
@@ -434,6 +473,12 @@ def render(command: str, result: Any) -> str:
             f"{result['key']}\n(shown once: it is stored hashed. prefix {result['prefix']}, "
             f"expires {result['expiration'] or 'never'})"
         )
+    if command in ("tokens.create", "tokens.client"):
+        return "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n(shown once: it is stored hashed)"
+    if command == "tokens.list":
+        return table(result, [("ID", "id"), ("TYPE", "keyType"), ("USER", "userId"), ("EXPIRES", "expires"),
+                              ("REVOKED", "revoked"), ("SCOPES", lambda r: ",".join(r["scopes"])),
+                              ("DESCRIPTION", "description")]) if result else "no tokens"
     if command == "policy.get":
         return result["policy"] if result["policy"] is not None else "no policy set: all traffic is allowed"
     if command == "policy.diff":
@@ -462,7 +507,8 @@ def render_dns(r: dict[str, Any]) -> str:
     if "changed" in r:
         lines.append("DNS settings changed" if r["changed"] else "DNS settings unchanged")
     lines += [
-        f"base domain:        {r['base_domain']}",
+        f"base domain:        {r['base_domain']}" + (" (set by an admin)" if r.get("base_domain_source") == "admin"
+                                                      else ""),
         f"MagicDNS:           {'on' if r['magic_dns'] else 'off'}",
         f"nameservers:        {', '.join(r['nameservers']) or '-'}",
         f"override local DNS: {'on' if r['override_local_dns'] else 'off'}",
@@ -524,6 +570,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # what the server holds (its key, limits, refusals), then what the data dir holds (keys, snapshots)
             live = run_admin(config, "info", {})
             return logcmd.info(config, lambda obj, text: out({**live, **obj}, args, f"{render('info', live)}\n{text}"))
+        if args.group == "doctor":
+            from coord import doctor
+
+            rc, checks = asyncio.run(doctor.doctor(config))
+            out([c.as_json() for c in checks], args, doctor.render(checks))
+            return rc
+        if args.group == "nodes" and args.cmd == "history":
+            return asyncio.run(logcmd.node_history(config, args, lambda obj, text: out(obj, args, text)))
         if args.group == "policy" and args.cmd == "check":
             return policy_check(config, args)
         if args.group == "devices" and args.cmd == "add-wg":

@@ -14,6 +14,7 @@ Every key, with its default::
     keepalive         = "50s"                     # map stream keep-alive interval
     derp              = true                      # embedded DERP relay on the HTTP port, region 900
     stun_listen       = "0.0.0.0:3478"            # embedded STUN server ("" = off)
+    metrics_listen    = "127.0.0.1:9470"          # Prometheus /metrics, server and embedded relay ("" = off)
     derp_map_file     = ""                        # JSON: extra regions and relays
     log_level         = "info"
     durability        = "normal"                  # "full": fsync every commit (survives power loss; docs/control.md)
@@ -114,6 +115,7 @@ class Config:
     keepalive: str = "50s"
     derp: bool = True
     stun_listen: str = "0.0.0.0:3478"
+    metrics_listen: str = "127.0.0.1:9470"
     derp_map_file: str = ""
     log_level: str = "info"
     durability: str = "normal"
@@ -210,6 +212,8 @@ class Config:
         self.listen_addr  # noqa: B018 - validates
         if self.stun_listen:
             parse_hostport(self.stun_listen, "stun_listen")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "metrics_listen")
         for key in ("key_expiry", "ephemeral_timeout", "batch_delay", "keepalive", "checkpoint_interval"):
             parse_duration(getattr(self, key), key)
         self.snapshot_every_n  # noqa: B018 - validates
@@ -223,16 +227,10 @@ class Config:
                 raise ConfigError(f"{key}: {e}") from None
             if net.version != version:
                 raise ConfigError(f"{key}: expected an IPv{version} prefix")
-        if not re.match(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$", self.base_domain):
-            raise ConfigError(f"base_domain: {self.base_domain!r} is not a lowercase DNS name with a dot")
-        host = (u.hostname or "").lower().rstrip(".")
-        if host == self.base_domain or host.endswith("." + self.base_domain):
-            what = ("is the server URL's host" if host == self.base_domain
-                    else f"is a suffix of the server URL's host {host}")
-            raise ConfigError(
-                f"base_domain: {self.base_domain!r} {what}: nodes would resolve the server's name through MagicDNS "
-                "and lose it; choose a domain the server URL is not in (the default is shoal.internal)"
-            )
+        try:
+            dnsmod.base_domain(self.base_domain, u.hostname or "")
+        except dnsmod.DnsError as e:
+            raise ConfigError(str(e)) from None
         self.dns_settings()
         self.dns_records_file  # noqa: B018 - validates
         if bool(self.tls_cert) != bool(self.tls_key):

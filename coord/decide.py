@@ -80,6 +80,37 @@ def delete_user(state: State, ref: str) -> list[ev.Event]:
     return out
 
 
+ROLES = ("owner", "admin", "network-admin", "it-admin", "billing-admin", "auditor", "member")
+
+
+def set_role(state: State, ref: str, role: str) -> list[ev.Event]:
+    u = find_user(state, ref)
+    if role not in ROLES:
+        raise DomainError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    return [] if u.role == role else [ev.UserRoleSet(u.id, role)]
+
+
+def create_credential(
+    state: State, *, credential_id: str, kind: str, user_id: int, description: str, expires: float | None,
+    scopes: tuple[str, ...], tags: tuple[str, ...],
+) -> list[ev.Event]:
+    if user_id not in state.users:
+        raise NotFound(f"no user {user_id}")
+    if credential_id in state.credentials:
+        raise Conflict("credential id collision; try again")
+    for t in tags:
+        if not names.valid_tag(t):
+            raise DomainError(f"tags: {t!r} is not valid: expected tag:<name>")
+    return [ev.CredentialCreated(credential_id, kind, credential_id, user_id, description, expires, scopes, tags)]
+
+
+def revoke_credential(state: State, credential_id: str) -> list[ev.Event]:
+    c = state.credentials.get(credential_id)
+    if c is None:
+        raise NotFound(f"no key {credential_id!r}")
+    return [] if c["revoked"] is not None else [ev.CredentialRevoked(credential_id)]
+
+
 # --- auth keys --------------------------------------------------------------------------------------------
 
 
@@ -527,13 +558,21 @@ def seed_dns(state: State, configured: dns.DnsSettings) -> list[ev.Event]:
 def set_dns(
     state: State, base_domain: str, *, magic_dns: bool | None = None, nameservers: list[str] | None = None,
     split: dict[str, list[str]] | None = None, clear_split: bool = False, search_domains: list[str] | None = None,
-    override_local_dns: bool | None = None,
+    override_local_dns: bool | None = None, domain: str | None = None, config_domain: str = "", server_host: str = "",
 ) -> list[ev.Event]:
     """``dns set``: given fields replace the current ones; ``split`` sets each suffix's resolvers (an empty list
-    removes the suffix), after ``clear_split`` dropped them all. No event when nothing changes."""
+    removes the suffix), after ``clear_split`` dropped them all. ``domain`` replaces the base domain (now
+    ``base_domain``; the config's is ``config_domain``), and the other settings are checked against the new one. No
+    event when nothing changes."""
     cur = state.dns
     routes = {} if clear_split else dict(cur.split)
+    out: list[ev.Event] = []
     try:
+        if domain is not None:
+            new_domain = dns.base_domain(domain.strip().lower().removesuffix("."), server_host, "base domain")
+            if new_domain != base_domain:
+                out.append(ev.DNSBaseDomainSet("" if new_domain == config_domain else new_domain))
+                base_domain = new_domain
         for suffix, addrs in (split or {}).items():
             name = dns.dns_name(suffix, "split suffix")
             if addrs:
@@ -552,10 +591,10 @@ def set_dns(
         )
     except dns.DnsError as e:
         raise _dns_error(e) from None
-    if new == cur:
-        return []
-    return [ev.DNSSettingsSet(new.magic_dns, new.nameservers, _split_json(new.split), new.search_domains,
-                              new.override_local_dns)]
+    if new != cur:
+        out.append(ev.DNSSettingsSet(new.magic_dns, new.nameservers, _split_json(new.split), new.search_domains,
+                                     new.override_local_dns))
+    return out
 
 
 def add_dns_record(state: State, name: str, kind: str, value: str) -> list[ev.Event]:

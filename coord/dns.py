@@ -124,6 +124,22 @@ def record(name: object, kind: object, value: object, what: str = "extra record"
     return (n, t, str(ip))
 
 
+_BASE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+
+
+def base_domain(text: object, server_host: str, what: str = "base_domain") -> str:
+    """A MagicDNS base domain: a lowercase name of two labels or more that neither is nor contains the server URL's
+    host, since nodes would then look the server up through MagicDNS and lose it."""
+    if not isinstance(text, str) or not _BASE.match(text):
+        raise DnsError(f"{what}: {text!r} is not a lowercase DNS name with a dot")
+    host = server_host.lower().rstrip(".")
+    if host == text or host.endswith("." + text):
+        how = "is the server URL's host" if host == text else f"is a suffix of the server URL's host {host}"
+        raise DnsError(f"{what}: {text!r} {how}: nodes would resolve the server's name through MagicDNS and lose "
+                       "it; choose a domain the server URL is not in (the default is shoal.internal)")
+    return text
+
+
 def _outside(suffix: str, base_domain: str, what: str) -> None:
     if suffix == base_domain or suffix.endswith("." + base_domain):
         raise DnsError(f"{what}: {suffix} is inside the base domain {base_domain}, which MagicDNS answers")

@@ -151,6 +151,35 @@ class AuthKeyCreated(Event):
 
 
 @dataclass(frozen=True)
+class UserRoleSet(Event):
+    """A user's role (Tailscale's: owner, admin, network-admin, it-admin, billing-admin, auditor, member)."""
+
+    user_id: int
+    role: str
+
+
+@dataclass(frozen=True)
+class CredentialCreated(Event):
+    """An API access token (``kind`` "api", for ``user_id``) or an OAuth client ("client", with ``scopes`` and
+    ``tags``). Only the id and prefix: the secret's hash is kept outside the log (table credential_secrets), so
+    the audit log never holds anything a secret can be checked against."""
+
+    credential_id: str
+    kind: str
+    prefix: str
+    user_id: int
+    description: str
+    expires: float | None
+    scopes: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CredentialRevoked(Event):
+    credential_id: str
+
+
+@dataclass(frozen=True)
 class AuthKeyRevoked(Event):
     key_id: int
 
@@ -307,6 +336,14 @@ class DNSSettingsSet(Event):
 
 
 @dataclass(frozen=True)
+class DNSBaseDomainSet(Event):
+    """``shoal-server dns set --base-domain``: the MagicDNS suffix of every node's name, replacing the config's
+    ``base_domain`` from then on ("" goes back to the config's)."""
+
+    domain: str
+
+
+@dataclass(frozen=True)
 class DNSRecordAdded(Event):
     name: str
     record_type: str  # A or AAAA (not ``type``: that is the event's type)
@@ -340,6 +377,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SignInRefused,
         AuthKeyCreated,
         AuthKeyRevoked,
+        UserRoleSet,
+        CredentialCreated,
+        CredentialRevoked,
         NodeRegistered,
         NodeReauthenticated,
         NodeRenamed,
@@ -357,6 +397,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PolicySet,
         DNSConfigSeeded,
         DNSSettingsSet,
+        DNSBaseDomainSet,
         DNSRecordAdded,
         DNSRecordRemoved,
         DNSRecordsFileLoaded,

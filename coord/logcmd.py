@@ -17,7 +17,7 @@ from nacl.public import PrivateKey
 
 from coord import checkpoint as ckpt
 from coord import events as ev
-from coord import logfiles, wire
+from coord import logfiles, nodehistory, wire
 from coord.config import Config
 from coord.errors import LocalError
 from coord.state import State, fold
@@ -200,3 +200,55 @@ async def replay(store: SqliteStore, into: Path, out: Out) -> int:
         f"replayed {n} events into {into}; projections "
         + ("equal the live ones" if same else "DIFFER from the live ones"))
     return 0 if same else EXIT_ERROR
+
+
+def _time_arg(text: str | None, flag: str) -> str | None:
+    if not text:
+        return None
+    try:
+        return ev.rfc3339(ev.parse_time(text))
+    except ValueError:
+        raise LogCmdError(f"{flag}: {text!r} is not a time (use RFC 3339, e.g. 2026-11-25T12:00:00Z)") from None
+
+
+async def resolve_node(store: Store, ref: str) -> int:
+    """A node id, or the node a name belongs to: its current name first, else the last node that had it."""
+    if ref.isdigit():
+        return int(ref)
+    current: dict[int, str] = {}
+    had: list[int] = []
+    async for r in store.read(Filter(types=("NodeRegistered", "NodeRenamed", "NodeDeleted"))):
+        e = r.event
+        if isinstance(e, ev.NodeDeleted):
+            current.pop(e.node_id, None)
+            continue
+        name = e.data().get("given_name")
+        if isinstance(name, str):
+            current[e.data()["node_id"]] = name
+            if name == ref:
+                had.append(e.data()["node_id"])
+    now = [nid for nid, name in current.items() if name == ref]
+    if now:
+        return now[0]
+    if had:
+        return had[-1]
+    raise LogCmdError(f"no node {ref!r} in the log (give its id or a name it had)")
+
+
+async def node_history(config: Config, args: argparse.Namespace, out: Out) -> int:
+    import time
+
+    since, until = _time_arg(args.since, "--since"), _time_arg(args.until, "--until")
+    if since and until and since > until:
+        raise LogCmdError("--since is after --until")
+    store = await open_store(config)
+    try:
+        nid = await resolve_node(store, args.node)
+        records = [r async for r in store.read(Filter(node_id=nid, until_time=until))]
+    finally:
+        await store.close()
+    if not any(isinstance(r.event, ev.NodeRegistered) for r in records):
+        raise LogCmdError(f"no node {nid} in the log")
+    h = nodehistory.fold(nid, records, now=ev.rfc3339(time.time()), since=since, until=until)
+    out(h.as_json(), h.text())
+    return 0

@@ -55,6 +55,8 @@ class Settings:
     derp_map: dict[str, Any]
     # The reverse zones MagicDNS answers (``dns.reverse_zones`` of the tailnet prefixes).
     reverse_zones: tuple[str, ...] = dns.reverse_zones("100.64.0.0/10", "fd7a:115c:a1e0::/48")
+    # The server URL's host: a base domain set at run time must not contain it (dns.base_domain).
+    server_host: str = ""
 
 
 def node_record(n: Node, domain: str, devices: Iterable[Node] = ()) -> dict[str, Any]:
@@ -111,6 +113,11 @@ class Builder:
     # (state.dns_version, the encoded DNSConfig): the same for every node, encoded once per DNS change.
     _dns_json: tuple[int, bytes] = (-1, b"")
 
+    @property
+    def domain(self) -> str:
+        """The MagicDNS base domain: an admin's (``dns set --base-domain``), else the config's."""
+        return self.state.base_domain or self.settings.domain
+
     def invalidate_settings(self) -> None:
         self._settings_json = None
         self._dns_json = (-1, b"")
@@ -119,7 +126,7 @@ class Builder:
         hit = self._peer_cache.get(n.id)
         if hit is not None and hit[0] == n.version:
             return hit[1]
-        data = _dumps(node_record(n, self.settings.domain, devices_of(self.state, n.id)))
+        data = _dumps(node_record(n, self.domain, devices_of(self.state, n.id)))
         self._peer_cache[n.id] = (n.version, data)
         return data
 
@@ -141,7 +148,7 @@ class Builder:
         return self._time_cache[1]
 
     def self_record(self, n: Node) -> dict[str, Any]:
-        rec = node_record(n, self.settings.domain, devices_of(self.state, n.id))
+        rec = node_record(n, self.domain, devices_of(self.state, n.id))
         rec["MachineAuthorized"] = True
         return rec
 
@@ -152,7 +159,7 @@ class Builder:
 
     def dns_config(self) -> dict[str, Any]:
         st = self.state
-        return dns.render(st.dns, st.dns_file_records, self.settings.domain, self.settings.reverse_zones)
+        return dns.render(st.dns, st.dns_file_records, self.domain, self.settings.reverse_zones)
 
     def dns_json(self) -> bytes:
         version = self.state.dns_version
@@ -186,7 +193,7 @@ class Builder:
                 b',"DERPMap":', derp,
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
-                b',"Domain":', _dumps(self.settings.domain),
+                b',"Domain":', _dumps(self.domain),
                 b',"ControlTime":', self.control_time(now),
                 b"}",
             ]
@@ -252,7 +259,9 @@ class Builder:
         if change.policy or node_id in change.visibility:
             parts.append(b'"PacketFilter":' + _dumps(vis.filter(node_id) if me.active else []))
         if change.dns:
+            # The base domain is a DNS setting too (dns set --base-domain); resent with every DNS change.
             parts.append(b'"DNSConfig":' + self.dns_json())
+            parts.append(b'"Domain":' + _dumps(self.domain))
         if not parts:
             return None
         parts.append(b'"ControlTime":' + self.control_time(now))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,9 @@ class Poll:
     clock: Callable[[], float]
     streams: dict[Session, Stream] = field(default_factory=dict)
     _handle: asyncio.TimerHandle | None = None
+    # Called after each flush with (sessions woken, seconds since the tick's first submit): the metrics.
+    on_flush: Callable[[int, float], None] | None = None
+    _first_submit: float | None = None
     # One compression context for all streams: each holds MBs once it has compressed a full map, and every
     # frame is compressed in one call on this one thread, so nothing carries over between streams.
     compressor: zstandard.ZstdCompressor = field(default_factory=lambda: zstandard.ZstdCompressor(level=3))
@@ -59,13 +63,19 @@ class Poll:
         return node_id in self.core.sessions
 
     def submit(self, change: Change) -> None:
+        if self._first_submit is None:
+            self._first_submit = time.perf_counter()
         self.core.submit(change, self.clock())
         if self._handle is None and self.core.next_timer() is not None:
             self._handle = asyncio.get_running_loop().call_later(self.core.batch_delay, self.flush)
 
     def flush(self) -> None:
         self._handle = None
-        self._wake(self.core.flush(self.clock()))
+        woken = self.core.flush(self.clock())
+        self._wake(woken)
+        started, self._first_submit = self._first_submit, None
+        if self.on_flush is not None and started is not None:
+            self.on_flush(len(woken), time.perf_counter() - started)
 
     def _wake(self, sessions: list[Session]) -> None:
         for s in sessions:

@@ -15,9 +15,10 @@ import uvicorn
 
 from coord import private
 from coord.app import create_app
-from coord.config import Config
+from coord.config import Config, parse_hostport
 from coord.lock import ServerLock
 from derp.embed import derp_http_protocol
+from derp.expose import serve_metrics
 
 log = logging.getLogger("shoal.server")
 STREAM_USER_TIMEOUT = 6.0  # seconds
@@ -67,6 +68,17 @@ async def run(config: Config) -> None:
         if any(t.done() for t in tasks):
             break
         await asyncio.sleep(0.02)
+    metrics_srv = None
+    if config.metrics_listen:
+        mhost, mport = parse_hostport(config.metrics_listen, "metrics_listen")
+        try:
+            metrics_srv = await serve_metrics(app.metrics.registry, mhost, mport)
+        except OSError as e:
+            # The tailnet does not depend on it: serve without metrics, and say so (`shoal-server doctor` too).
+            log.warning("metrics: cannot listen on %s (%s); serving without /metrics", config.metrics_listen,
+                        e.strerror)
+        else:
+            log.info("metrics on http://%s/metrics", config.metrics_listen)
     log.info("shoal-server listening on %s (server URL %s, data %s)", config.listen, config.server_url,
              config.data_dir)
     waiter = asyncio.create_task(stop.wait())
@@ -74,6 +86,8 @@ async def run(config: Config) -> None:
     public.should_exit = admin_srv.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
     waiter.cancel()
+    if metrics_srv is not None:
+        metrics_srv.close()
     await app.close()
     admin_sock.close()
     with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -76,6 +77,10 @@ class Service:
     appended: list[Callable[[State], object]] = field(default_factory=list)
     # The fold of the log, when an append failed (create_app gives the snapshot series; default: the whole log).
     reload: Callable[[], Awaitable[State]] | None = None
+    # Called after each committed transaction with (events, seconds the store took): the metrics.
+    on_commit: Callable[[int, float], None] | None = None
+    # Hashes of API token and OAuth client secrets by credential id (the store's credential_secrets, never the log).
+    credential_hashes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.builder = Builder(self.state, self.settings)
@@ -163,6 +168,7 @@ class Service:
                     hook(self.state)
                 except Exception:
                     log.exception("after-append hook %r failed", hook)
+            started = time.perf_counter()
             try:
                 await self.store.append(records, self.state, policy_changed)
             except BaseException as e:
@@ -171,6 +177,8 @@ class Service:
                     raise
                 continue
             self.committed = (records[-1].seq, records[-1].hash)
+            if self.on_commit is not None:
+                self.on_commit(len(records), time.perf_counter() - started)
             for p in batch:
                 self.publish(p.change)
                 if not p.done.done():
@@ -227,7 +235,7 @@ class Service:
                 nodes.add(e.node_id)
             elif isinstance(e, ev.PolicySet):
                 nodes |= {n.id for n in self.state.nodes.values() if n.routes}
-            elif isinstance(e, ev.UserRenamed):
+            elif isinstance(e, (ev.UserRenamed, ev.UserRoleSet)):
                 nodes |= {n.id for n in self.state.nodes.values() if n.routes and n.user_id == e.user_id}
         return decide.auto_approve(self.state, nodes, self._route_allowed) if nodes else []
 
@@ -236,33 +244,36 @@ class Service:
             return False
         u = self.state.users.get(n.user_id) if n.user_id is not None and not n.tags else None
         name = u.name if u else None
+        roles = (u.role,) if u is not None and u.role != "member" else ()
         if route in EXIT_ROUTES:
-            return policy.exit_node_approved(self._policy, name, tags=n.tags)
-        return policy.route_approved(self._policy, route, name, tags=n.tags)
+            return policy.exit_node_approved(self._policy, name, tags=n.tags, roles=roles)
+        return policy.route_approved(self._policy, route, name, tags=n.tags, roles=roles)
 
     def _tag_allowed(self, user: User | None, tag: str) -> bool:
         if self._policy is None or user is None:
             return False
-        return policy.tag_allowed(self._policy, user.name, tag)
+        roles = (user.role,) if user.role != "member" else ()
+        return policy.tag_allowed(self._policy, user.name, tag, roles=roles)
 
     # --- admin commands -----------------------------------------------------------------------------------
 
-    async def create_user(self, name: str) -> dict[str, Any]:
-        (r,) = await self.execute(lambda s: decide.create_user(s, name), Actor.ADMIN)
+    async def create_user(self, name: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
+        (r,) = await self.execute(lambda s: decide.create_user(s, name), actor)
         assert isinstance(r.event, ev.UserCreated)
         return views.user(self.state.users[r.event.user_id])
 
-    async def rename_user(self, ref: str, name: str) -> dict[str, Any]:
-        await self.execute(lambda s: decide.rename_user(s, ref, name), Actor.ADMIN)
+    async def rename_user(self, ref: str, name: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
+        await self.execute(lambda s: decide.rename_user(s, ref, name), actor)
         return views.user(decide.find_user(self.state, name))
 
-    async def delete_user(self, ref: str) -> dict[str, Any]:
+    async def delete_user(self, ref: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         u = decide.find_user(self.state, ref)
-        await self.execute(lambda s: decide.delete_user(s, ref), Actor.ADMIN)
+        await self.execute(lambda s: decide.delete_user(s, ref), actor)
         return {"deleted": u.id, "name": u.name}
 
     async def create_key(
-        self, user: str, *, reusable: bool, ephemeral: bool, expiration: float | None, tags: tuple[str, ...]
+        self, user: str, *, reusable: bool, ephemeral: bool, expiration: float | None, tags: tuple[str, ...],
+        actor: str = Actor.ADMIN,
     ) -> dict[str, Any]:
         prefix, secret = secrets.token_hex(6), secrets.token_hex(24)
         expires = None if expiration is None else self.clock() + expiration
@@ -271,50 +282,56 @@ class Service:
                 s, user, prefix=prefix, secret_hash=hash_secret(secret), reusable=reusable,
                 ephemeral=ephemeral, expiration=expires, tags=tags,
             ),
-            Actor.ADMIN,
+            actor,
         )
         assert isinstance(r.event, ev.AuthKeyCreated)
         out = views.key(self.state, r.event.key_id, self.clock())
         out["key"] = key_text(prefix, secret)
         return out
 
-    async def revoke_key(self, ref: str) -> dict[str, Any]:
+    async def revoke_key(self, ref: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         k = decide.find_key(self.state, ref)
-        await self.execute(lambda s: decide.revoke_key(s, ref), Actor.ADMIN)
+        await self.execute(lambda s: decide.revoke_key(s, ref), actor)
         return views.key(self.state, k.id, self.clock())
 
-    async def rename_node(self, ref: str, name: str) -> dict[str, Any]:
+    async def rename_node(self, ref: str, name: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.rename_node(s, ref, name), Actor.ADMIN)
+        await self.execute(lambda s: decide.rename_node(s, ref, name), actor)
         return views.node(n)
 
-    async def tag_node(self, ref: str, tags: tuple[str, ...]) -> dict[str, Any]:
+    async def tag_node(self, ref: str, tags: tuple[str, ...], *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.tag_node(s, ref, tags), Actor.ADMIN)
+        await self.execute(lambda s: decide.tag_node(s, ref, tags), actor)
         return views.node(n)
 
-    async def expire_node(self, ref: str) -> dict[str, Any]:
+    async def expire_node(self, ref: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.expire_node(s, ref, self.clock()), Actor.ADMIN)
+        await self.execute(lambda s: decide.expire_node(s, ref, self.clock()), actor)
         return views.node(n)
 
-    async def set_node_expiry(self, ref: str, expiry: float | None) -> dict[str, Any]:
+    async def set_node_expiry(
+        self, ref: str, expiry: float | None, *, actor: str = Actor.ADMIN
+    ) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.set_key_expiry(s, ref, expiry), Actor.ADMIN)
+        await self.execute(lambda s: decide.set_key_expiry(s, ref, expiry), actor)
         return views.node(n)
 
     def list_routes(self) -> list[dict[str, Any]]:
         return [views.routes(n) for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
                 if n.routes or n.approved_routes]
 
-    async def approve_routes(self, ref: str, routes: tuple[str, ...]) -> dict[str, Any]:
+    async def approve_routes(
+        self, ref: str, routes: tuple[str, ...], *, actor: str = Actor.ADMIN
+    ) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.approve_routes(s, ref, routes), Actor.ADMIN)
+        await self.execute(lambda s: decide.approve_routes(s, ref, routes), actor)
         return views.routes(n)
 
-    async def unapprove_routes(self, ref: str, routes: tuple[str, ...]) -> dict[str, Any]:
+    async def unapprove_routes(
+        self, ref: str, routes: tuple[str, ...], *, actor: str = Actor.ADMIN
+    ) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.unapprove_routes(s, ref, routes), Actor.ADMIN)
+        await self.execute(lambda s: decide.unapprove_routes(s, ref, routes), actor)
         return views.routes(n)
 
     async def add_wg_device(self, name: str, user: str, via: str, public_key: bytes) -> dict[str, Any]:
@@ -329,9 +346,34 @@ class Service:
                 "hub_node_key": hub.node_key, "hub_endpoints": list(hub.endpoints),
                 "tailnet": [str(self.rules.pool.v4), str(self.rules.pool.v6)]}
 
-    async def delete_node(self, ref: str) -> dict[str, Any]:
+    async def set_role(self, ref: str, role: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
+        await self.execute(lambda s: decide.set_role(s, ref, role), actor)
+        return views.user(decide.find_user(self.state, ref))
+
+    async def create_credential(
+        self, kind: str, user_id: int, *, description: str = "", expires: float | None = None,
+        scopes: tuple[str, ...] = (), tags: tuple[str, ...] = (), actor: str = Actor.ADMIN,
+    ) -> tuple[str, str]:
+        """A new API access token ("api") or OAuth client ("client"): (id, secret). The secret is shown once; its
+        hash goes to the store (before the event, which names the credential by id only)."""
+        cred_id = ("tk" if kind == "api" else "oc") + secrets.token_hex(6)
+        secret = secrets.token_hex(32)
+        h = hashlib.sha256(secret.encode()).hexdigest()
+        await self.store.put_secret(cred_id, h)
+        self.credential_hashes[cred_id] = h
+        await self.execute(
+            lambda s: decide.create_credential(s, credential_id=cred_id, kind=kind, user_id=user_id,
+                                               description=description, expires=expires, scopes=scopes, tags=tags),
+            actor,
+        )
+        return cred_id, secret
+
+    async def revoke_credential(self, cred_id: str, *, actor: str = Actor.ADMIN) -> None:
+        await self.execute(lambda s: decide.revoke_credential(s, cred_id), actor)
+
+    async def delete_node(self, ref: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         n = decide.find_node(self.state, ref)
-        await self.execute(lambda s: decide.delete_node(s, ref), Actor.ADMIN)
+        await self.execute(lambda s: decide.delete_node(s, ref), actor)
         return {"deleted": n.id, "name": n.given_name}
 
     # --- policy -------------------------------------------------------------------------------------------
@@ -339,7 +381,9 @@ class Service:
     def check_policy(self, text: str, filename: str) -> dict[str, Any]:
         return policy.check(text, access.tailnet(self.state), filename=filename)
 
-    async def set_policy(self, text: str, filename: str = "policy.hujson") -> dict[str, Any]:
+    async def set_policy(
+        self, text: str, filename: str = "policy.hujson", *, actor: str = Actor.ADMIN
+    ) -> dict[str, Any]:
         try:
             policy.parse(text, filename)
         except policy.PolicyError as e:
@@ -355,11 +399,11 @@ class Service:
         sha = hashlib.sha256(text.encode()).hexdigest()
         if sha == self.state.policy_sha256:
             return {"changed": False, "sha256": sha, "tests": result}
-        await self.execute(lambda s: [ev.PolicySet(text, sha)], Actor.ADMIN)
+        await self.execute(lambda s: [ev.PolicySet(text, sha)], actor)
         return {"changed": True, "sha256": sha, "tests": result}
 
-    async def clear_policy(self) -> dict[str, Any]:
-        await self.execute(lambda s: [ev.PolicySet("", "")] if s.policy_text is not None else [], Actor.ADMIN)
+    async def clear_policy(self, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
+        await self.execute(lambda s: [ev.PolicySet("", "")] if s.policy_text is not None else [], actor)
         return {"changed": True, "policy": None}
 
     def get_policy(self) -> dict[str, Any]:
@@ -375,7 +419,8 @@ class Service:
 
     def diff_policy(self, text: str, filename: str = "policy.hujson") -> dict[str, Any]:
         try:
-            d = policy.diff(self.state.policy_text, text, access.policy_nodes(self.state), {}, filename=filename)
+            d = policy.diff(self.state.policy_text, text, access.policy_nodes(self.state), access.roles(self.state),
+                            filename=filename)
         except policy.PolicyError as e:
             raise DomainError(str(e)) from None
         names = {n.id: n.given_name for n in self.state.nodes.values()}
@@ -386,21 +431,28 @@ class Service:
     def get_dns(self) -> dict[str, Any]:
         st = self.state
         out = dns.as_json(st.dns)
-        out["base_domain"] = self.settings.domain
+        out["base_domain"] = self.builder.domain
+        out["base_domain_source"] = "admin" if st.base_domain else "config"
         out["file_records"] = [{"name": n, "type": t, "value": v} for n, t, v in st.dns_file_records]
         out["netmap"] = self.builder.dns_config()
         return out
 
-    async def set_dns(self, **changes: Any) -> dict[str, Any]:
-        records = await self.execute(lambda s: decide.set_dns(s, self.settings.domain, **changes), Actor.ADMIN)
+    async def set_dns(self, *, actor: str = Actor.ADMIN, **changes: Any) -> dict[str, Any]:
+        records = await self.execute(
+            lambda s: decide.set_dns(s, self.builder.domain, config_domain=self.settings.domain,
+                                     server_host=self.settings.server_host, **changes),
+            actor,
+        )
         return {"changed": bool(records), **self.get_dns()}
 
-    async def add_dns_record(self, name: str, kind: str, value: str) -> dict[str, Any]:
-        await self.execute(lambda s: decide.add_dns_record(s, name, kind, value), Actor.ADMIN)
+    async def add_dns_record(self, name: str, kind: str, value: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
+        await self.execute(lambda s: decide.add_dns_record(s, name, kind, value), actor)
         return self.dns_records()
 
-    async def remove_dns_record(self, name: str, kind: str | None, value: str | None) -> dict[str, Any]:
-        await self.execute(lambda s: decide.remove_dns_record(s, name, kind, value), Actor.ADMIN)
+    async def remove_dns_record(
+        self, name: str, kind: str | None, value: str | None, *, actor: str = Actor.ADMIN
+    ) -> dict[str, Any]:
+        await self.execute(lambda s: decide.remove_dns_record(s, name, kind, value), actor)
         return self.dns_records()
 
     def dns_records(self) -> dict[str, Any]:

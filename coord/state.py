@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from coord import dns as dnsmod
 from coord import events as ev
@@ -47,6 +48,7 @@ class User:
     idp_groups: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     last_sign_in: float | None = None
+    role: str = "member"
 
 
 @dataclass
@@ -160,6 +162,11 @@ class State:
     dns_version: int = 0
     # hub node id -> the ids of the plain-WireGuard devices it carries (Node.via), sorted; kept by the fold.
     hubs: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # The base domain an admin set at run time (DNSBaseDomainSet); "" = the server config's base_domain.
+    base_domain: str = ""
+    # API access tokens and OAuth clients (coord/apiv2/creds.py), by id: plain JSON values (kind, prefix,
+    # user_id, description, created, expires, scopes, tags, revoked). Never a secret nor a hash of one.
+    credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_seq: int = 0
     last_hash: str = ev.GENESIS
     # The time of event last_seq: the next event's time is never earlier (see Service._append).
@@ -261,6 +268,19 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             state.users[uid].last_sign_in = ts
             return Change()
         case ev.SignInRefused():
+            return Change()
+        case ev.UserRoleSet(user_id=uid, role=role):
+            state.users[uid].role = role
+            return Change(policy=True)
+        case ev.CredentialCreated():
+            state.credentials[event.credential_id] = {
+                "kind": event.kind, "prefix": event.prefix, "user_id": event.user_id,
+                "description": event.description, "created": ts, "expires": event.expires,
+                "scopes": list(event.scopes), "tags": list(event.tags), "revoked": None,
+            }
+            return Change()
+        case ev.CredentialRevoked(credential_id=cid):
+            state.credentials[cid]["revoked"] = ts
             return Change()
         case ev.AuthKeyCreated():
             k = AuthKey(
@@ -403,6 +423,14 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 override_local_dns=event.override_local_dns,
             )
             return _dns_changed(state)
+        case ev.DNSBaseDomainSet(domain=domain):
+            state.base_domain = domain
+            # Every name changes: each node's own record and every record it holds of its peers.
+            for n in state.nodes.values():
+                _touch(n)
+            everyone = set(state.nodes)
+            state.dns_version += 1
+            return Change(peers=everyone, self_nodes=everyone, dns=True)
         case ev.DNSRecordAdded(name=name, record_type=kind, value=value):
             if (name, kind, value) not in state.dns.extra_records:
                 state.dns = replace(state.dns, extra_records=(*state.dns.extra_records, (name, kind, value)))

@@ -17,6 +17,7 @@ def user(u: User) -> dict[str, Any]:
         "provider": u.issuer, "subject": u.subject, "email": u.email, "email_verified": u.email_verified,
         "display_name": u.display_name, "groups": list(u.groups), "idp_groups": list(u.idp_groups),
         "last_sign_in": None if u.last_sign_in is None else ev.rfc3339(u.last_sign_in),
+        "role": u.role,
     }
 
 
@@ -35,6 +36,23 @@ def key(state: State, key_id: int, now: float) -> dict[str, Any]:
         "revoked": k.revoked,
         "used_by": list(k.used_by),
         "usable": decide.key_usable(k, now),
+    }
+
+
+def credential(cred_id: str, c: dict[str, Any], now: float) -> dict[str, Any]:
+    """An API access token or OAuth client as API v2 shows a key (never its secret nor a hash of it)."""
+    expires, revoked = c["expires"], c["revoked"]
+    return {
+        "id": cred_id,
+        "keyType": c["kind"],
+        "description": c["description"],
+        "created": ev.rfc3339(c["created"]),
+        "expires": None if expires is None else ev.rfc3339(expires),
+        "revoked": None if revoked is None else ev.rfc3339(revoked),
+        "invalid": revoked is not None or (expires is not None and now >= expires),
+        "userId": str(c["user_id"]),
+        "scopes": list(c["scopes"]),
+        "tags": list(c["tags"]),
     }
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import httpx
 from nacl.public import PrivateKey
+from prometheus_client import CollectorRegistry
 
 from derp.errors import ConfigError
+from derp.expose import serve_metrics
+from derp.metrics import RelayCollector
 from derp.server import DerpServer
 from derp.stunserver import start_stun_server
 
@@ -38,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stun-port", type=int, default=3478, metavar="PORT",
                    help="UDP port for STUN binding requests (default 3478; 0 picks a free port)")
     p.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
+    p.add_argument("--metrics-listen", default="127.0.0.1:9471", metavar="HOST:PORT",
+                   help="Prometheus /metrics listener (default 127.0.0.1:9471; '' to disable)")
     p.add_argument("--stun-addr", default="::", metavar="HOST",
                    help="UDP address for STUN (default '::', all IPv4 and IPv6 addresses)")
     p.add_argument("--certfile", type=Path, help="PEM certificate chain: serve HTTPS instead of plain HTTP")
@@ -172,12 +177,27 @@ async def run(args: argparse.Namespace) -> None:
             raise CliError(f"cannot listen for STUN on UDP {args.stun_addr}:{args.stun_port}: {e.strerror}") from None
         relay.stun = stun
         log.info("STUN on UDP %s:%d", stun.host, stun.port)
+    # The relay's metrics registry: built here, in the composition root, never the library's global one.
+    registry = CollectorRegistry()
+    registry.register(RelayCollector(relay.snapshot))
+    metrics_srv = None
+    if args.metrics_listen:
+        mhost, _, mport = args.metrics_listen.rpartition(":")
+        if not mport.isdigit():
+            raise CliError(f"--metrics-listen {args.metrics_listen!r}: want HOST:PORT")
+        try:
+            metrics_srv = await serve_metrics(registry, mhost.strip("[]") or "127.0.0.1", int(mport))
+        except OSError as e:
+            raise CliError(f"cannot listen for metrics on {args.metrics_listen}: {e.strerror}") from None
+        log.info("metrics on http://%s/metrics", args.metrics_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    if metrics_srv is not None:
+        metrics_srv.close()
     if stun is not None:
         stun.close()
     await relay.close()

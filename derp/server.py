@@ -183,18 +183,21 @@ class DerpServer:
     def http_extra(self) -> dict[str, tuple[str, bytes]]:
         return {
             "/health": ("text/plain", b"ok\n"),
-            "/metrics": ("text/plain; version=0.0.4", self.render_metrics().encode()),
             "/": ("text/plain", b"shoal-derp: a DERP relay. Clients connect to /derp.\n"),
         }
 
     def render_metrics(self) -> str:
+        return metrics.render(*self.snapshot())
+
+    def snapshot(self) -> tuple[Metrics, Gauges]:
+        """The counters and the gauges now (``derp.metrics.RelayCollector`` reads them at each scrape)."""
         is_open = Mode.OPEN
         open_conns = [c for c in self.conns if c.mode is is_open]
         depths = [c.queued_bytes for c in open_conns]
         stun = None
         if self.stun is not None:
             stun = StunCounts(self.stun.stats.requests, self.stun.stats.bad)
-        return metrics.render(
+        return (
             self.metrics,
             Gauges(
                 clients=len(open_conns),

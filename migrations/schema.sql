@@ -69,6 +69,7 @@ CREATE TABLE policy (
 -- MagicDNS settings (coord/dns.py), a projection of the DNS* events: one row once any was logged.
 -- Lists are JSON: nameservers and search_domains ["..."], split [[suffix, [resolver, ...]], ...],
 -- extra_records and file_records [[name, type, value], ...].
+-- base_domain was added by ALTER TABLE (0004), which SQLite records in the shape below.
 CREATE TABLE dns (
     id                 INTEGER PRIMARY KEY CHECK (id = 1),
     magic_dns          INTEGER NOT NULL,
@@ -79,4 +80,10 @@ CREATE TABLE dns (
     extra_records      TEXT    NOT NULL,
     file_records       TEXT    NOT NULL,
     seed               TEXT    NOT NULL
+, base_domain TEXT NOT NULL DEFAULT '');
+
+-- 0005: hashes of API token and OAuth client secrets (never in the event log).
+CREATE TABLE credential_secrets (
+    id   TEXT PRIMARY KEY,
+    hash TEXT NOT NULL
 );

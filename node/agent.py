@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
+
 from coord import wire
 from node import compile, endpoints, login, mapsession
+from node import metrics as node_metrics
 from node import status as status_doc
 from node.control import ControlClient, ControlError, PinMismatch
 from node.dns.magic import MagicDNS
@@ -322,6 +325,18 @@ class Agent:
             endpoints=self.endpoints, peers=peers,
             magic=self.magicsock.status() if self.magicsock is not None else None,
         )
+
+    async def metric_families(self) -> list[Metric]:
+        """``GET /metrics``: the status snapshot, the resolver's query count and the filter's nft counters."""
+        doc = await self.status()
+        filt = None
+        if self.prefs.want_running and self.reconciler is not None:
+            r = await self.runner.run(["nft", "-j", "list", "counters", "table", "inet", compile.FILTER_TABLE],
+                                      check=False)
+            if r.rc == 0:
+                filt = node_metrics.parse_nft_counters(r.out, compile.FILTER_TABLE)
+        queries = self.dns.status(self.prefs.accept_dns).get("Queries", 0)
+        return node_metrics.families(doc, int(queries or 0), filt, self.clock())
 
     def _sysctl(self, name: str) -> str | None:
         try:

@@ -1,6 +1,7 @@
 """shoald's local API: JSON over HTTP on a root-only Unix socket (mode 0600). The `shoal` CLI is its client.
 
     GET  /status                    -> Status (below)
+    GET  /metrics                   -> Prometheus text exposition (node/metrics.py)
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
                    "advertise_routes"?: [cidr], "advertise_exit_node"?: bool, "accept_routes"?: bool,
                    "snat_subnet_routes"?: bool,
@@ -37,8 +38,12 @@ Errors are {"error": "<one line>"} with a 4xx/5xx status: 400 for a body that is
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -49,12 +54,14 @@ from node.errors import LocalError
 from node.login import RouteFlags
 
 MAX_BODY = 64 << 10
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes (see derp/expose.py)
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
     "accept_routes": bool, "snat_subnet_routes": bool,
 }
-BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes"}
+# bool is an int in Python: a number field must not take true/false, and a bool field must take them.
+BOOL_FIELDS = {k for k, t in UP_FIELDS.items() if t is bool}
 
 
 class BadRequest(LocalError):
@@ -99,7 +106,26 @@ def _up_args(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def create_app(agent: Agent) -> Starlette:
+class _AgentCollector(Collector):
+    """Holds the families the /metrics handler read (asynchronously) just before rendering the registry."""
+
+    def __init__(self) -> None:
+        self.latest: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        return self.latest
+
+
+def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starlette:
+    """The local API. ``registry``: the agent's metrics registry (node/daemon.py builds it; a fresh one if None)."""
+    registry = CollectorRegistry() if registry is None else registry
+    collector = _AgentCollector()
+    registry.register(collector)
+
+    async def metrics(request: Request) -> Response:
+        collector.latest = await agent.metric_families()
+        return Response(generate_latest(registry), media_type=METRICS_TYPE)
+
     async def status(request: Request) -> Response:
         return JSONResponse(await agent.status())
 
@@ -165,6 +191,7 @@ def create_app(agent: Agent) -> Starlette:
     return Starlette(
         routes=[
             Route("/status", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),

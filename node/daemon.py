@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from node.agent import Agent, AgentConfig
 from node.api import create_app
@@ -115,7 +116,7 @@ async def run(args: argparse.Namespace) -> int:
                               dns=not args.no_dns, resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None))
     try:
         await agent.start()
-        server = _Server(uvicorn.Config(create_app(agent), log_level="warning", lifespan="off"))
+        server = _Server(uvicorn.Config(create_app(agent, CollectorRegistry()), log_level="warning", lifespan="off"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         log.info("shoald: state %s, socket %s, interface %s, port %d, engine %s, %s", state_dir, sock_path,
                  args.iface, args.port, agent.engine.name if agent.engine else "-", agent.backend)

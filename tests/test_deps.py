@@ -60,6 +60,8 @@ SANS_IO = [
     "node/wg/config.py",
     "node/wg/uapi.py",
     "node/bpf.py",
+    "node/metrics.py",
+    "coord/nodehistory.py",
     "derp/http.py",
     "derp/scan.py",
 ]

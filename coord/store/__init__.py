@@ -77,6 +77,14 @@ class Store(Protocol):
         """Walk the whole chain; the number of events, or ChainBroken at the first bad one."""
         ...
 
+    async def put_secret(self, credential_id: str, secret_hash: str) -> None:
+        """The hash of an API token's or OAuth client's secret (never in the log)."""
+        ...
+
+    async def secrets(self) -> dict[str, str]:
+        """Every credential id -> its secret's hash."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -13,6 +13,7 @@ from coord.store import ChainBroken, Filter
 @dataclass
 class MemoryStore:
     records: list[ev.Record] = field(default_factory=list)
+    secret_hashes: dict[str, str] = field(default_factory=dict)
 
     async def read(self, f: Filter = Filter()) -> AsyncIterator[ev.Record]:
         for r in list(self.records):
@@ -43,6 +44,12 @@ class MemoryStore:
                 raise ChainBroken(r.seq, "hash does not match the event's contents")
             prev = r.hash
         return len(self.records)
+
+    async def put_secret(self, credential_id: str, secret_hash: str) -> None:
+        self.secret_hashes[credential_id] = secret_hash
+
+    async def secrets(self) -> dict[str, str]:
+        return dict(self.secret_hashes)
 
     async def close(self) -> None:
         pass

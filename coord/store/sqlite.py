@@ -137,7 +137,8 @@ PATCH_NODE = (
 )
 
 
-DNS_EVENTS = ("DNSConfigSeeded", "DNSSettingsSet", "DNSRecordAdded", "DNSRecordRemoved", "DNSRecordsFileLoaded")
+DNS_EVENTS = ("DNSConfigSeeded", "DNSSettingsSet", "DNSBaseDomainSet", "DNSRecordAdded", "DNSRecordRemoved",
+              "DNSRecordsFileLoaded")
 
 
 def dns_touched(events: list[ev.Event]) -> bool:
@@ -208,9 +209,10 @@ def projection_ops(
         d = state.dns
         ops.append((
             "INSERT OR REPLACE INTO dns (id, magic_dns, nameservers, split, search_domains, override_local_dns, "
-            "extra_records, file_records, seed) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "extra_records, file_records, seed, base_domain) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (d.magic_dns, _j(d.nameservers), _LIST.encode(d.split), _j(d.search_domains), d.override_local_dns,
-             _LIST.encode(d.extra_records), _LIST.encode(state.dns_file_records), _dns_settings_json(state.dns_seed)),
+             _LIST.encode(d.extra_records), _LIST.encode(state.dns_file_records), _dns_settings_json(state.dns_seed),
+             state.base_domain),
         ))
     return ops
 
@@ -447,6 +449,17 @@ class SqliteStore:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    async def put_secret(self, credential_id: str, secret_hash: str) -> None:
+        """The hash of a credential's secret, written (and committed) before the event that creates it."""
+        await self.conn.execute(
+            "INSERT OR REPLACE INTO credential_secrets (id, hash) VALUES (?, ?)", (credential_id, secret_hash)
+        )
+        await self.conn.commit()
+
+    async def secrets(self) -> dict[str, str]:
+        async with self.conn.execute("SELECT id, hash FROM credential_secrets") as cur:
+            return {str(i): str(h) for i, h in await cur.fetchall()}
 
     async def event_at(self, seq: int) -> ev.Record | None:
         async for r in self.read(Filter(since_seq=seq - 1, until_seq=seq)):

@@ -57,6 +57,8 @@ async def running_server(data: Path, app_kw: dict[str, Any] | None = None, **ove
     app = await create_app(config, **(app_kw or {}))
     await app.start()
     extra: dict[str, Any] = {"http": derp_http_protocol(app.relay)} if app.relay is not None else {}
+    if config.tls_cert:
+        extra.update(ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
     userver = QuietServer(
         uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
                        proxy_headers=False, **extra)

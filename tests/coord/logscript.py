@@ -46,6 +46,8 @@ NAMES = ("web", "db", "laptop", "x-1")
 # versions of the watched records file (the last one is not a records file: refused, nothing logged)
 DNS_NAMESERVERS = (None, [], ["1.1.1.1"], ["192.0.2.53", "[2001:db8::53]:5353"])
 DNS_SPLITS = (None, {"corp.example": ["192.0.2.53"]}, {"corp.example": []}, {"lab.example": ["192.0.2.1:53"]})
+# Base domains at run time: back to the config's, another, and one that holds a split suffix (refused then).
+DNS_BASES = ("corp.internal", "shoal.internal", "corp.example")
 DNS_SEARCH = (None, [], ["corp.example"], ["a.example", "b.example"])
 DNS_RECORDS = (("grafana.example.com", "A", "100.64.0.9"), ("grafana.example.com", "AAAA", "fd7a:115c:a1e0::9"),
                ("db.corp.example", "A", "192.0.2.7"))
@@ -229,6 +231,7 @@ DNS_OPS: tuple[tuple[Any, ...], ...] = (
     ("dns_record_remove", 0, True), ("dns_record_remove", 0, False), ("dns_record_remove", 2, True),
     *(("dns_seed", i) for i in range(len(DNS_SEEDS))),
     *(("dns_file", i) for i in range(len(DNS_FILES))),
+    *(("dns_base", i) for i in range(len(DNS_BASES))),
 )
 
 
@@ -240,8 +243,12 @@ def dns_args(op: tuple[Any, ...]) -> dict[str, Any]:
 
 def dns_events(s: State, op: tuple[Any, ...]) -> list[ev.Event]:
     kind = op[0]
+    base = s.base_domain or "shoal.internal"
     if kind == "dns_set":
-        return decide.set_dns(s, "shoal.internal", **dns_args(op))
+        return decide.set_dns(s, base, **dns_args(op))
+    if kind == "dns_base":
+        return decide.set_dns(s, base, domain=DNS_BASES[op[1]], config_domain="shoal.internal",
+                              server_host="203.0.113.1")
     if kind == "dns_record_add":
         return decide.add_dns_record(s, *DNS_RECORDS[op[1]])
     if kind == "dns_record_remove":

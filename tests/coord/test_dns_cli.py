@@ -186,3 +186,61 @@ def test_dns_cli_change_reaches_a_streaming_node(tmp_path: Path) -> None:
         asyncio.run(node_sees_cli_change(data, port))
     finally:
         stop(server)
+
+
+async def base_domain_reaches_nodes(data: Path, port: int) -> None:
+    key = (await asyncio.to_thread(cli, data, "keys", "create", "--user", "alice", "--reusable")).stdout.split()[0]
+    a, b = sim_node(f"http://127.0.0.1:{port}", "alpha"), sim_node(f"http://127.0.0.1:{port}", "beta")
+    await a.join(key)
+    await b.join(key)
+    ia, ib = a.client.stream(a.map_request()), b.client.stream(b.map_request())
+    fa, fb = await next_map(ia), await next_map(ib)
+    assert fa["Node"]["Name"] == "alpha.shoal.internal." and fb["Domain"] == "shoal.internal"
+    p = await asyncio.to_thread(cli, data, "dns", "set", "--base-domain", "Corp.Internal.")
+    assert "base domain:        corp.internal (set by an admin)" in p.stdout
+    for it, me, peer in ((ia, "alpha", "beta"), (ib, "beta", "alpha")):
+        d = await until(it, "Domain")
+        assert "Peers" not in d and d["Domain"] == "corp.internal"
+        assert d["Node"]["Name"] == f"{me}.corp.internal."
+        assert [p["Name"] for p in d["PeersChanged"]] == [f"{peer}.corp.internal."]
+        assert d["DNSConfig"]["Domains"][0] == "corp.internal" and d["DNSConfig"]["Routes"]["corp.internal."] == []
+        assert "shoal.internal." not in d["DNSConfig"]["Routes"]
+    # The server's own host and a domain holding a split suffix are refused, and nothing is logged.
+    before = len(dns_events(data))
+    bad = await asyncio.to_thread(cli, data, "dns", "set", "--base-domain", "0.0.1", check=False)
+    assert bad.returncode != 0 and "'0.0.1' is a suffix of the server URL's host 127.0.0.1" in bad.stderr
+    bad = await asyncio.to_thread(cli, data, "dns", "set", "--base-domain", "a..b", check=False)
+    assert bad.returncode != 0 and "'a..b' is not a lowercase DNS name" in bad.stderr
+    bad = await asyncio.to_thread(cli, data, "dns", "set", "--base-domain", "corp.example", check=False)
+    assert bad.returncode != 0 and "split suffix: corp.example is inside the base domain corp.example" in bad.stderr
+    assert len(dns_events(data)) == before
+    for it in (ia, ib):
+        await it.aclose()
+    await a.client.close()
+    await b.client.close()
+
+
+def test_dns_cli_base_domain_changes_at_run_time(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    records = tmp_path / "records.json"
+    records.write_text("[]")
+    config = tmp_path / "shoal.toml"
+    config.write_text(CONFIG.format(records=records))
+    server = start(data, port, config)
+    try:
+        cli(data, "users", "create", "alice")
+        asyncio.run(base_domain_reaches_nodes(data, port))
+        assert [e["data"] for e in dns_events(data) if e["type"] == "DNSBaseDomainSet"] == [{"domain": "corp.internal"}]
+    finally:
+        stop(server)
+    # Kept across a restart (from the log), and going back to the config's is an event naming no domain.
+    server = start(data, port, config)
+    try:
+        assert cli_json(data, "dns", "get")["base_domain"] == "corp.internal"
+        cli(data, "dns", "set", "--base-domain", "shoal.internal")
+        got = cli_json(data, "dns", "get")
+        assert (got["base_domain"], got["base_domain_source"]) == ("shoal.internal", "config")
+        assert dns_events(data)[-1]["data"] == {"domain": ""}
+        assert cli_json(data, "events", "replay", "--into", str(tmp_path / "replay.db"))["projections_equal_live"]
+    finally:
+        stop(server)

@@ -348,3 +348,11 @@ def test_cli_errors(alice_only: Path, args: tuple[str, ...], code: int, words: s
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert p.stdout == ""
+
+
+def test_every_event_class_can_be_read_back() -> None:
+    """A kind missing from EVENT_TYPES is written fine and then unreadable: verify, replay and start-up would fail."""
+    def subclasses(c: type[ev.Event]) -> set[type[ev.Event]]:
+        return {s for d in c.__subclasses__() for s in {d, *subclasses(d)}}
+
+    assert {c.__name__ for c in subclasses(ev.Event)} == set(ev.EVENT_TYPES)

@@ -137,18 +137,18 @@ def test_shape_metrics_render_is_pure() -> None:
     text = render(m, Gauges(2, 1, 2, 100, 60, 1, 5, StunCounts(9, 4)))
     lines = text.splitlines()
     for want in (
-        "derp_clients 2",
-        "derp_clients_home 1",
-        "derp_unique_keys 2",
-        "derp_packets_forwarded_total 7",
-        'derp_packets_dropped_total{reason="queue_full"} 3',
-        'derp_closes_total{reason="not_mesh"} 1',
-        "derp_queue_bytes 100",
-        "derp_queue_bytes_max 60",
-        "derp_mesh_peers 1",
-        "derp_mesh_forwarded_keys 5",
-        "derp_stun_requests_total 9",
-        "derp_stun_bad_total 4",
+        "derp_clients 2.0",
+        "derp_clients_home 1.0",
+        "derp_unique_keys 2.0",
+        "derp_packets_forwarded_total 7.0",
+        'derp_packets_dropped_total{reason="queue_full"} 3.0',
+        'derp_closes_total{reason="not_mesh"} 1.0',
+        "derp_queue_bytes 100.0",
+        "derp_queue_bytes_max 60.0",
+        "derp_mesh_peers 1.0",
+        "derp_mesh_forwarded_keys 5.0",
+        "derp_stun_requests_total 9.0",
+        "derp_stun_bad_total 4.0",
     ):
         assert want in lines
     # Every reason has a series from the start; without a STUN server there are no STUN lines.

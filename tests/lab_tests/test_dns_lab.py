@@ -133,6 +133,19 @@ def test_dns_lab_names_ptr_getent_ping_rename_hidden_and_closed(tailnet: Tailnet
     assert took < 2.0
     assert status_line(dig(tn, "a", f"b.{BASE}")) == "NXDOMAIN"
 
+    # the base domain changed at run time: every name moves at once, short names keep working
+    tn.admin("dns", "set", "--base-domain", "corp.internal")
+    took = tn.wait_for("bee.corp.internal resolves on a",
+                       lambda: short(tn, "a", "bee.corp.internal") == [ip["b"][0]], timeout=5, step=0.05)
+    print(f"base domain change resolved on a in {took:.2f}s")
+    assert took < 2.0
+    assert short(tn, "b", "a.corp.internal") == [ip["a"][0]]
+    assert tn.lab.exec("a", ["getent", "hosts", "bee"]).stdout.split()[0] in ip["b"]
+    assert "bee.corp.internal" in tn.shoal("a", "dns", "status").stdout
+    tn.admin("dns", "set", "--base-domain", BASE)
+    tn.wait_for("back to the config's base domain", lambda: short(tn, "a", f"bee.{BASE}") == [ip["b"][0]],
+                timeout=5, step=0.05)
+
     # quad-100 serves its own node only: b sends a query to a's 100.100.100.100 through the tunnel (b's own
     # resolver moved aside, WireGuard told that a carries 100.100.100.100) and gets nothing back
     a_key = b64(tn.status("a")["Self"]["Key"])
