@@ -45,6 +45,17 @@ def _str(args: dict[str, Any], key: str) -> str:
     return v
 
 
+def _key(args: dict[str, Any], key: str) -> bytes:
+    raw = _str(args, key)
+    try:
+        b = bytes.fromhex(raw)
+    except ValueError:
+        b = b""
+    if len(b) != 32:
+        raise DomainError(f"{key}: expected 64 hex digits")
+    return b
+
+
 def _opt_float(args: dict[str, Any], key: str) -> float | None:
     v = args.get(key)
     if v is None:
@@ -228,6 +239,9 @@ COMMANDS: dict[str, Handler] = {
     "nodes.expire": lambda x, a: x.service.expire_node(_str(a, "node")),
     "nodes.expiry": lambda x, a: x.service.set_node_expiry(_str(a, "node"), _opt_float(a, "expiry")),
     "nodes.delete": lambda x, a: x.service.delete_node(_str(a, "node")),
+    "devices.add-wg": lambda x, a: x.service.add_wg_device(
+        _str(a, "name"), _str(a, "user"), _str(a, "via"), _key(a, "public_key")
+    ),
     "routes.list": lambda x, a: _value(x.service.list_routes()),
     "routes.approve": lambda x, a: x.service.approve_routes(_str(a, "node"), _routes(a)),
     "routes.unapprove": lambda x, a: x.service.unapprove_routes(_str(a, "node"), _routes(a)),

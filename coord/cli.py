@@ -144,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("revoke", parents=[common])
     k.add_argument("key", help="key prefix or id")
 
+    devices = sub.add_parser("devices", parents=[common], help="plain-WireGuard devices (no agent)").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser
+    )
+    w = devices.add_parser("add-wg", parents=[common],
+                           help="a device with a stock WireGuard app, carried by a hub node; prints its config once")
+    w.add_argument("name")
+    w.add_argument("--via", required=True, metavar="NODE", help="the hub: an agent with a reachable UDP endpoint")
+    w.add_argument("--user", required=True, help="the device's owner (what the policy matches)")
+    w.add_argument("--endpoint", help="HOST:PORT the device dials (default: the first endpoint the hub reported)")
+    w.add_argument("--qr-png", metavar="FILE", help="also write the QR code here (mode 0600; default NAME.png)")
+    w.add_argument("--no-qr", action="store_true", help="print the config without the terminal QR code")
+    w = devices.add_parser("revoke", parents=[common], help="remove a device everywhere (as nodes delete)")
+    w.add_argument("node")
+
     nodes = sub.add_parser("nodes", parents=[common], help="manage nodes").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
     )
@@ -549,6 +563,33 @@ def out(obj: Any, args: argparse.Namespace, text: str) -> None:
 # --- main -----------------------------------------------------------------------------------------------
 
 
+def add_wg(config: Config, args: argparse.Namespace) -> int:
+    """The key pair is made here; the server gets the public half only (coord/wgdevice.py)."""
+    from coord import wgdevice
+
+    png = Path(args.qr_png or f"{args.name}.png")
+    if png.exists():
+        raise CliError(f"{png} exists; give another --qr-png")
+    private, public = wgdevice.keypair()
+    result = run_admin(config, "devices.add-wg",
+                       {"name": args.name, "user": args.user, "via": args.via, "public_key": public.hex()})
+    try:
+        text = wgdevice.config_text(private, result, args.endpoint)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    wgdevice.write_png(text, png)
+    if args.json:
+        print(json.dumps({**result, "config": text, "qr_png": str(png)}, indent=2))
+        return 0
+    print(f"# device {result['name']} (node {result['id']}), carried by {result['hub_name']} (node {result['via']})")
+    print("# the private key is shown once, here and in the QR code; the server does not have it")
+    print(text)
+    if not args.no_qr:
+        print(wgdevice.qr_terminal(text))
+    print(f"# QR code written to {png} (mode 0600)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, default in (("config", None), ("data_dir", None), ("json", False)):
@@ -576,6 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(logcmd.node_history(config, args, lambda obj, text: out(obj, args, text)))
         if args.group == "policy" and args.cmd == "check":
             return policy_check(config, args)
+        if args.group == "devices" and args.cmd == "add-wg":
+            return add_wg(config, args)
+        if args.group == "devices" and args.cmd == "revoke":
+            result = run_admin(config, "nodes.delete", {"node": args.node})
+            out(result, args, render("nodes.delete", result))
+            return 0
         command, cmd_args = admin_request(args)
         result = run_admin(config, command, cmd_args)
         out(result, args, render(command, result))

@@ -279,7 +279,7 @@ def logout(state: State, machine_key: bytes) -> list[ev.Event]:
         raise Unauthorized("unknown machine")
     n = state.nodes[nid]
     if n.ephemeral:
-        return [ev.NodeDeleted(nid, "ephemeral node logged out")]
+        return deleted(state, nid, "ephemeral node logged out")
     if n.logged_out:
         return []
     return [ev.NodeLoggedOut(nid)]
@@ -370,9 +370,53 @@ def set_key_expiry(state: State, ref: str, expiry: float | None) -> list[ev.Even
     return [ev.NodeKeyExpirySet(n.id, expiry)]
 
 
+def add_wg_device(
+    state: State, name: str, user_ref: str, via_ref: str, public_key: bytes, rules: Rules
+) -> list[ev.Event]:
+    """A plain-WireGuard device (a phone, a router) carried by the hub node ``via_ref``.
+
+    Only the device's public key reaches the server (the CLI generated the pair and keeps the private half); it is
+    also the device's machine key, so a device is found by either. The hub must be a live agent (not a device, not
+    expired) that reports an endpoint the device can dial."""
+    user = find_user(state, user_ref)
+    hub = find_node(state, via_ref)
+    if hub.via is not None:
+        raise DomainError(f"node {hub.id} is a WireGuard device itself; a hub must run the agent")
+    if not hub.active:
+        raise Conflict(f"node {hub.id} is expired or logged out")
+    if not hub.endpoints:
+        raise Conflict(f"node {hub.id} has reported no endpoint yet: it must be online once to be a hub")
+    nkey = key_text("nodekey", public_key)
+    if nkey in state.by_node_key:
+        raise Conflict("that public key is in use")
+    if not names.valid_label(name):
+        raise DomainError(f"device name {name!r} is not valid: a DNS label (letters, digits, -), 1-63 characters")
+    if name in state.by_given_name:
+        raise Conflict(f"a node is already named {name!r}")
+    hint = rules.pool.index_of(state.last_ipv4) + 1 if state.last_ipv4 else 1
+    try:
+        _, v4, v6 = rules.pool.allocate(state.used_ipv4, hint)
+    except PoolExhausted as e:
+        raise DomainError(str(e)) from None
+    return [
+        ev.NodeRegistered(
+            node_id=state.next_node_id, machine_key=key_text("mkey", public_key), node_key=nkey, disco_key="",
+            user_id=user.id, tags=(), hostname=name, given_name=name, ipv4=v4, ipv6=v6, ephemeral=False,
+            key_expiry=None, auth_key_id=None, via=hub.id,
+        )
+    ]
+
+
 def delete_node(state: State, ref: str, reason: str = "deleted by admin") -> list[ev.Event]:
     n = find_node(state, ref)
-    return [ev.NodeDeleted(n.id, reason)]
+    return deleted(state, n.id, reason)
+
+
+def deleted(state: State, nid: int, reason: str) -> list[ev.Event]:
+    """A node goes, and with it the plain-WireGuard devices it carries (nothing else could carry them)."""
+    devices = [d.id for d in state.nodes.values() if d.via == nid]
+    out: list[ev.Event] = [ev.NodeDeleted(nid, reason)]
+    return out + [ev.NodeDeleted(d, f"its hub (node {nid}) was deleted") for d in devices]
 
 
 def map_update(

@@ -203,6 +203,9 @@ class NodeRegistered(Event):
     key_expiry: float | None
     auth_key_id: int | None
     routes: tuple[str, ...] = ()
+    # A plain-WireGuard device (`devices add-wg`): the hub node that carries its traffic. Such a node has no
+    # agent: its machine key is its node key, it has no disco key, and its private key is never on the server.
+    via: int | None = None
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class Lifecycle:
             n = s.nodes.get(nid)
             if n is None or not n.ephemeral or n.online or self.has_session(nid):
                 return []
-            return [ev.NodeDeleted(nid, "ephemeral node inactive")]
+            return decide.deleted(s, nid, "ephemeral node inactive")
 
         await self.service.execute(gc, Actor.SYSTEM)
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from coord import dns
 from coord.change import Change
 from coord.events import rfc3339
-from coord.state import EXIT_ROUTES, Node, State
+from coord.state import EXIT_ROUTES, Node, State, devices_of
 from coord.wire import FILTER_ALLOW_ALL
 
 
@@ -69,11 +69,12 @@ class Settings:
     server_host: str = ""
 
 
-def node_record(n: Node, domain: str) -> dict[str, Any]:
+def node_record(n: Node, domain: str, devices: Iterable[Node] = ()) -> dict[str, Any]:
     addrs = [f"{n.ipv4}/32", f"{n.ipv6}/128"]
     # A subnet route reaches peers only from its elected primary; approved exit routes from every exit node (a
-    # client picks one). Either way only approved, advertised routes (see State).
-    allowed = addrs + list(n.primary_routes)
+    # client picks one). Either way only approved, advertised routes (see State). A hub carries the addresses of
+    # its plain-WireGuard devices (coord/devices.py).
+    allowed = addrs + [a for d in devices for a in (f"{d.ipv4}/32", f"{d.ipv6}/128")] + list(n.primary_routes)
     if n.exit_node:
         allowed += list(EXIT_ROUTES)
     return {
@@ -135,7 +136,7 @@ class Builder:
         hit = self._peer_cache.get(n.id)
         if hit is not None and hit[0] == n.version:
             return hit[1]
-        data = _dumps(node_record(n, self.domain))
+        data = _dumps(node_record(n, self.domain, devices_of(self.state, n.id)))
         self._peer_cache[n.id] = (n.version, data)
         return data
 
@@ -157,7 +158,7 @@ class Builder:
         return self._time_cache[1]
 
     def self_record(self, n: Node) -> dict[str, Any]:
-        rec = node_record(n, self.domain)
+        rec = node_record(n, self.domain, devices_of(self.state, n.id))
         rec["MachineAuthorized"] = True
         return rec
 

@@ -23,6 +23,7 @@ from coord import access, decide, dns, policy, views, wire
 from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
+from coord.devices import DeviceVisibility
 from coord.errors import DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import EXIT_ROUTES, Node, State, User, apply
@@ -217,9 +218,10 @@ class Service:
 
     def policy_changed(self) -> None:
         self._parse_policy()
-        self._visibility = (
+        inner: Visibility = (
             AllowAll(self.state) if self._policy is None else access.PolicyVisibility(self.state, self._policy)
         )
+        self._visibility = DeviceVisibility(self.state, inner)
 
     def _auto_approvals(self, records: list[ev.Record]) -> list[ev.Event]:
         """autoApprovers, evaluated for the nodes these events may give new approvals: registration, a new
@@ -331,6 +333,18 @@ class Service:
         n = decide.find_node(self.state, ref)
         await self.execute(lambda s: decide.unapprove_routes(s, ref, routes), actor)
         return views.routes(n)
+
+    async def add_wg_device(self, name: str, user: str, via: str, public_key: bytes) -> dict[str, Any]:
+        """A plain-WireGuard device; returns it with what its wg-quick config needs of the hub."""
+        records = await self.execute(
+            lambda s: decide.add_wg_device(s, name, user, via, public_key, self.rules), Actor.ADMIN
+        )
+        e = records[0].event
+        assert isinstance(e, ev.NodeRegistered) and e.via is not None
+        hub = self.state.nodes[e.via]
+        return {**views.node(self.state.nodes[e.node_id]), "via": hub.id, "hub_name": hub.given_name,
+                "hub_node_key": hub.node_key, "hub_endpoints": list(hub.endpoints),
+                "tailnet": [str(self.rules.pool.v4), str(self.rules.pool.v6)]}
 
     async def set_role(self, ref: str, role: str, *, actor: str = Actor.ADMIN) -> dict[str, Any]:
         await self.execute(lambda s: decide.set_role(s, ref, role), actor)

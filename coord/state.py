@@ -106,6 +106,8 @@ class Node:
     logged_out: bool = False
     # The key expiry a NodeKeyExpiringSoon was logged for (None: none yet for this expiry).
     warned_expiry: float | None = None
+    # A plain-WireGuard device: the hub node whose agent is its only peer (docs/wg-devices.md).
+    via: int | None = None
     # Bumped whenever anything a peer sees of this node changes; keys the netmap encoding cache.
     version: int = 0
 
@@ -160,6 +162,8 @@ class State:
     dns_seed: dnsmod.DnsSettings = dnsmod.DEFAULT
     dns_file_records: tuple[tuple[str, str, str], ...] = ()
     dns_version: int = 0
+    # hub node id -> the ids of the plain-WireGuard devices it carries (Node.via), sorted; kept by the fold.
+    hubs: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # The base domain an admin set at run time (DNSBaseDomainSet); "" = the server config's base_domain.
     base_domain: str = ""
     # API access tokens and OAuth clients (coord/apiv2/creds.py), by id: plain JSON values (kind, prefix,
@@ -215,6 +219,30 @@ def _routing(state: State, n: Node, change: Change) -> Change:
         moved = _elect(state, set(n.subnet_routes) | set(n.primary_routes))
         change.peers |= moved
         change.self_nodes |= moved
+    return change
+
+
+def devices_of(state: State, hub_id: int) -> list[Node]:
+    """The plain-WireGuard devices a hub carries, by id."""
+    return [state.nodes[d] for d in state.hubs.get(hub_id, ()) if d in state.nodes]
+
+
+def _hub_changed(state: State, n: Node, change: Change) -> Change:
+    """A device came or went: its hub's record (AllowedIPs), peers and filter change with it."""
+    if n.via is None:
+        return change
+    ids = set(state.hubs.get(n.via, ()))
+    ids = ids | {n.id} if n.id in state.nodes else ids - {n.id}
+    if ids:
+        state.hubs[n.via] = tuple(sorted(ids))
+    else:
+        state.hubs.pop(n.via, None)
+    hub = state.nodes.get(n.via)
+    if hub is not None:
+        _touch(hub)
+        change.peers.add(hub.id)
+        change.self_nodes.add(hub.id)
+        change.visibility.add(hub.id)
     return change
 
 
@@ -276,7 +304,7 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
                 disco_key=event.disco_key, user_id=event.user_id, tags=tuple(event.tags),
                 hostname=event.hostname, given_name=event.given_name, ipv4=event.ipv4, ipv6=event.ipv6,
                 ephemeral=event.ephemeral, key_expiry=event.key_expiry, created=ts,
-                auth_key_id=event.auth_key_id, routes=tuple(event.routes),
+                auth_key_id=event.auth_key_id, routes=tuple(event.routes), via=event.via,
             )
             state.nodes[n.id] = n
             state.by_machine[n.machine_key] = n.id
@@ -287,7 +315,8 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             state.next_node_id = max(state.next_node_id, n.id + 1)
             if event.auth_key_id is not None:
                 state.keys[event.auth_key_id].used_by.append(n.id)
-            return Change(peers={n.id}, self_nodes={n.id}, visibility={n.id})
+            out = Change(peers={n.id}, self_nodes={n.id}, visibility={n.id})
+            return _hub_changed(state, n, out)
         case ev.NodeReauthenticated():
             n = state.nodes[event.node_id]
             state.by_node_key.pop(n.node_key, None)
@@ -356,7 +385,7 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
             if state.by_given_name.get(n.given_name) == nid:
                 del state.by_given_name[n.given_name]
             state.used_ipv4.discard(n.ipv4)
-            out = Change(removed={nid}, close={nid})
+            out = _hub_changed(state, n, Change(removed={nid}, close={nid}))
             if n.primary_routes:
                 moved = _elect(state, set(n.primary_routes))
                 out.peers |= moved

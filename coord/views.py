@@ -76,6 +76,7 @@ def node(n: Node) -> dict[str, Any]:
         "endpoints": list(n.endpoints),
         "home_derp": n.home_derp,
         "created": n.created,
+        "via": n.via,  # a plain-WireGuard device: the hub that carries it (docs/wg-devices.md)
     }
 
 

@@ -32,7 +32,7 @@ CREATE TABLE auth_keys (
     used_by    TEXT    NOT NULL
 );
 
--- approved_routes was added by ALTER TABLE (0003), which SQLite records in the shape below.
+-- approved_routes (0003) and via (0007) were added by ALTER TABLE, which SQLite records in the shape below.
 CREATE TABLE nodes (
     id             INTEGER PRIMARY KEY,
     machine_key    TEXT    NOT NULL UNIQUE,
@@ -58,7 +58,7 @@ CREATE TABLE nodes (
     last_seen      REAL,
     expired        INTEGER NOT NULL,
     logged_out     INTEGER NOT NULL
-, approved_routes TEXT NOT NULL DEFAULT '[]');
+, approved_routes TEXT NOT NULL DEFAULT '[]', via INTEGER);
 
 CREATE TABLE policy (
     id      INTEGER PRIMARY KEY CHECK (id = 1),

@@ -105,6 +105,8 @@ def peer_row(p: wire.Node, dev: DeviceState | None, observe: Observer, now: floa
         # the engine: only with --accept-routes).
         "PrimaryRoutes": [str(n) for n in p.primary_routes],
         "RoutesInUse": [r for r in subnet_routes(p) if st is not None and r in st.allowed_ips],
+        # What WireGuard sends to this peer now (read back from the engine): a hub's include its devices' addresses.
+        "AllowedIPs": [str(a) for a in st.allowed_ips] if st is not None else [],
     }
     if view is not None:
         row["DERPRegion"] = view.region if kind is PathKind.DERP else None

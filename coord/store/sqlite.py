@@ -191,12 +191,12 @@ def projection_ops(
         ops.append((
             "INSERT INTO nodes (id, machine_key, node_key, disco_key, user_id, tags, hostname, os, given_name, "
             "name_by_admin, ipv4, ipv6, ephemeral, key_expiry, created, auth_key_id, routes, endpoints, "
-            "endpoint_types, home_derp, online, last_seen, expired, logged_out, approved_routes) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "endpoint_types, home_derp, online, last_seen, expired, logged_out, approved_routes, via) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (n.id, n.machine_key, n.node_key, n.disco_key, n.user_id, _j(n.tags), n.hostname, n.os, n.given_name,
              n.name_by_admin, n.ipv4, n.ipv6, n.ephemeral, n.key_expiry, n.created, n.auth_key_id, _j(n.routes),
              _j(n.endpoints), _j(n.endpoint_types), n.home_derp, n.online, n.last_seen, n.expired, n.logged_out,
-             _j(n.approved_routes)),
+             _j(n.approved_routes), n.via),
         ))
     if policy:
         # The row exists exactly when a policy is in force, live and in a replay alike.

@@ -224,6 +224,8 @@ def ops() -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("burst"), node, st.integers(60, 80)),
         # DNS settings and records: a DNSConfig delta to every session
         st.tuples(st.just("dns"), st.sampled_from(DNS_OPS)),
+        # a plain-WireGuard device carried by a hub (coord/devices.py): the hub's record and filter change
+        st.tuples(st.just("wgdev"), node, st.integers(0, len(USERS) - 1), KEY),
     )
 
 
@@ -280,6 +282,9 @@ async def step(sim: Sim, op: tuple[Any, ...]) -> None:
             await sim.decide(lambda s: [ev.PolicySet(text, sha)])
     elif kind == "dns":
         await sim.decide(lambda s: dns_events(s, op[1]))
+    elif kind == "wgdev":
+        await sim.decide(lambda s: decide.add_wg_device(s, f"dev-{op[3][:3].hex()}", USERS[op[2]], str(pick), op[3],
+                                                        sim.svc.rules))
     elif kind in ("tick", "drain"):
         if kind == "tick":
             await sim.flush()
