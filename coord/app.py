@@ -281,7 +281,8 @@ async def create_app(
     metrics = ServerMetrics(CollectorRegistry())
     service.on_commit = metrics.appended
     fanout.on_flush = metrics.fanned_out
-    webhooks = Webhooks(service, WebhookTables(store.conn), config.base_domain, supervisor)
+    webhooks = Webhooks(service, WebhookTables(store.conn), config.base_domain, supervisor,
+                        on_attempt=metrics.webhook_attempt)
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
               metrics, webhooks, signin=signin, dns_poll=dns_poll)
     metrics.bind(app.readings)

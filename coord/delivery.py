@@ -51,6 +51,8 @@ class Webhooks:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rand: Callable[[], float] = field(default_factory=lambda: random.Random().random)
     http: httpx.AsyncClient | None = None
+    # Each attempt's outcome (delivered, failed, undeliverable) and its batch size: the server's metrics.
+    on_attempt: Callable[[str, int], None] = lambda outcome, events: None
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _loop: asyncio.Task[None] | None = None
 
@@ -218,12 +220,15 @@ class Webhooks:
             row = (eid, batch.first_seq, batch.through, len(batch.events), batch.attempts, now, status, error)
             if not error:
                 await self.tables.attempt_and_cursor(*row, "delivered")
+                self.on_attempt("delivered", len(batch.events))
                 return
             delay = batch.failed(self.clock(), self.rand(), self.max_age, self.retry_base, self.retry_cap)
             if delay is None:
                 log.warning("webhook %s: events %d-%d undeliverable after %d attempts (%s); moving on",
                             eid, batch.first_seq, batch.through, batch.attempts, error)
                 await self.tables.attempt_and_cursor(*row, "undeliverable")
+                self.on_attempt("undeliverable", len(batch.events))
                 return
             await self.tables.attempt(*row, "failed")
+            self.on_attempt("failed", len(batch.events))
             await self.sleep(delay)

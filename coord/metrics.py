@@ -11,10 +11,13 @@ collector that reads the rest at scrape time from the running parts (``bind``):
                                             included)
     shoal_fanout_sessions_woken_total       map sessions woken by the fan-out
     shoal_requests_refused_total{reason}    requests refused by the limits (coord/limits.py ``Refusals`` reasons)
+    shoal_webhook_deliveries_total{outcome} webhook POSTs by outcome: delivered, failed (retried later) or
+                                            undeliverable (given up after the retry window; the endpoint moves on)
+    shoal_webhook_events_delivered_total    events in the batches delivered
 
 No label takes unbounded values: no key, address or node name is ever a label. There is no module-level
 registry and ``prometheus_client``'s default ``REGISTRY`` is never used, so two servers in one process (tests)
-keep apart. Webhook deliveries have no series yet (`webhooks list` and `webhooks deliveries` show them).
+keep apart. Per-endpoint detail stays out of the labels: `webhooks list` and `webhooks deliveries` show it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prometheus_client.registry import Collector
 # Seconds; an append is one SQLite transaction (fsync with durability=full), fan-out includes the batch delay.
 APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FANOUT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+WEBHOOK_OUTCOMES = ("delivered", "failed", "undeliverable")
 REFUSAL_REASONS = ("rate", "pending_source", "pending_total", "replay_source", "replay_total", "bad_request")
 
 
@@ -76,6 +80,12 @@ class ServerMetrics:
                                         buckets=FANOUT_BUCKETS, registry=registry)
         self.sessions_woken = Counter("shoal_fanout_sessions_woken", "Map sessions woken by the fan-out.",
                                       registry=registry)
+        self.webhook_deliveries = Counter("shoal_webhook_deliveries", "Webhook POSTs, by outcome.",
+                                          labelnames=["outcome"], registry=registry)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)  # every series exists from the start, at 0
+        self.webhook_events = Counter("shoal_webhook_events_delivered",
+                                      "Events in the webhook batches delivered.", registry=registry)
         self._live = _Live()
         registry.register(self._live)
 
@@ -86,6 +96,11 @@ class ServerMetrics:
     def appended(self, events: int, seconds: float) -> None:
         self.events_appended.inc(events)
         self.append_seconds.observe(seconds)
+
+    def webhook_attempt(self, outcome: str, events: int) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+        if outcome == "delivered":
+            self.webhook_events.inc(events)
 
     def fanned_out(self, sessions: int, seconds: float) -> None:
         self.sessions_woken.inc(sessions)

@@ -114,6 +114,11 @@ async def test_webhook_delivers_signed_events_in_order_and_retries_re_sign(app: 
     assert row["id"] == ep["id"] and row["cursor"] == seqs[-1] and row["last"]["outcome"] == "delivered"
     rows = await admin.run(app.admin, "webhooks.deliveries", {"endpoint": ep["id"]})
     assert [r["outcome"] for r in rows[:3]] == ["failed", "failed", "delivered"]
+    sample = app.metrics.registry.get_sample_value
+    assert sample("shoal_webhook_deliveries_total", {"outcome": "failed"}) == 2
+    assert sample("shoal_webhook_deliveries_total", {"outcome": "undeliverable"}) == 0
+    assert sample("shoal_webhook_deliveries_total", {"outcome": "delivered"}) >= 1
+    assert sample("shoal_webhook_events_delivered_total") == 7
     assert rows[0]["status"] == 500 and rows[2]["attempt"] == 3
     tested = await admin.run(app.admin, "webhooks.test", {"endpoint": ep["id"]})
     assert tested["ok"] and receiver.of("/a")[-1].events[0]["type"] == "test"
