@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -40,13 +41,18 @@ from coord.netmap import Settings
 from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
-from coord.store import Filter
+from coord.store import Filter, Store
 from coord.store.sqlite import SqliteStore
 from coord.supervise import Supervisor
 from derp.server import DerpServer
 from derp.stunserver import StunServer, start_stun_server
 
 EMBEDDED_REGION = 900
+# Replicas on PostgreSQL: seconds between polls of the log when no NOTIFY came, and between heartbeats.
+FOLLOW_POLL_S = 1.0
+HEARTBEAT_S = 1.0
+
+log = logging.getLogger("shoal.app")
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -122,6 +128,7 @@ class App:
     dns_poll: float = 1.0
 
     def __post_init__(self) -> None:
+        self.started_at = self.clock()
         self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
@@ -155,12 +162,48 @@ class App:
         self.tasks.append(asyncio.create_task(
             self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
         ))
+        if self.service.shared:
+            self.tasks.append(asyncio.create_task(self.follow()))
+            self.tasks.append(asyncio.create_task(self.supervisor.periodic("heartbeat", HEARTBEAT_S,
+                                                                           self.heartbeat)))
         if self.relay is not None:
             await self.relay.start()
             if self.config.stun_listen:
                 host, port = parse_hostport(self.config.stun_listen, "stun_listen")
                 self.stun = await start_stun_server(host, port)
                 self.relay.stun = self.stun
+
+    @property
+    def replica_name(self) -> str:
+        return self.config.replica_name or self.config.server_url
+
+    async def follow(self) -> None:
+        """Tail the shared log: on each NOTIFY (or poll) fold what other replicas appended and fan it out to
+        this replica's streams."""
+        wake = asyncio.Event()
+        stop = asyncio.Event()
+        store: Any = self.service.store
+        watcher = asyncio.create_task(store.watch(lambda seq: wake.set(), stop, FOLLOW_POLL_S))
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                try:
+                    await self.service.catch_up()
+                except Exception as e:
+                    log.warning("catching up with the shared log failed: %s", e)
+        finally:
+            stop.set()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def heartbeat(self) -> None:
+        store: Any = self.service.store
+        try:
+            await store.heartbeat(self.replica_name, self.config.server_url, self.service.committed[0],
+                                  len(self.fanout.sessions), self.started_at, self.clock())
+        except Exception as e:
+            log.warning("replica heartbeat failed: %s", e)
 
     async def seed_dns(self) -> None:
         """The config's [dns] table and records file into the log (each an event only when it changed), then the
@@ -223,7 +266,13 @@ async def create_app(
     settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6))
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
-    store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
+    store: Store
+    if config.postgres:
+        from coord.store.postgres import PgStore  # asyncpg only when PostgreSQL is configured
+
+        store = await PgStore.open(config.postgres)
+    else:
+        store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
 
     async def read(after: int, until: int | None) -> AsyncIterator[ev.Record]:
         async for r in store.read(Filter(since_seq=after, until_seq=until)):

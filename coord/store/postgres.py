@@ -30,9 +30,8 @@ from typing import Any
 import asyncpg
 
 from coord import events as ev
-from coord.errors import CoordError
 from coord.state import State
-from coord.store import ChainBroken, Filter
+from coord.store import ChainBroken, DatabaseDown, Filter, StaleHead
 from coord.store import sqlite as lite
 
 log = logging.getLogger("shoal.store.postgres")
@@ -50,19 +49,6 @@ RUNTIME_TABLES = (
     "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
     "until DOUBLE PRECISION NOT NULL)",
 )
-
-
-class StaleHead(CoordError):
-    """Another replica appended since this one folded the log: the batch was decided on a stale state."""
-
-    def __init__(self, expected: int, head: int) -> None:
-        super().__init__(f"the log's head is event {head}, this replica decided after event {expected}; retry")
-        self.expected = expected
-        self.head = head
-
-
-class DatabaseDown(CoordError):
-    """PostgreSQL cannot be reached: the write is refused (nothing was stored); reads keep being served."""
 
 
 def pg_dialect(sql: str) -> str:
