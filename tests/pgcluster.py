@@ -55,8 +55,10 @@ class Cluster:
         out = subprocess.run(
             [str(BIN / "psql"), "-X", "-q", "-A", "-t",
              "-h", str(self.socket_dir), "-p", str(self.port), "-U", "shoal", "-d", db, "-c", sql],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"psql {sql!r}: {out.stderr.strip()}")
         return out.stdout
 
     def new_database(self, prefix: str = "t") -> str:
