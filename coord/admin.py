@@ -29,6 +29,13 @@ class Admin:
     has_session: Callable[[int], bool]
     info: Callable[[], dict[str, Any]]
     history: History | None = None
+    replicas: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+async def _replicas(x: Admin) -> dict[str, Any]:
+    if x.replicas is None:
+        raise DomainError("replicas: not available here")
+    return await x.replicas()
 
 
 Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
@@ -200,6 +207,7 @@ COMMANDS: dict[str, Handler] = {
         _str(a, "name"), _opt_str(a, "type"), _opt_str(a, "value")
     ),
     "info": lambda x, a: _value(x.info()),
+    "replicas": lambda x, a: _replicas(x),
 }
 
 # Commands that only a running server can answer (its memory holds what they act on).

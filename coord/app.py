@@ -41,7 +41,7 @@ from coord.netmap import Settings
 from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
-from coord.store import Filter, Store
+from coord.store import DatabaseDown, Filter, Store
 from coord.store.sqlite import SqliteStore
 from coord.supervise import Supervisor
 from derp.server import DerpServer
@@ -51,6 +51,10 @@ EMBEDDED_REGION = 900
 # Replicas on PostgreSQL: seconds between polls of the log when no NOTIFY came, and between heartbeats.
 FOLLOW_POLL_S = 1.0
 HEARTBEAT_S = 1.0
+# A replica whose heartbeat is older than this is down; the orphan-sweep lease lasts LEASE_S (renewed each beat).
+REPLICA_STALE_S = 5.0
+LEASE_S = 5.0
+ORPHAN_GRACE_S = 3.0
 
 log = logging.getLogger("shoal.app")
 
@@ -129,14 +133,17 @@ class App:
 
     def __post_init__(self) -> None:
         self.started_at = self.clock()
-        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history)
+        self._orphans: dict[int, float] = {}
+        self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history,
+                                 self.replicas)
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
                        self.clock, guard, self.logins.limited, self.config.proxies)
         self.http = self._public_app()
         self.admin_http = Starlette(
-            routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
+            routes=self.api.admin_routes(),
+            exception_handlers={DomainError: api.domain_error, DatabaseDown: api.database_down},
         )
 
     def info(self) -> dict[str, Any]:
@@ -201,9 +208,54 @@ class App:
         store: Any = self.service.store
         try:
             await store.heartbeat(self.replica_name, self.config.server_url, self.service.committed[0],
-                                  len(self.fanout.sessions), self.started_at, self.clock())
+                                  list(self.fanout.sessions), self.started_at, self.clock())
         except Exception as e:
             log.warning("replica heartbeat failed: %s", e)
+            return
+        await self.orphan_sweep()
+
+    async def orphan_sweep(self) -> None:
+        """Run once, by the holder of the "orphans" lease: nodes the log says are online but whose stream no live
+        replica holds (their replica died) are marked offline, after ``ORPHAN_GRACE_S`` (a node that just
+        connected is in its replica's next heartbeat)."""
+        store: Any = self.service.store
+        now = self.clock()
+        if not await store.acquire("orphans", self.replica_name, now, LEASE_S):
+            self._orphans.clear()
+            return
+        _, rows = await store.replicas()
+        held = set(self.fanout.sessions)
+        for r in rows:
+            if now - float(r["seen"]) < REPLICA_STALE_S:
+                held.update(int(n) for n in r["nodes"])
+        candidates = {n.id for n in self.service.state.nodes.values() if n.online} - held
+        due = {nid for nid in candidates if now - self._orphans.get(nid, now) >= ORPHAN_GRACE_S}
+        self._orphans = {nid: self._orphans.get(nid, now) for nid in candidates}
+        if due:
+            log.info("marking %d node(s) offline: no live replica holds their stream", len(due))
+            await self.service.execute(
+                lambda s: [ev.NodeDisconnected(i) for i in sorted(due)
+                           if i in s.nodes and s.nodes[i].online and i not in self.fanout.sessions],
+                "system",
+            )
+            for nid in due:
+                n = self.service.state.nodes.get(nid)
+                if n is not None and n.ephemeral:
+                    self.lifecycle._schedule_ephemeral(nid)
+
+    async def replicas(self) -> dict[str, Any]:
+        """``shoal-server replicas``: each replica's lag behind the head, its streams, whether it is up."""
+        store: Any = self.service.store
+        if not self.service.shared:
+            return {"head": self.service.committed[0], "replicas": [{
+                "name": self.replica_name, "url": self.config.server_url, "up": True, "lag": 0,
+                "streams": len(self.fanout.sessions), "seen_ago_s": 0.0}]}
+        head, rows = await store.replicas()
+        now = self.clock()
+        return {"head": head, "replicas": [{
+            "name": r["name"], "url": r["url"], "up": now - float(r["seen"]) < REPLICA_STALE_S,
+            "lag": head - int(r["seq"]), "streams": int(r["streams"]), "seen_ago_s": round(now - float(r["seen"]), 1),
+        } for r in rows]}
 
     async def seed_dns(self) -> None:
         """The config's [dns] table and records file into the log (each an event only when it changed), then the
@@ -245,7 +297,8 @@ class App:
 
         return Starlette(
             routes=self.api.routes() + (self.signin.routes() if self.signin is not None else []),
-            exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error},
+            exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error,
+                                DatabaseDown: api.database_down},
             lifespan=lifespan,
         )
 

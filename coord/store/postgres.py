@@ -19,6 +19,7 @@ several replicas of one tailnet (docs/ha.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -45,7 +46,8 @@ COLUMNS = "seq, time, actor, type, schema, data, prev_hash, hash"
 
 RUNTIME_TABLES = (
     "CREATE TABLE IF NOT EXISTS replicas (name TEXT PRIMARY KEY, url TEXT NOT NULL, seq BIGINT NOT NULL, "
-    "streams BIGINT NOT NULL, started DOUBLE PRECISION NOT NULL, seen DOUBLE PRECISION NOT NULL)",
+    "streams BIGINT NOT NULL, started DOUBLE PRECISION NOT NULL, seen DOUBLE PRECISION NOT NULL, "
+    "nodes TEXT NOT NULL DEFAULT '[]')",
     "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
     "until DOUBLE PRECISION NOT NULL)",
 )
@@ -263,33 +265,40 @@ class PgStore:
                 while not stop.is_set() and not conn.is_closed():
                     try:
                         await asyncio.wait_for(stop.wait(), poll)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         wake(0)
             except Exception as e:
                 if not _down(e):
                     log.exception("listening for new events failed")
                 wake(0)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
-                except asyncio.TimeoutError:
-                    pass
                 backoff = min(backoff * 2, poll)
             finally:
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
 
-    async def heartbeat(self, name: str, url: str, seq: int, streams: int, started: float, now: float) -> None:
+    async def heartbeat(self, name: str, url: str, seq: int, nodes: list[int], started: float, now: float) -> None:
+        """This replica's row: the seq it folded, the nodes whose streams it holds, ``now``."""
         await self.pool.execute(
-            "INSERT INTO replicas (name, url, seq, streams, started, seen) VALUES ($1, $2, $3, $4, $5, $6) "
+            "INSERT INTO replicas (name, url, seq, streams, started, seen, nodes) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) "
             "ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, seq = EXCLUDED.seq, streams = EXCLUDED.streams, "
-            "started = EXCLUDED.started, seen = EXCLUDED.seen",
-            name, url, seq, streams, started, now,
+            "started = EXCLUDED.started, seen = EXCLUDED.seen, nodes = EXCLUDED.nodes",
+            name, url, seq, len(nodes), started, now, json.dumps(sorted(nodes)),
         )
 
     async def replicas(self) -> tuple[int, list[dict[str, Any]]]:
         head = await self.pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
-        rows = await self.pool.fetch("SELECT name, url, seq, streams, started, seen FROM replicas ORDER BY name")
-        return int(head), [dict(r) for r in rows]
+        rows = await self.pool.fetch(
+            "SELECT name, url, seq, streams, started, seen, nodes FROM replicas ORDER BY name"
+        )
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["nodes"] = json.loads(d["nodes"])
+            out.append(d)
+        return int(head), out
 
     async def acquire(self, name: str, holder: str, now: float, ttl: float) -> bool:
         """Take or renew the lease ``name`` until ``now + ttl``: True when ``holder`` holds it now."""
@@ -299,7 +308,7 @@ class PgStore:
             "WHERE leases.holder = EXCLUDED.holder OR leases.until < $4 RETURNING holder",
             name, holder, now + ttl, now,
         )
-        return got == holder
+        return bool(got == holder)
 
     async def close(self) -> None:
         await self.pool.close()

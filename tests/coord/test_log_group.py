@@ -2,8 +2,9 @@
 transaction acknowledges none of its commands (nor any decided on them), loses no acknowledged event, and the
 state is rebuilt from the log.
 
-The real server (``create_app``) on SQLite and on PostgreSQL; the store's ``append`` is wrapped to see each transaction and, for the
-failure case, to fail one of them after it started (while more commands fold on top of it).
+The real server (``create_app``) on SQLite and on PostgreSQL; the store's ``append`` is wrapped to see each
+transaction and, for the failure case, to fail one of them after it started (while more commands fold on top of
+it).
 """
 
 from __future__ import annotations
