@@ -52,7 +52,7 @@ MAX_BODY = 64 << 10
 UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "login_server": str, "auth_key": str, "hostname": str, "advertise_tags": list, "wait": (int, float),
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
-    "accept_routes": bool, "snat_subnet_routes": bool,
+    "accept_routes": bool, "snat_subnet_routes": bool, "control_urls": list,
 }
 BOOL_FIELDS = {"advertise_exit_node", "accept_routes", "snat_subnet_routes"}
 
@@ -112,6 +112,7 @@ def create_app(agent: Agent) -> Starlette:
             ca_file=args.get("ca_file"), accept_dns=args.get("accept_dns"),
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
                                args.get("accept_routes"), args.get("snat_subnet_routes")),
+            control_urls=args.get("control_urls"),
         ))
 
     async def down(request: Request) -> Response:
