@@ -24,10 +24,10 @@ from coord import access, decide, dns, policy, views, wire
 from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
-from coord.errors import DomainError
+from coord.errors import CoordError, DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import EXIT_ROUTES, Node, State, User, apply
-from coord.store import Filter, StaleHead, Store, load_state
+from coord.store import DatabaseDown, Filter, StaleHead, Store, load_state
 from coord.wire.schema import parse_time
 
 log = logging.getLogger("shoal.service")
@@ -143,9 +143,19 @@ class Service:
             return await self._catch_up_locked()
 
     async def _catch_up_locked(self) -> int:
-        if not self.idle() or self.committed != (self.state.last_seq, self.state.last_hash):
+        if not self.idle():
             return 0
-        records = [r async for r in self.store.read(Filter(since_seq=self.state.last_seq))]
+        try:
+            if self.committed != (self.state.last_seq, self.state.last_hash):
+                # A failed append whose reload failed too (the database was down): the state still holds its
+                # events. Start over from the log before anything is decided on it.
+                await self._reload_and_publish()
+                return 0
+            records = [r async for r in self.store.read(Filter(since_seq=self.state.last_seq))]
+        except CoordError:
+            raise
+        except Exception as e:
+            raise DatabaseDown(f"the shared log cannot be read, write refused (nothing stored): {e}") from e
         if not records:
             return 0
         if records[0].prev_hash != self.state.last_hash:
@@ -249,7 +259,11 @@ class Service:
                       len(failed), error)
             try:
                 if self.shared:
-                    await self._reload_and_publish()
+                    try:
+                        await self._reload_and_publish()
+                    except Exception as e:
+                        # The database is gone too: the next command reloads first (``_catch_up_locked``).
+                        log.error("reloading from the shared log failed (%s); retried before the next command", e)
                 else:
                     assert self.reload is not None
                     self._replace_state(await self.reload())

@@ -177,3 +177,52 @@ def test_pg_failover_node_moves_when_its_replica_is_killed(tmp_path: Path, pg_ds
             await three.client.close()
 
     asyncio.run(main())
+
+
+def test_pg_failover_postgres_restart_keeps_streams_and_recovers(tmp_path: Path, pg_dsn: str,
+                                                                   pg_cluster: Any) -> None:
+    async def main() -> None:
+        with replicas(tmp_path, pg_dsn, 2) as rs:
+            key = await make_key(tmp_path, pg_dsn)
+            one, two = agent_for(tmp_path, "one"), agent_for(tmp_path, "two")
+            for a in (one, two):
+                await a.start()
+            await one.up(login_server=rs[0].url, control_urls=[rs[1].url], auth_key=key, hostname="one", wait=10)
+            await two.up(login_server=rs[1].url, control_urls=[rs[0].url], auth_key=key, hostname="two", wait=10)
+            await wait_for(lambda: one.connected and two.connected and "two" in peer_names(one), 10, "streams")
+            pg_cluster.stop("fast")
+            try:
+                t0 = time.monotonic()
+                # writes are refused with a clear error, and nothing is stored
+                for r in rs:
+                    out = subprocess.run([SERVER, "users", "create", f"down-{r.name}"], env=r.env(),
+                                         capture_output=True, text=True, timeout=60)
+                    assert out.returncode != 0
+                    assert "PostgreSQL unreachable" in out.stderr or "cannot be read" in out.stderr, out.stderr
+                # the streams stay up meanwhile, on the same replicas
+                while time.monotonic() - t0 < 3:
+                    assert one.connected and two.connected
+                    assert one._control_url() == rs[0].url and two._control_url() == rs[1].url
+                    await asyncio.sleep(0.1)
+            finally:
+                pg_cluster.start()
+            # recovered by themselves: a write on one replica is seen by the other
+            end = time.monotonic() + 15
+            while True:
+                out = subprocess.run([SERVER, "users", "create", "after"], env=rs[1].env(), capture_output=True,
+                                     text=True, timeout=60)
+                if out.returncode == 0:
+                    break
+                assert time.monotonic() < end, out.stderr
+                await asyncio.sleep(0.5)
+            for _ in range(100):
+                names = [{u["name"] for u in r.cli("users", "list")} for r in rs]
+                if all("after" in n for n in names):
+                    break
+                await asyncio.sleep(0.1)
+            assert names[0] == names[1] == {"alice", "after"}
+            assert one.connected and two.connected
+            for a in (one, two):
+                await a.stop()
+
+    asyncio.run(main())
