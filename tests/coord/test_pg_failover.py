@@ -226,3 +226,92 @@ def test_pg_failover_postgres_restart_keeps_streams_and_recovers(tmp_path: Path,
                 await a.stop()
 
     asyncio.run(main())
+
+
+def test_pg_failover_registrations_survive_replicas_killed_at_random(tmp_path: Path, pg_dsn: str) -> None:
+    """A retrying client registers nodes while replicas are killed (-9) and restarted at random: every
+    acknowledged registration is stored, the chain verifies, and every replica serves the fold of the log."""
+    import random
+
+    from coord.state import fold
+    from coord.store import sqlite as db
+    from coord.store.postgres import PgStore
+    from coord.wire import key_text
+
+    rng = random.Random(20)
+
+    async def main() -> None:
+        with replicas(tmp_path, pg_dsn, 3) as rs:
+            key = await make_key(tmp_path, pg_dsn)
+            acked: dict[str, str] = {}  # machine key -> hostname, once a replica answered "authorized"
+            stop = asyncio.Event()
+            kills = 0
+
+            async def chaos() -> None:
+                nonlocal kills
+                while not stop.is_set():
+                    await asyncio.sleep(rng.uniform(0.4, 1.0))
+                    r = rng.choice(rs)
+                    r.kill()
+                    kills += 1
+                    await asyncio.sleep(rng.uniform(0.1, 0.6))
+                    await asyncio.to_thread(r.start)
+
+            async def register(i: int) -> None:
+                for attempt in range(60):
+                    node = sim_node(rs[(i + attempt) % 3].url, f"n{i}")
+                    try:
+                        await node.client.pin()
+                        resp = await node.client.register(node.register_request(key))
+                        if resp.get("MachineAuthorized"):
+                            acked[key_text("mkey", bytes(node.machine.public_key))] = f"n{i}"
+                            return
+                    except Exception:
+                        pass
+                    finally:
+                        await node.client.close()
+                    await asyncio.sleep(rng.uniform(0.05, 0.3))
+                raise AssertionError(f"n{i} never registered")
+
+            task = asyncio.create_task(chaos())
+            counter = iter(range(10_000))
+
+            async def worker() -> None:
+                # registrations go on until the replicas were killed 4 times (and at least 40 were made)
+                while kills < 4 or len(acked) < 40:
+                    await register(next(counter))
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+            stop.set()
+            await task
+            assert kills >= 3
+            for r in rs:
+                if r.proc is None or r.proc.poll() is not None:
+                    r.start()
+            store = await PgStore.open(pg_dsn)
+            try:
+                head = await store.verify()
+                rs_log = [r async for r in store.read()]
+                assert len(rs_log) == head
+                folded = fold(rs_log)
+                stored = {n.machine_key: n.hostname for n in folded.nodes.values()}
+                for mk, host in acked.items():
+                    assert stored.get(mk) == host, f"acknowledged {host} lost"
+                conn = await db.connect(":memory:")
+                await db.write_all_projections(conn, folded)
+                want = await db.dump_projections(conn)
+                await conn.close()
+                assert await store.dump_projections() == want
+                expect = sorted((n.id, n.given_name, n.machine_key) for n in folded.nodes.values())
+                for r in rs:
+                    for _ in range(100):
+                        got = sorted((n["id"], n["name"], n["machine_key"]) for n in r.cli("nodes", "list"))
+                        if got == expect:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert got == expect, r.name
+                print(f"\nchaos: {kills} kill -9, {len(acked)} registrations acknowledged, {head} events, all kept")
+            finally:
+                await store.close()
+
+    asyncio.run(main())
