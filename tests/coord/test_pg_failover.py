@@ -315,3 +315,34 @@ def test_pg_failover_registrations_survive_replicas_killed_at_random(tmp_path: P
                 await store.close()
 
     asyncio.run(main())
+
+
+def test_pg_failover_nodes_of_a_dead_replica_are_marked_offline_by_the_lease_holder(tmp_path: Path,
+                                                                                      pg_dsn: str) -> None:
+    async def main() -> None:
+        with replicas(tmp_path, pg_dsn, 2) as rs:
+            key = await make_key(tmp_path, pg_dsn)
+            kept, lost = sim_node(rs[1].url, "kept"), sim_node(rs[0].url, "lost")
+            streams = []
+            for n in (kept, lost):
+                await n.client.pin()
+                await n.client.register(n.register_request(key))
+                s = n.client.stream(n.map_request(endpoints=("192.0.2.1:41641",)))
+                await asyncio.wait_for(s.__anext__(), 5)
+                streams.append(s)
+
+            def online() -> dict[str, bool]:
+                return {n["name"]: n["online"] for n in rs[1].cli("nodes", "list")}
+
+            await wait_for(lambda: online() == {"kept": True, "lost": True}, 10, "both online")
+            await asyncio.sleep(1.5)  # both replicas' heartbeats list their streams
+            assert online() == {"kept": True, "lost": True}  # no replica marks another's nodes offline
+            rs[0].kill()
+            # "lost" never comes back: the lease holder (r1, once r0's lease lapsed) marks it offline
+            took = await wait_for(lambda: online() == {"kept": True, "lost": False}, 20, "lost marked offline")
+            print(f"\norphan sweep: 'lost' offline {took:.1f} s after kill -9 of its replica; 'kept' online")
+            await streams[0].aclose()
+            for n in (kept, lost):
+                await n.client.close()
+
+    asyncio.run(main())
