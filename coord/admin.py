@@ -33,6 +33,13 @@ class Admin:
     info: Callable[[], dict[str, Any]]
     history: History | None = None
     webhooks: Webhooks | None = None
+    replicas: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+async def _replicas(x: Admin) -> dict[str, Any]:
+    if x.replicas is None:
+        raise DomainError("replicas: not available here")
+    return await x.replicas()
 
 
 Handler = Callable[[Admin, dict[str, Any]], Awaitable[Any]]
@@ -205,7 +212,8 @@ async def tokens_list(a: Admin, args: dict[str, Any]) -> Any:
 
 def _hooks(a: Admin) -> Webhooks:
     if a.webhooks is None:
-        raise DomainError("webhooks are not available here")
+        raise DomainError("webhooks are not available on PostgreSQL yet (they keep their cursors and secrets in the "
+                          "SQLite database; see docs/ha.md)")
     return a.webhooks
 
 
@@ -268,6 +276,7 @@ COMMANDS: dict[str, Handler] = {
     "webhooks.test": lambda x, a: _hooks(x).test(_str(a, "endpoint")),
     "webhooks.deliveries": lambda x, a: _hooks(x).deliveries(_opt_str(a, "endpoint"), _limit(a)),
     "info": lambda x, a: _value(x.info()),
+    "replicas": lambda x, a: _replicas(x),
 }
 
 # Commands that only a running server can answer (its memory holds what they act on).

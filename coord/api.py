@@ -217,3 +217,10 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     if request.url.path == "/admin":
         return JSONResponse({"error": exc.message}, status_code=exc.status)
     return PlainTextResponse(exc.message + "\n", status_code=exc.status)
+
+
+async def database_down(request: Request, exc: Exception) -> Response:
+    """A write refused because the shared database is unreachable (coord/store/postgres.py): 503, retry later."""
+    if request.url.path == "/admin":
+        return JSONResponse({"error": str(exc)}, status_code=503)
+    return PlainTextResponse(f"{exc}\n", status_code=503, headers={"Retry-After": "2"})

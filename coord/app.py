@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from coord.netmap import Settings
 from coord.poll import Poll
 from coord.service import Service
 from coord.state import State
-from coord.store import Filter
+from coord.store import DatabaseDown, Filter, Store
 from coord.store.sqlite import SqliteStore, WebhookTables
 from coord.supervise import Supervisor
 from derp.metrics import RelayCollector
@@ -52,6 +53,15 @@ from derp.server import DerpServer
 from derp.stunserver import StunServer, start_stun_server
 
 EMBEDDED_REGION = 900
+# Replicas on PostgreSQL: seconds between polls of the log when no NOTIFY came, and between heartbeats.
+FOLLOW_POLL_S = 1.0
+HEARTBEAT_S = 1.0
+# A replica whose heartbeat is older than this is down; the orphan-sweep lease lasts LEASE_S (renewed each beat).
+REPLICA_STALE_S = 5.0
+LEASE_S = 5.0
+ORPHAN_GRACE_S = 3.0
+
+log = logging.getLogger("shoal.app")
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -119,7 +129,7 @@ class App:
     checkpointer: Checkpointer
     supervisor: Supervisor
     metrics: ServerMetrics
-    webhooks: Webhooks
+    webhooks: Webhooks | None  # None on PostgreSQL (create_app says why)
     relay: DerpServer | None = None
     stun: StunServer | None = None
     signin: SignIn | None = None
@@ -129,8 +139,10 @@ class App:
     dns_poll: float = 1.0
 
     def __post_init__(self) -> None:
+        self.started_at = self.clock()
+        self._orphans: dict[int, float] = {}
         self.admin = admin.Admin(self.service, self.logins, self.fanout.has_session, self.info, self.history,
-                                 self.webhooks)
+                                 self.webhooks, self.replicas)
         # Ids seen before a restart are not kept: requests sealed before this start are refused instead.
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
@@ -138,7 +150,8 @@ class App:
         self.apiv2 = ApiV2(self.service, self.clock, self.config.key_expiry_s)
         self.http = self._public_app()
         self.admin_http = Starlette(
-            routes=self.api.admin_routes(), exception_handlers={DomainError: api.domain_error}
+            routes=self.api.admin_routes(),
+            exception_handlers={DomainError: api.domain_error, DatabaseDown: api.database_down},
         )
 
     def readings(self) -> Readings:
@@ -170,13 +183,95 @@ class App:
         self.tasks.append(asyncio.create_task(
             self.supervisor.periodic("checkpoints", 0.0, self.checkpointer.wait_and_tick)
         ))
-        await self.webhooks.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
+        if self.service.shared:
+            self.tasks.append(asyncio.create_task(self.follow()))
+            self.tasks.append(asyncio.create_task(self.supervisor.periodic("heartbeat", HEARTBEAT_S,
+                                                                           self.heartbeat)))
         if self.relay is not None:
             await self.relay.start()
             if self.config.stun_listen:
                 host, port = parse_hostport(self.config.stun_listen, "stun_listen")
                 self.stun = await start_stun_server(host, port)
                 self.relay.stun = self.stun
+
+    @property
+    def replica_name(self) -> str:
+        return self.config.replica_name or self.config.server_url
+
+    async def follow(self) -> None:
+        """Tail the shared log: on each NOTIFY (or poll) fold what other replicas appended and fan it out to
+        this replica's streams."""
+        wake = asyncio.Event()
+        stop = asyncio.Event()
+        store: Any = self.service.store
+        watcher = asyncio.create_task(store.watch(lambda seq: wake.set(), stop, FOLLOW_POLL_S))
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                try:
+                    await self.service.catch_up()
+                except Exception as e:
+                    log.warning("catching up with the shared log failed: %s", e)
+        finally:
+            stop.set()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def heartbeat(self) -> None:
+        store: Any = self.service.store
+        try:
+            await store.heartbeat(self.replica_name, self.config.server_url, self.service.committed[0],
+                                  list(self.fanout.sessions), self.started_at, self.clock())
+        except Exception as e:
+            log.warning("replica heartbeat failed: %s", e)
+            return
+        await self.orphan_sweep()
+
+    async def orphan_sweep(self) -> None:
+        """Run once, by the holder of the "orphans" lease: nodes the log says are online but whose stream no live
+        replica holds (their replica died) are marked offline, after ``ORPHAN_GRACE_S`` (a node that just
+        connected is in its replica's next heartbeat)."""
+        store: Any = self.service.store
+        now = self.clock()
+        if not await store.acquire("orphans", self.replica_name, now, LEASE_S):
+            self._orphans.clear()
+            return
+        _, rows = await store.replicas()
+        held = set(self.fanout.sessions)
+        for r in rows:
+            if now - float(r["seen"]) < REPLICA_STALE_S:
+                held.update(int(n) for n in r["nodes"])
+        candidates = {n.id for n in self.service.state.nodes.values() if n.online} - held
+        due = {nid for nid in candidates if now - self._orphans.get(nid, now) >= ORPHAN_GRACE_S}
+        self._orphans = {nid: self._orphans.get(nid, now) for nid in candidates}
+        if due:
+            log.info("marking %d node(s) offline: no live replica holds their stream", len(due))
+            await self.service.execute(
+                lambda s: [ev.NodeDisconnected(i) for i in sorted(due)
+                           if i in s.nodes and s.nodes[i].online and i not in self.fanout.sessions],
+                "system",
+            )
+            for nid in due:
+                n = self.service.state.nodes.get(nid)
+                if n is not None and n.ephemeral:
+                    self.lifecycle._schedule_ephemeral(nid)
+
+    async def replicas(self) -> dict[str, Any]:
+        """``shoal-server replicas``: each replica's lag behind the head, its streams, whether it is up."""
+        store: Any = self.service.store
+        if not self.service.shared:
+            return {"head": self.service.committed[0], "replicas": [{
+                "name": self.replica_name, "url": self.config.server_url, "up": True, "lag": 0,
+                "streams": len(self.fanout.sessions), "seen_ago_s": 0.0}]}
+        head, rows = await store.replicas()
+        now = self.clock()
+        return {"head": head, "replicas": [{
+            "name": r["name"], "url": r["url"], "up": now - float(r["seen"]) < REPLICA_STALE_S,
+            "lag": head - int(r["seq"]), "streams": int(r["streams"]), "seen_ago_s": round(now - float(r["seen"]), 1),
+        } for r in rows]}
 
     async def seed_dns(self) -> None:
         """The config's [dns] table and records file into the log (each an event only when it changed), then the
@@ -198,7 +293,8 @@ class App:
             await self.signin.provider.http.aclose()
         self.fanout.close_all()
         await self.lifecycle.stop()
-        await self.webhooks.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -220,7 +316,8 @@ class App:
         return Starlette(
             routes=[*self.api.routes(), *self.apiv2.routes(),
                     *(self.signin.routes() if self.signin is not None else [])],
-            exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error},
+            exception_handlers={wire.WireError: api.wire_error, DomainError: api.domain_error,
+                                DatabaseDown: api.database_down},
             lifespan=lifespan,
         )
 
@@ -242,7 +339,13 @@ async def create_app(
                         urlsplit(config.server_url).hostname or "")
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
-    store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
+    store: Store
+    if config.postgres:
+        from coord.store.postgres import PgStore  # asyncpg only when PostgreSQL is configured
+
+        store = await PgStore.open(config.postgres)
+    else:
+        store = await SqliteStore.open(config.data_path / "shoal.db", config.durability)
 
     async def read(after: int, until: int | None) -> AsyncIterator[ev.Record]:
         async for r in store.read(Filter(since_seq=after, until_seq=until)):
@@ -281,8 +384,10 @@ async def create_app(
     metrics = ServerMetrics(CollectorRegistry())
     service.on_commit = metrics.appended
     fanout.on_flush = metrics.fanned_out
+    # Webhook delivery keeps its cursors and secrets in the SQLite database; on PostgreSQL it would need a lease
+    # per endpoint and secrets kept off the shared database (docs/ha.md): not there yet, so no webhooks.
     webhooks = Webhooks(service, WebhookTables(store.conn), config.base_domain, supervisor,
-                        on_attempt=metrics.webhook_attempt)
+                        on_attempt=metrics.webhook_attempt) if isinstance(store, SqliteStore) else None
     app = App(config, private_key, clock, service, fanout, lifecycle, logins, history, checkpointer, supervisor,
               metrics, webhooks, signin=signin, dns_poll=dns_poll)
     metrics.bind(app.readings)

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "is believed (comma-separated; default none)")
 
 
+    sub.add_parser("replicas", parents=[common],
+                   help="replicas on the shared PostgreSQL: who is up, lag behind the head, streams")
     users = sub.add_parser("users", parents=[common], help="manage users").add_subparsers(
         dest="cmd", required=True, parser_class=Parser
     )
@@ -288,6 +290,8 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     g, c = args.group, getattr(args, "cmd", None)
     if g == "info":
         return "info", {}
+    if g == "replicas":
+        return "replicas", {}
     if g == "users":
         return f"users.{c}", {k: getattr(args, k, None) for k in ("name", "user", "at", "at_seq", "role")}
     if g == "tokens":
@@ -480,6 +484,11 @@ def render(command: str, result: Any) -> str:
         return table(result, [("ID", "id"), ("HOSTNAME", "hostname"), ("REQUESTED", "requested")]) if result else (
             "no pending registrations"
         )
+    if command == "replicas":
+        return f"head: event {result['head']}\n" + table(result["replicas"], [
+            ("NAME", "name"), ("URL", "url"), ("UP", lambda r: "yes" if r["up"] else "no"), ("LAG", "lag"),
+            ("STREAMS", "streams"), ("SEEN", lambda r: f"{r['seen_ago_s']}s ago"),
+        ])
     if command == "info":
         refused = ", ".join(f"{k} {v}" for k, v in result["Refused"].items() if k != "total") or "nothing"
         state = "running" if result["Running"] else "not running (counters are the running server's)"

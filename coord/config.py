@@ -27,6 +27,9 @@ Every key, with its default::
     tls_key           = ""                        # PEM private key of tls_cert
     trusted_proxies   = ""                        # reverse proxies whose X-Forwarded-For is believed, e.g.
                                                   # "10.0.0.1, 192.0.2.0/24"; limits count the client behind them
+    postgres          = ""                        # libpq URL: store the log in PostgreSQL, shared by several
+                                                  # replicas (docs/ha.md); "" = SQLite in data_dir
+    replica_name      = ""                        # this replica in `shoal-server replicas` ("" = server_url)
     [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
     [dns]                                         # MagicDNS (docs/dns.md, coord/dns.py)
     magic_dns          = true
@@ -127,6 +130,8 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     trusted_proxies: str = ""
+    postgres: str = ""
+    replica_name: str = ""
     # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
     oidc: tuple[tuple[str, Any], ...] = ()
     # The [dns] table as given (validated by `dns_settings`): sorted (key, value) pairs.
@@ -240,6 +245,8 @@ class Config:
             if path and not os.access(path, os.R_OK):
                 raise ConfigError(f"{key}: cannot read {path}")
         self.proxies  # noqa: B018 - validates
+        if self.postgres and urlsplit(self.postgres).scheme not in ("postgres", "postgresql"):
+            raise ConfigError("postgres: expected a postgresql:// URL")
         if self.log_level not in tuple(LogLevel):
             raise ConfigError("log_level: expected debug, info, warning or error")
         return self

@@ -31,10 +31,14 @@ class Lifecycle:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def start(self) -> None:
-        """Streams do not survive a restart: mark online nodes offline, restart ephemeral timers, sweep expiry."""
-        await self.service.execute(
-            lambda s: [ev.NodeDisconnected(n.id) for n in s.nodes.values() if n.online], Actor.SYSTEM
-        )
+        """Streams do not survive a restart: mark online nodes offline, restart ephemeral timers, sweep expiry.
+
+        On a shared store (replicas) the online nodes may be streaming from another replica: there the leader's
+        orphan sweep (coord/app.py ``App.orphan_sweep``) marks offline the nodes no live replica holds."""
+        if not self.service.shared:
+            await self.service.execute(
+                lambda s: [ev.NodeDisconnected(n.id) for n in s.nodes.values() if n.online], Actor.SYSTEM
+            )
         for n in self.service.state.nodes.values():
             if n.ephemeral:
                 self._schedule_ephemeral(n.id)

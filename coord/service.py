@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -24,13 +26,16 @@ from coord import events as ev
 from coord.authkey import hash_secret, key_text
 from coord.change import Change
 from coord.devices import DeviceVisibility
-from coord.errors import DomainError
+from coord.errors import CoordError, DomainError
 from coord.netmap import AllowAll, Builder, Settings, Visibility
 from coord.state import EXIT_ROUTES, Node, State, User, apply
-from coord.store import Filter, Store, load_state
+from coord.store import DatabaseDown, Filter, StaleHead, Store, load_state
 from coord.wire.schema import parse_time
 
 log = logging.getLogger("shoal.service")
+
+# Attempts of a command overtaken by another replica's append (StaleHead) before its caller sees the error.
+STALE_RETRIES = 20
 
 
 class Actor(StrEnum):
@@ -109,14 +114,87 @@ class Service:
         acknowledged) only after its transaction committed; if that transaction fails, it and every command decided
         after it fail with the same error and the state is reloaded from the log.
         """
+        for attempt in itertools.count(1):
+            async with self.lock:
+                if self.shared:
+                    # Several replicas append to this log: fold what they appended before deciding (when no
+                    # transaction of ours is in flight; one that is fails with StaleHead if it was overtaken).
+                    await self._catch_up_locked()
+                events = decide_fn(self.state)
+                if not events:
+                    return []
+                pending = self._fold(events, actor)
+            # A caller that goes away cancels only its wait: the committer skips a future that is done already.
+            try:
+                await pending.done
+            except StaleHead:
+                # Another replica appended first: nothing of ours was stored; decide again on the new head.
+                if attempt >= STALE_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+                continue
+            return pending.records
+        raise AssertionError("unreachable")
+
+    @property
+    def shared(self) -> bool:
+        return bool(getattr(self.store, "shared", False))
+
+    def idle(self) -> bool:
+        return not self._queue and (self._committer is None or self._committer.done())
+
+    async def catch_up(self) -> int:
+        """Fold the events other replicas appended (coord/store/postgres.py); the number folded."""
         async with self.lock:
-            events = decide_fn(self.state)
-            if not events:
-                return []
-            pending = self._fold(events, actor)
-        # A caller that goes away cancels only its wait: the committer skips a future that is done already.
-        await pending.done
-        return pending.records
+            return await self._catch_up_locked()
+
+    async def _catch_up_locked(self) -> int:
+        if not self.idle():
+            return 0
+        try:
+            if self.committed != (self.state.last_seq, self.state.last_hash):
+                # A failed append whose reload failed too (the database was down): the state still holds its
+                # events. Start over from the log before anything is decided on it.
+                await self._reload_and_publish()
+                return 0
+            records = [r async for r in self.store.read(Filter(since_seq=self.state.last_seq))]
+        except CoordError:
+            raise
+        except Exception as e:
+            raise DatabaseDown(f"the shared log cannot be read, write refused (nothing stored): {e}") from e
+        if not records:
+            return 0
+        if records[0].prev_hash != self.state.last_hash:
+            # Not the chain this replica folded (cannot happen while appends check the head): start over.
+            log.error("event %d does not follow this replica's state; reloading from the log", records[0].seq)
+            await self._reload_and_publish()
+            return len(records)
+        change = Change()
+        for r in records:
+            change.merge(apply(self.state, r.event, r.ts))
+            self.state.last_seq, self.state.last_hash, self.state.last_time = r.seq, r.hash, r.time
+        if change.policy or any(isinstance(r.event, ev.PolicySet) for r in records):
+            self.policy_changed()
+        else:
+            hook = getattr(self._visibility, "observe", None)
+            if hook is not None:
+                change.merge(hook(records))
+        self.committed = (self.state.last_seq, self.state.last_hash)
+        if any(isinstance(r.event, ev.CredentialCreated) for r in records):
+            # Another replica made a credential: its hash was committed before its event, so it is there now.
+            self.credential_hashes.update(await self.store.secrets())
+        self.publish(change)
+        return len(records)
+
+    async def _reload_and_publish(self) -> None:
+        """Replace the state with the fold of the log and tell the fan-out that anything may have changed."""
+        before = set(self.state.nodes)
+        assert self.reload is not None
+        self._replace_state(await self.reload())
+        self.committed = (self.state.last_seq, self.state.last_hash)
+        ids = set(self.state.nodes)
+        self.publish(Change(peers=set(ids), self_nodes=set(ids), removed=before - ids, visibility=set(ids),
+                            policy=True, dns=True))
 
     def _fold(self, events: list[ev.Event], actor: str) -> _Pending:
         # Never earlier than the event before (the clock may step back): the log is ordered by time as by seq, so
@@ -189,11 +267,18 @@ class Service:
         them. Fail them all with ``error`` and rebuild the state from the log (what was acknowledged stays)."""
         async with self.lock:
             failed, self._queue = batch + self._queue, []
-            log.error("append of %d command(s) failed (%s); reloading state from the event log",
+            log.error("append of %d command(s) failed (%r); reloading state from the event log",
                       len(failed), error)
             try:
-                assert self.reload is not None
-                self._replace_state(await self.reload())
+                if self.shared:
+                    try:
+                        await self._reload_and_publish()
+                    except Exception as e:
+                        # The database is gone too: the next command reloads first (``_catch_up_locked``).
+                        log.error("reloading from the shared log failed (%s); retried before the next command", e)
+                else:
+                    assert self.reload is not None
+                    self._replace_state(await self.reload())
             finally:
                 for p in failed:
                     if not p.done.done():

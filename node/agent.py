@@ -155,6 +155,7 @@ class Agent:
         self.withheld = ""
         self._client: ControlClient | None = None
         self.ssh = ssh_server.SshServer(self.cfg.state_dir / "ssh_host_ed25519_key", self.cfg.ssh_port)
+        self._url_index = 0  # which of the login server and its replicas (prefs.control_urls) the loop talks to
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
                             port=self.cfg.dns_port, iface=self.cfg.iface)
 
@@ -216,18 +217,20 @@ class Agent:
     async def up(self, login_server: str = "", auth_key: str = "", hostname: str | None = None,
                  advertise_tags: list[str] | None = None, wait: float = UP_WAIT, server_key: str = "",
                  ca_file: str | None = None, accept_dns: bool | None = None,
-                 routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None) -> dict[str, Any]:
+                 routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None,
+                 control_urls: list[str] | None = None) -> dict[str, Any]:
         async with self._op_lock:
             return await self._up(login_server, auth_key, hostname, advertise_tags, wait, server_key, ca_file,
-                                  accept_dns, routing, ssh)
+                                  accept_dns, routing, ssh, control_urls)
 
     async def _up(self, login_server: str, auth_key: str, hostname: str | None,
                   advertise_tags: list[str] | None, wait: float, server_key: str = "",
                   ca_file: str | None = None, accept_dns: bool | None = None,
-                  routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None) -> dict[str, Any]:
+                  routing: login.RouteFlags = login.RouteFlags(), ssh: bool | None = None,
+                  control_urls: list[str] | None = None) -> dict[str, Any]:
         try:
             prefs = login.up_prefs(self.prefs, login_server, hostname, advertise_tags, server_key, ca_file,
-                                   routing)
+                                   routing, control_urls)
         except login.UpRefused as e:
             raise AgentError(e.status, str(e)) from None
         if accept_dns is not None:
@@ -462,9 +465,14 @@ class Agent:
 
     # --- control loop -------------------------------------------------------------------------------------
 
-    def _new_client(self, prefs: Prefs | None = None) -> ControlClient:
+    def _control_url(self) -> str:
+        """The replica the control loop talks to: the login server, or (after failures) one of the others."""
+        urls = [self.prefs.login_server, *self.prefs.control_urls]
+        return urls[self._url_index % len(urls)]
+
+    def _new_client(self, prefs: Prefs | None = None, url: str = "") -> ControlClient:
         prefs = prefs or self.prefs
-        return ControlClient(prefs.login_server, self.machine.raw, self.machine.public().raw,
+        return ControlClient(url or prefs.login_server, self.machine.raw, self.machine.public().raw,
                              server_public=prefs.server_key_raw(), clock=self.clock,
                              timeout=self.cfg.control_timeout, ca_file=prefs.ca_file, fwmark=self.cfg.fwmark)
 
@@ -564,7 +572,9 @@ class Agent:
     async def _control_loop(self, registered: bool, followup: str) -> None:
         backoff = compile.Backoff(cap=self.cfg.backoff_max)
         while True:
-            client = self._new_client()
+            url = self._control_url()
+            client = self._new_client(url=url)
+            ok = False
             try:
                 await self._pin(client)
                 if followup or not registered:
@@ -583,6 +593,7 @@ class Agent:
                     registered, followup = True, ""
                 self._client = client
                 await self._stream(client, backoff)
+                ok = True
             except asyncio.CancelledError:
                 raise
             except PinMismatch as e:
@@ -602,6 +613,10 @@ class Agent:
                 self._client = None
                 self.connected = False
                 await client.close()
+            if not ok and self.prefs.control_urls:
+                # Another replica of the same server (it must hold the pinned key: `_pin` checks) is tried next.
+                self._url_index += 1
+                log.info("control: %s failed; next: %s", url, self._control_url())
             await asyncio.sleep(backoff.next(random.random()))
 
     async def _stream(self, client: ControlClient, backoff: compile.Backoff) -> None:
@@ -624,11 +639,11 @@ class Agent:
                     self.connected = True
                     self.last_error = ""
                     backoff.reset()
-                    log.info("connected to %s", self.prefs.login_server)
+                    log.info("connected to %s", self._control_url())
                 if msg.keep_alive and msg.empty:
                     continue
                 if msg.problems:
-                    log.warning("map from %s: left out %s", self.prefs.login_server, "; ".join(msg.problems))
+                    log.warning("map from %s: left out %s", self._control_url(), "; ".join(msg.problems))
                 self.netmap = mapsession.apply(self.netmap, msg)
                 self.login.netmap(compile.self_expired(self.netmap, self.clock()))
                 await self._reconcile()

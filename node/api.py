@@ -64,6 +64,7 @@ UP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "server_key": str, "ca_file": str, "accept_dns": bool, "advertise_routes": list, "advertise_exit_node": bool,
     "accept_routes": bool, "snat_subnet_routes": bool, "ssh": bool, "exit_node": str,
     "exit_node_allow_lan_access": bool, "route_probe": str,
+    "control_urls": list,
 }
 # bool is an int in Python: a number field must not take true/false, and a bool field must take them.
 BOOL_FIELDS = {k for k, t in UP_FIELDS.items() if t is bool}
@@ -144,6 +145,7 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
             routing=RouteFlags(args.get("advertise_routes"), args.get("advertise_exit_node"),
                                args.get("accept_routes"), args.get("snat_subnet_routes"), args.get("exit_node"),
                                args.get("exit_node_allow_lan_access"), args.get("route_probe")),
+            control_urls=args.get("control_urls"),
         ))
 
     async def exit_nodes(request: Request) -> Response:

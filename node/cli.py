@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"shoald's socket (default {DEFAULT_SOCKET} or $SHOAL_SOCKET)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     up = sub.add_parser("up", help="join the tailnet and bring the tunnel up")
-    up.add_argument("--login-server", default="", help="coordination server URL (remembered)")
+    up.add_argument("--login-server", action="append", default=[],
+                    help="coordination server URL (remembered); repeat for replicas of one server (failover)")
     up.add_argument("--auth-key", default=os.environ.get("SHOAL_AUTH_KEY", ""),
                     help="pre-auth key (default $SHOAL_AUTH_KEY); without one, a login URL is printed")
     up.add_argument("--hostname", default=None, help="name to register (default: the machine's)")
@@ -179,7 +180,10 @@ def parse_tags(text: str) -> list[str]:
 
 
 def cmd_up(api: Api, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"login_server": args.login_server, "auth_key": args.auth_key}
+    servers = list(args.login_server)
+    body: dict[str, Any] = {"login_server": servers[0] if servers else "", "auth_key": args.auth_key}
+    if len(servers) > 1:
+        body["control_urls"] = servers[1:]
     if args.accept_dns is not None:
         body["accept_dns"] = args.accept_dns
     if args.server_key:

@@ -148,7 +148,8 @@ def parse_routes(texts: list[str]) -> list[str]:
 
 
 def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[str] | None,
-             server_key: str = "", ca_file: str | None = None, routing: RouteFlags = RouteFlags()) -> Prefs:
+             server_key: str = "", ca_file: str | None = None, routing: RouteFlags = RouteFlags(),
+             control_urls: list[str] | None = None) -> Prefs:
     """The prefs a `shoal up` would leave, checked. A copy: nothing is kept until the server has answered."""
     server = (login_server or prefs.login_server).rstrip("/")
     if not server:
@@ -171,6 +172,17 @@ def up_prefs(prefs: Prefs, login_server: str, hostname: str | None, tags: list[s
             raise UpRefused(409, f"this node pinned server key {out.server_key} for {server}, but --server-key "
                                  f"says {want}; refusing (run `shoal logout` to start over)")
         out.server_key = want
+    if control_urls is not None:
+        urls = []
+        for u in control_urls:
+            u = u.rstrip("/")
+            if not u.startswith(("http://", "https://")):
+                raise UpRefused(400, f"login server {u!r} must be an http:// or https:// URL")
+            if u != server and u not in urls:
+                urls.append(u)
+        out.control_urls = urls
+    elif server != have:
+        out.control_urls = []
     if ca_file is not None:
         out.ca_file = ca_file
     if hostname is not None:

@@ -6,6 +6,7 @@ Files (mode 0600, written atomically with node.keys.write_private):
 
     {"version": 1,
      "login_server": "http://203.0.113.1:8080",   # "" until the first `shoal up`
+     "control_urls": ["http://203.0.113.2:8080"], # other replicas of that server (same pinned key)
      "server_key": "mkey:<64 hex>" | "",          # pinned on first contact (or by `up --server-key`); any
                                                   # other key is refused
      "ca_file": "/etc/ssl/shoal-ca.pem" | "",     # CA bundle for an https server ("" = the system store)
@@ -46,6 +47,9 @@ VERSION = 1
 @dataclass
 class Prefs:
     login_server: str = ""
+    # more replicas of the same server (`shoal up --login-server A --login-server B`): they hold the pinned key
+    # too; the control loop moves to the next when its replica fails (docs/ha.md)
+    control_urls: list[str] = field(default_factory=list)
     server_key: str = ""
     ca_file: str = ""
     want_running: bool = False
@@ -85,6 +89,10 @@ class Prefs:
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError("advertise_tags: expected a list of strings")
         out.advertise_tags = list(tags)
+        urls = data.get("control_urls", [])
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError("control_urls: expected a list of strings")
+        out.control_urls = list(urls)
         routes = data.get("advertise_routes", [])
         if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
             raise ValueError("advertise_routes: expected a list of strings")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests import pgcluster
 from tests.policy import corpus
 
 settings.register_profile(
@@ -51,3 +53,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pgcluster.Cluster]:
+    """One throw-away PostgreSQL for the session (tests/pgcluster.py), removed even when tests fail."""
+    c = pgcluster.create()
+    try:
+        yield c
+    finally:
+        c.remove()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: pgcluster.Cluster) -> str:
+    """A fresh, empty database on the session's cluster."""
+    return pg_cluster.dsn(pg_cluster.new_database())

@@ -48,6 +48,21 @@ class ChainBroken(CoordError):
         self.reason = reason
 
 
+class StaleHead(CoordError):
+    """Another replica appended since this one folded the log (a shared store, coord/store/postgres.py): the
+    batch was decided on a stale state, and nothing of it was stored. The service decides again."""
+
+    def __init__(self, expected: int, head: int) -> None:
+        super().__init__(f"the log's head is event {head}, this replica decided after event {expected}; retry")
+        self.expected = expected
+        self.head = head
+
+
+class DatabaseDown(CoordError):
+    """The shared database cannot be reached: the write is refused (nothing was stored); reads keep being served
+    from the replica's state."""
+
+
 class Store(Protocol):
     def read(self, f: Filter = Filter()) -> AsyncIterator[ev.Record]:
         """Records in ``seq`` order, decoded but not verified (``verify`` checks the chain)."""

@@ -38,9 +38,9 @@ async def aclose(stream: Any) -> None:
     await stream.aclose()
 
 
-async def build(data: Path) -> History:
+async def build(data: Path, **overrides: Any) -> History:
     t0 = ev.rfc3339(time.time() - 1)
-    async with running_server(data, ephemeral_timeout="200ms") as r:
+    async with running_server(data, ephemeral_timeout="200ms", **overrides) as r:
         s = r.svc
         for name in ("alice", "bob", "carol"):
             await s.create_user(name)

@@ -185,3 +185,20 @@ def test_shape_login_reads_registration_answers_one_way() -> None:
     assert s.state is State.STARTING
     s.started(logged_in=True, want_running=False)
     assert s.state is State.STOPPED
+
+
+def test_pg_failover_up_remembers_every_control_url() -> None:
+    p = login.up_prefs(login.Prefs(), "http://192.0.2.1:8080/", None, None,
+                       control_urls=["http://192.0.2.2:8080", "http://192.0.2.1:8080", "http://192.0.2.2:8080/"])
+    assert p.login_server == "http://192.0.2.1:8080" and p.control_urls == ["http://192.0.2.2:8080"]
+    # kept by a later `up` that names no replicas, dropped when the node moves to another server
+    assert login.up_prefs(p, "", None, None).control_urls == ["http://192.0.2.2:8080"]
+    try:
+        login.up_prefs(p, "", None, None, control_urls=["ftp://192.0.2.3"])
+    except login.UpRefused as e:
+        assert "must be an http" in str(e)
+    else:
+        raise AssertionError("a bad control URL was accepted")
+    from node.state import Prefs
+
+    assert Prefs.from_json({"control_urls": ["http://192.0.2.2:8080"]}).control_urls == ["http://192.0.2.2:8080"]
