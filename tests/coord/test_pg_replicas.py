@@ -104,3 +104,27 @@ def test_pg_replicas_converge_to_identical_projections(tmp_path: Path, pg_dsn: s
                 await node.client.close()
 
     asyncio.run(main())
+
+
+def test_pg_replicas_share_api_tokens(tmp_path: Path, pg_dsn: str) -> None:
+    """A token made on one replica works on the others at once: its hash is in the shared database before its event,
+    and a replica folding that event reads the hashes again."""
+    import httpx
+
+    async def main() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            await a.svc.create_user("alice@example.com")
+            await a.svc.set_role("alice@example.com", "admin")
+            cid, secret = await a.svc.create_credential("api", 1, expires=a.svc.clock() + 3600)
+            await converged([a, b])
+            headers = {"Authorization": f"Bearer tskey-api-{cid}-{secret}"}
+            async with httpx.AsyncClient() as http:
+                for r in (a, b):
+                    got = await http.get(f"{r.url}/api/v2/tailnet/-/users", headers=headers)
+                    assert got.status_code == 200, got.text
+                    assert [u["loginName"] for u in got.json()["users"]] == ["alice@example.com"]
+                bad = await http.get(f"{b.url}/api/v2/tailnet/-/users",
+                                     headers={"Authorization": f"Bearer tskey-api-{cid}-{'0' * 64}"})
+                assert bad.status_code == 401
+
+    asyncio.run(main())
