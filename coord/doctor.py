@@ -12,7 +12,10 @@ fails). What is checked, from the same config ``serve`` reads:
   when it comes through a proxy on another host, is within 30 s;
 - the relays of the DERP map (embedded and ``derp_map_file``): each answers ``/derp/probe``, and its STUN port a
   binding request;
-- the metrics listener answers ``/metrics``; storage is SQLite (this version has no PostgreSQL backend).
+- the metrics listener answers ``/metrics``;
+- storage: SQLite's file, or with ``postgres`` set, that PostgreSQL answers (read only: doctor runs no migration),
+  its log head, and each replica's heartbeat (a replica silent for ``REPLICA_STALE_S`` is down, one behind the head
+  is lagging). The URL is shown with its password hidden.
 
 The verdicts on what was observed (``mode_check``, ``clock_check``, ``key_check``) are pure; the probes are thin.
 """
@@ -41,6 +44,8 @@ from coord.config import Config, parse_hostport
 from derp import stun
 
 SKEW_WARN = 30.0  # seconds
+REPLICA_STALE_S = 5.0  # as coord/app.py: a replica whose heartbeat is older is down
+REPLICA_LAG_WARN = 100  # events behind the head
 TIMEOUT = 3.0
 SECRETS = ("server.key", "derp.key", "checkpoint.key", "shoal.db", "shoal.db-wal", "shoal.db-shm", "admin.sock")
 
@@ -160,6 +165,8 @@ async def last_event_time(config: Config) -> float | None:
     from coord.store import Filter
     from coord.store.sqlite import SqliteStore
 
+    if config.postgres:
+        return await _pg_last_time(config.postgres)
     path = config.data_path / "shoal.db"
     if not path.exists():
         return None
@@ -171,6 +178,84 @@ async def last_event_time(config: Config) -> float | None:
         return None
     finally:
         await store.close()
+
+
+async def _pg_last_time(dsn: str) -> float | None:
+    import asyncpg
+
+    from coord.wire.schema import parse_time
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=TIMEOUT)
+    except Exception:
+        return None  # the storage check says why
+    try:
+        text = await conn.fetchval("SELECT time FROM events ORDER BY seq DESC LIMIT 1")
+        return parse_time(str(text)) if text is not None else None
+    except Exception:
+        return None
+    finally:
+        await conn.close()
+
+
+def redact(dsn: str) -> str:
+    u = urlsplit(dsn)
+    if u.password is None:
+        return dsn
+    netloc = u.netloc.replace(f":{u.password}@", ":***@", 1)
+    return u._replace(netloc=netloc).geturl()
+
+
+def pg_checks(dsn: str, error: str, head: int | None, replicas: list[dict[str, Any]], now: float) -> list[Check]:
+    """The verdict on what ``pg_probe`` saw: the database answered, its log head, every replica's heartbeat."""
+    where = redact(dsn)
+    if error:
+        return [Check("storage", Status.FAIL, f"PostgreSQL {where}: {error}",
+                      "check the postgres URL, that the server runs and that pg_hba.conf lets this host in")]
+    if head is None:
+        return [Check("storage", Status.WARN, f"PostgreSQL {where} answers but holds no Shoal log",
+                      "start shoal-server once with this postgres URL (it migrates the database)")]
+    out = [Check("storage", Status.OK, f"PostgreSQL {where}, log head {head}; run `shoal-server events verify` to "
+                 "check the hash chain")]
+    if not replicas:
+        out.append(Check("replicas", Status.WARN, "no replica has reported a heartbeat",
+                         "start shoal-server with this postgres URL"))
+    for r in replicas:
+        age, behind = now - float(r["seen"]), head - int(r["seq"])
+        name = f"replica {r['name']}"
+        at = "" if r["url"] == r["name"] else f"{r['url']}: "
+        if age > REPLICA_STALE_S:
+            out.append(Check(name, Status.WARN, f"{at}last heartbeat {age:.0f}s ago (down)",
+                             "restart it, or ignore if it was retired (its row stays until it returns)"))
+        elif behind > REPLICA_LAG_WARN:
+            out.append(Check(name, Status.WARN, f"{at}{behind} events behind the head",
+                             "it is catching up; if this lasts, check its logs and its link to PostgreSQL"))
+        else:
+            out.append(Check(name, Status.OK, f"{at}up, {int(r['streams'])} streams, at seq {r['seq']}"))
+    return out
+
+
+async def pg_probe(dsn: str) -> tuple[str, int | None, list[dict[str, Any]]]:
+    """(error, log head or None when there is no log, replica rows); reads only."""
+    import asyncpg  # only when PostgreSQL is configured
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=TIMEOUT)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}", None, []
+    try:
+        tables = {r[0] for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+        if "events" not in tables:
+            return "", None, []
+        head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events"))
+        rows = [dict(r) for r in await conn.fetch("SELECT name, url, seq, streams, seen FROM replicas ORDER BY name")] \
+            if "replicas" in tables else []
+        return "", head, rows
+    except Exception as e:
+        return f"{type(e).__name__}: {e}", None, []
+    finally:
+        await conn.close()
 
 
 def local_key(data: Path) -> str | None:
@@ -220,8 +305,11 @@ async def run(config: Config, http: httpx.AsyncClient, clock: Callable[[], float
         checks.append(Check("metrics", Status.OK, f"{murl} answers") if mstatus == 200 else
                       Check("metrics", Status.WARN, f"{murl}: {merr or mstatus}",
                             "the server logs why at start (port taken?); set metrics_listen, or '' for none"))
-    checks.append(Check("storage", Status.OK, f"SQLite {data / 'shoal.db'} (durability {config.durability}); "
-                        "run `shoal-server events verify` to check the hash chain"))
+    if config.postgres:
+        checks += pg_checks(config.postgres, *(await pg_probe(config.postgres)), clock())
+    else:
+        checks.append(Check("storage", Status.OK, f"SQLite {data / 'shoal.db'} (durability {config.durability}); "
+                            "run `shoal-server events verify` to check the hash chain"))
     return checks
 
 

@@ -105,3 +105,38 @@ def test_doctor_verdicts() -> None:
     assert mode_check("k", p, 0o400, 0o600).status is Status.OK
     assert mode_check("k", p, 0o640, 0o600).status is Status.FAIL
     assert mode_check("k", p, None, 0o600).status is Status.OK
+
+
+def test_doctor_postgres_replica_and_unreachable_database(tmp_path: Path, pg_dsn: str) -> None:
+    """With ``postgres`` set: the database answers, its log head, the replica's heartbeat; then the server stops (its
+    heartbeat goes stale: a warning) and a URL to no database is a failure, with the password hidden."""
+    data, port = tmp_path / "data", free_port()
+    config = write_config(tmp_path / "server.toml", data, port)
+    config.write_text(config.read_text() + f'postgres = "{pg_dsn}"\n')
+    proc = serve(config)
+    try:
+        for _ in range(50):  # the first heartbeat comes a moment after start
+            rc, checks, text = doctor(config)
+            if any(c["name"].startswith("replica ") for c in checks):
+                break
+        print(text)
+        got = by_name(checks)
+        assert rc == 0, text
+        assert got["storage"]["status"] == "ok" and "log head" in got["storage"]["detail"]
+        (replica,) = [c for c in checks if c["name"].startswith("replica ")]
+        assert replica["status"] == "ok" and f"127.0.0.1:{port}" in replica["name"] and "up" in replica["detail"]
+    finally:
+        proc.kill()  # a crash: the replica's row stays, its heartbeat ages
+        proc.wait(10)
+    import time
+
+    time.sleep(6)  # past the stale heartbeat threshold (doctor.REPLICA_STALE_S)
+    rc, checks, text = doctor(config)
+    print(text)
+    (replica,) = [c for c in checks if c["name"].startswith("replica ")]
+    assert replica["status"] == "warn" and "(down)" in replica["detail"], text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace(pg_dsn, "postgresql://shoal:s3cret@127.0.0.1:1/none"))
+    rc, checks, text = doctor(bad)
+    assert rc == 1 and by_name(checks)["storage"]["status"] == "fail", text
+    assert "s3cret" not in text and "shoal:***@127.0.0.1:1" in text
