@@ -32,7 +32,7 @@ import asyncpg
 
 from coord import events as ev
 from coord.state import State
-from coord.store import ChainBroken, DatabaseDown, Filter, StaleHead
+from coord.store import DatabaseDown, Filter, StaleHead
 from coord.store import sqlite as lite
 
 log = logging.getLogger("shoal.store.postgres")
@@ -219,23 +219,7 @@ class PgStore:
                 f"SELECT {COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT 5000", after
             )
             for row in rows:
-                seq, time, actor, type_name, schema, data, prev_hash, hash_ = tuple(row)
-                seq = int(seq)
-                if seq != expect_seq:
-                    raise ChainBroken(expect_seq, f"missing (next stored event is {seq})")
-                if prev_hash != prev:
-                    raise ChainBroken(seq, "prev_hash does not match the hash of the event before it")
-                try:
-                    obj = json.loads(str(data))
-                    ev.from_data(str(type_name), int(schema), obj)
-                except (ValueError, ev.BadEvent) as e:
-                    raise ChainBroken(seq, f"undecodable data ({e})") from None
-                want = ev.chain_hash_text(prev, seq, str(time), str(actor), str(type_name), int(schema), str(data))
-                if want != hash_:
-                    want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
-                if want != hash_:
-                    raise ChainBroken(seq, "hash does not match the event's contents")
-                prev, expect_seq = str(hash_), seq + 1
+                prev, expect_seq = lite.check_row(prev, expect_seq, tuple(row))
             if len(rows) < 5000:
                 return expect_seq - 1
             after = int(rows[-1][0])

@@ -321,6 +321,30 @@ def decode_row(row: tuple[object, ...]) -> ev.Record:
     return ev.Record(int(str(seq)), str(time), str(actor), event, str(prev_hash), str(hash_))
 
 
+def check_row(prev: str, expect_seq: int, row: tuple[Any, ...]) -> tuple[str, int]:
+    """One stored event in a walk of the chain (SQLite's and PostgreSQL's alike): (its hash, the next seq), or
+    ChainBroken naming the first bad seq and why."""
+    seq, time, actor, type_name, schema, data, prev_hash, hash_ = row
+    seq = int(seq)
+    if seq != expect_seq:
+        raise ChainBroken(expect_seq, f"missing (next stored event is {seq})")
+    if prev_hash != prev:
+        raise ChainBroken(seq, "prev_hash does not match the hash of the event before it")
+    try:
+        obj = json.loads(str(data))
+        ev.from_data(str(type_name), int(schema), obj)
+    except (ValueError, ev.BadEvent) as e:
+        raise ChainBroken(seq, f"undecodable data ({e})") from None
+    # The stored text as it is, then (if it was re-encoded, e.g. by hand) its canonical form: a match of the first
+    # proves the text is the one sealed, since the list around it is canonical JSON too.
+    want = ev.chain_hash_text(prev, seq, str(time), str(actor), str(type_name), int(schema), str(data))
+    if want != hash_:
+        want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
+    if want != hash_:
+        raise ChainBroken(seq, "hash does not match the event's contents")
+    return str(hash_), seq + 1
+
+
 async def verify(conn: aiosqlite.Connection) -> int:
     """Walks the whole chain; returns the number of events, or raises ChainBroken at the first bad one."""
     prev, expect_seq = ev.GENESIS, 1
@@ -328,25 +352,7 @@ async def verify(conn: aiosqlite.Connection) -> int:
         "SELECT seq, time, actor, type, schema, data, prev_hash, hash FROM events ORDER BY seq"
     ) as cur:
         async for row in cur:
-            seq, time, actor, type_name, schema, data, prev_hash, hash_ = tuple(row)
-            seq = int(seq)
-            if seq != expect_seq:
-                raise ChainBroken(expect_seq, f"missing (next stored event is {seq})")
-            if prev_hash != prev:
-                raise ChainBroken(seq, "prev_hash does not match the hash of the event before it")
-            try:
-                obj = json.loads(str(data))
-                ev.from_data(str(type_name), int(schema), obj)
-            except (ValueError, ev.BadEvent) as e:
-                raise ChainBroken(seq, f"undecodable data ({e})") from None
-            # The stored text as it is, then (if it was re-encoded, e.g. by hand) its canonical form: a match of
-            # the first proves the text is the one sealed, since the list around it is canonical JSON too.
-            want = ev.chain_hash_text(prev, seq, str(time), str(actor), str(type_name), int(schema), str(data))
-            if want != hash_:
-                want = ev.chain_hash(prev, seq, str(time), str(actor), str(type_name), int(schema), obj)
-            if want != hash_:
-                raise ChainBroken(seq, "hash does not match the event's contents")
-            prev, expect_seq = str(hash_), seq + 1
+            prev, expect_seq = check_row(prev, expect_seq, tuple(row))
     return expect_seq - 1
 
 

@@ -174,7 +174,8 @@ async def node_sees_cli_change(data: Path, port: int) -> None:
     await n.client.close()
 
 
-def test_dns_cli_change_reaches_a_streaming_node(tmp_path: Path) -> None:
+def with_alice(tmp_path: Path) -> tuple[Path, int, Path, subprocess.Popen[bytes]]:
+    """A server with the CONFIG above (an empty records file) and user alice: (data, port, config, process)."""
     data, port = tmp_path / "data", free_port()
     records = tmp_path / "records.json"
     records.write_text("[]")
@@ -183,6 +184,15 @@ def test_dns_cli_change_reaches_a_streaming_node(tmp_path: Path) -> None:
     server = start(data, port, config)
     try:
         cli(data, "users", "create", "alice")
+    except BaseException:
+        stop(server)
+        raise
+    return data, port, config, server
+
+
+def test_dns_cli_change_reaches_a_streaming_node(tmp_path: Path) -> None:
+    data, port, _, server = with_alice(tmp_path)
+    try:
         asyncio.run(node_sees_cli_change(data, port))
     finally:
         stop(server)
@@ -221,14 +231,8 @@ async def base_domain_reaches_nodes(data: Path, port: int) -> None:
 
 
 def test_dns_cli_base_domain_changes_at_run_time(tmp_path: Path) -> None:
-    data, port = tmp_path / "data", free_port()
-    records = tmp_path / "records.json"
-    records.write_text("[]")
-    config = tmp_path / "shoal.toml"
-    config.write_text(CONFIG.format(records=records))
-    server = start(data, port, config)
+    data, port, config, server = with_alice(tmp_path)
     try:
-        cli(data, "users", "create", "alice")
         asyncio.run(base_domain_reaches_nodes(data, port))
         assert [e["data"] for e in dns_events(data) if e["type"] == "DNSBaseDomainSet"] == [{"domain": "corp.internal"}]
     finally:
