@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -125,7 +126,8 @@ async def test_apiv2_webhooks_roles(tmp_path: Path) -> None:
         n = len(srv.svc.state.webhooks)
         for role in ("auditor", "billing-admin", "member"):
             tok = await token(srv, f"{role}@example.com", role)
-            for method, kw in (("GET", {}), ("POST", {"json": body})):
+            calls: list[tuple[str, dict[str, Any]]] = [("GET", {}), ("POST", {"json": body})]
+            for method, kw in calls:
                 r = await http.request(method, f"{T}/webhooks", headers=bearer(tok), **kw)
                 assert r.status_code == 403 and "network-admin" in r.json()["message"], (role, method)
         assert len(srv.svc.state.webhooks) == n
