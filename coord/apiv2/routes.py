@@ -528,12 +528,17 @@ class ApiV2:
         except ValueError as e:
             raise shapes.BadField("start/end", str(e)) from None
         wanted = set(q.getlist("event"))
+        actors, targets = q.getlist("actor"), [t.casefold() for t in q.getlist("target") if t]
         logs = []
         async for r in self.service.store.read(Filter(since_time=since, until_time=until)):
             if r.event.type in shapes.NOT_CONFIG:
                 continue
             entry = shapes.audit_entry(r)
             if wanted and r.event.type not in wanted and entry["action"] not in wanted:
+                continue
+            if actors and not any(self._actor_is(r.actor, a) for a in actors):
+                continue
+            if targets and not self._target_is(entry["target"], targets):
                 continue
             logs.append(entry)
             if len(logs) >= 10_000:
@@ -629,6 +634,30 @@ class ApiV2:
         await self._created_times()
         return _json(self._webhook(v) | {"secret": v["secret"]})
 
+    def _actor_names(self, actor: str) -> list[str]:
+        """What an actor filter may match: the log's actor, its id part, and for a credential its user's login."""
+        kind, _, ident = actor.partition(":")
+        login = self._login_of(actor) if kind == "api" else ""
+        return _names(actor, ident, login)
+
+    def _actor_is(self, actor: str, want: str) -> bool:
+        """Tailscale's ``actor``: an id (exact), or ``~part`` of a login or display name."""
+        names = self._actor_names(actor)
+        if want.startswith("~"):
+            part = want[1:].casefold()
+            return bool(part) and any(part in n for n in names)
+        return want.casefold() in names
+
+    def _target_is(self, target: dict[str, Any], wants: list[str]) -> bool:
+        """Tailscale's ``target``: any part of the target's id or name (a node's or user's current name)."""
+        tid, name = str(target["id"]), ""
+        if target["type"] == "NODE" and tid.isdigit() and int(tid) in self.state.nodes:
+            name = self.state.nodes[int(tid)].given_name
+        elif target["type"] == "USER" and tid.isdigit() and int(tid) in self.state.users:
+            name = self.state.users[int(tid)].name
+        names = _names(tid, name, str(target["property"]))
+        return any(w in n for w in wants for n in names)
+
     # --- the table ----------------------------------------------------------------------------------------
 
     def routes(self) -> list[BaseRoute]:
@@ -678,6 +707,10 @@ class ApiV2:
             Route(f"{w}/test", g("webhooks", True, self.webhook_test), methods=["POST"]),
             Route(f"{w}/rotate", g("webhooks", True, self.webhook_rotate), methods=["POST"]),
         ])]
+
+
+def _names(*texts: str) -> list[str]:
+    return [t.casefold() for t in texts if t]
 
 
 def policy_time(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from coord import events as ev
 from coord import webhooks as core
 from coord.state import State
 from coord.store import Filter
-from tests.coord.apiv2_util import admin, token
+from tests.coord.apiv2_util import admin, tailscale_client, tls_server, token
 from tests.coord.harness import Running, running_server, sim_node
 from tests.coord.webhook_receiver import Path as Endpoint
 from tests.coord.webhook_receiver import Receiver
@@ -197,3 +198,41 @@ async def test_apiv2_acl_preview_ipport(tmp_path: Path) -> None:
             assert r.status_code == 400 and "previewFor" in r.json()["message"], bad
         r = await http.post(f"{T}/acl/preview", params={"type": "x", "previewFor": "a"}, headers=h, content=POLICY)
         assert r.status_code == 400 and "ipport" in r.json()["message"]
+
+
+async def test_apiv2_client_webhooks_and_audit_filters(tmp_path: Path) -> None:
+    """The PyPI client's webhook methods, and configuration_audit_logs(actors=, targets=)."""
+    async with tls_server(tmp_path) as (srv, ca):
+        tok = await token(srv, "alice@example.com", "owner")
+        await admin(srv, "users.create", name="bob@example.com")
+        async with tailscale_client(srv, ca, api_key=tok) as ts:
+            made = await ts.create_webhook(endpoint_url="https://hooks.example/a", subscriptions=["nodeCreated"])
+            assert made.secret and made.secret.startswith("whsec-") and made.created is not None
+            assert made.creator_login_name == "alice@example.com"
+            assert [w.endpoint_id for w in await ts.webhooks()] == [made.endpoint_id]
+            assert (await ts.webhook(made.endpoint_id)).secret is None
+            up = await ts.update_webhook(made.endpoint_id, subscriptions=["nodeDeleted", "userRoleUpdated"])
+            assert up.subscriptions == ["nodeDeleted", "userRoleUpdated"]
+            rotated = await ts.rotate_webhook_secret(made.endpoint_id)
+            assert rotated.secret and rotated.secret != made.secret
+            await ts.test_webhook(made.endpoint_id)  # 202; hooks.example does not answer, which is no error here
+            await ts.set_user_role(str(srv.svc.state.user_by_name("bob@example.com").id),  # type: ignore[union-attr]
+                                   role="auditor")
+            await ts.delete_webhook(made.endpoint_id)
+            assert await ts.webhooks() == []
+            now = datetime.datetime.now(datetime.UTC)
+            span = {"start": now - datetime.timedelta(hours=1), "end": now + datetime.timedelta(minutes=1)}
+            everything = await ts.configuration_audit_logs(**span)
+            mine = await ts.configuration_audit_logs(**span, actors=["~alice"])
+            cid = tok.split("-")[2]
+            assert mine and all(log.actor.actor_id == f"api:{cid}" for log in mine)
+            assert len(mine) < len(everything)  # users.create etc. were the CLI's ("admin")
+            assert [log.actor.actor_id for log in await ts.configuration_audit_logs(**span, actors=["admin"])] \
+                and all(log.actor.actor_id == "admin" for log in await ts.configuration_audit_logs(**span,
+                                                                                               actors=["admin"]))
+            assert await ts.configuration_audit_logs(**span, actors=["~nobody"]) == []
+            bob = await ts.configuration_audit_logs(**span, targets=["bob@"])
+            assert bob and {log.target.property for log in bob} == {"UserCreated", "UserRoleSet"}
+            hooks = await ts.configuration_audit_logs(**span, targets=["Webhook"])
+            assert {log.target.property for log in hooks} == {"WebhookEndpointAdded", "WebhookEndpointUpdated",
+                                                             "WebhookEndpointRemoved"}
