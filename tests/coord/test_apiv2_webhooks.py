@@ -221,18 +221,22 @@ async def test_apiv2_client_webhooks_and_audit_filters(tmp_path: Path) -> None:
             await ts.delete_webhook(made.endpoint_id)
             assert await ts.webhooks() == []
             now = datetime.datetime.now(datetime.UTC)
-            span = {"start": now - datetime.timedelta(hours=1), "end": now + datetime.timedelta(minutes=1)}
-            everything = await ts.configuration_audit_logs(**span)
-            mine = await ts.configuration_audit_logs(**span, actors=["~alice"])
+            start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(minutes=1)
+
+            async def audit(actors: list[str] | None = None, targets: list[str] | None = None) -> list[Any]:
+                return list(await ts.configuration_audit_logs(start=start, end=end, actors=actors,
+                                                              targets=targets))
+
+            everything = await audit()
+            mine = await audit(actors=["~alice"])
             cid = tok.split("-")[2]
             assert mine and all(log.actor.actor_id == f"api:{cid}" for log in mine)
             assert len(mine) < len(everything)  # users.create etc. were the CLI's ("admin")
-            assert [log.actor.actor_id for log in await ts.configuration_audit_logs(**span, actors=["admin"])] \
-                and all(log.actor.actor_id == "admin" for log in await ts.configuration_audit_logs(**span,
-                                                                                               actors=["admin"]))
-            assert await ts.configuration_audit_logs(**span, actors=["~nobody"]) == []
-            bob = await ts.configuration_audit_logs(**span, targets=["bob@"])
+            by_cli = await audit(actors=["admin"])
+            assert by_cli and all(log.actor.actor_id == "admin" for log in by_cli)
+            assert await audit(actors=["~nobody"]) == []
+            bob = await audit(targets=["bob@"])
             assert bob and {log.target.property for log in bob} == {"UserCreated", "UserRoleSet"}
-            hooks = await ts.configuration_audit_logs(**span, targets=["Webhook"])
+            hooks = await audit(targets=["Webhook"])
             assert {log.target.property for log in hooks} == {"WebhookEndpointAdded", "WebhookEndpointUpdated",
                                                              "WebhookEndpointRemoved"}
