@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,3 +241,25 @@ async def test_apiv2_client_webhooks_and_audit_filters(tmp_path: Path) -> None:
             hooks = await audit(targets=["Webhook"])
             assert {log.target.property for log in hooks} == {"WebhookEndpointAdded", "WebhookEndpointUpdated",
                                                              "WebhookEndpointRemoved"}
+
+
+def test_webhook_cli_update_and_rotate(tmp_path: Path) -> None:
+    """The CLI has the API's two new commands: `webhooks update --events` and `webhooks rotate`."""
+    from tests.coord.util import cli, cli_json
+
+    data = tmp_path / "data"
+    added = cli_json(data, "webhooks", "add", "https://hooks.example/x", "--events", "nodeCreated")
+    out = cli_json(data, "webhooks", "update", added["id"], "--events", "userRoleUpdated,nodeDeleted")
+    assert out["events"] == ["userRoleUpdated", "nodeDeleted"]
+    p = cli(data, "webhooks", "update", added["id"], "--events", "nodeExploded", check=False)
+    assert p.returncode != 0 and "unknown type(s) nodeExploded" in p.stderr
+    p = cli(data, "webhooks", "rotate", added["id"])
+    new = p.stdout.split()[0]
+    assert new.startswith("whsec-") and new != added["secret"] and "shown once" in p.stdout
+    db = sqlite3.connect(data / "shoal.db")
+    try:
+        assert db.execute("SELECT secret FROM webhook_secrets").fetchall() == [(new,)]
+    finally:
+        db.close()
+    p = cli(data, "webhooks", "rotate", "nope", check=False)
+    assert p.returncode != 0 and "no webhook endpoint 'nope'" in p.stderr
