@@ -68,8 +68,8 @@ class ApiV2:
     # last event folded (a new event, or a reload after a failed append, changes it).
     _devices_cache: dict[bool, tuple[str, bytes, bytes]] = field(default_factory=dict)
     _device_json: dict[bool, dict[int, tuple[tuple[Any, ...], bytes]]] = field(default_factory=dict)
-    # Endpoint id -> (time added, who added it), from the log's WebhookEndpointAdded.
-    _created: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Endpoint id -> (time added, who added it, time last changed), from the log (``_created_times``).
+    _created: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -556,13 +556,16 @@ class ApiV2:
         return shapes.webhook(view, self._created.get(view["id"]))
 
     async def _created_times(self) -> None:
-        """When each endpoint was added and by whom (from the log, read once per endpoint)."""
-        missing = [eid for eid in self.state.webhooks if eid not in self._created]
-        if not missing:
-            return
-        async for r in self.service.store.read(Filter(types=("WebhookEndpointAdded",))):
-            if isinstance(r.event, ev.WebhookEndpointAdded) and r.event.endpoint_id in missing:
-                self._created[r.event.endpoint_id] = (r.time, self._login_of(r.actor))
+        """When each endpoint was added, by whom, and last changed (its Added and Updated events in the log)."""
+        seen: dict[str, tuple[str, str, str]] = {}
+        async for r in self.service.store.read(Filter(types=("WebhookEndpointAdded", "WebhookEndpointUpdated"))):
+            e = r.event
+            if isinstance(e, ev.WebhookEndpointAdded) and e.endpoint_id in self.state.webhooks:
+                seen[e.endpoint_id] = (r.time, self._login_of(r.actor), r.time)
+            elif isinstance(e, ev.WebhookEndpointUpdated) and e.endpoint_id in seen:
+                at, by, _ = seen[e.endpoint_id]
+                seen[e.endpoint_id] = (at, by, r.time)
+        self._created = seen
 
     def _login_of(self, actor: str) -> str:
         if actor.startswith("api:"):

@@ -207,16 +207,18 @@ async def test_apiv2_client_webhooks_and_audit_filters(tmp_path: Path) -> None:
         tok = await token(srv, "alice@example.com", "owner")
         await admin(srv, "users.create", name="bob@example.com")
         async with tailscale_client(srv, ca, api_key=tok) as ts:
-            made = await ts.create_webhook(endpoint_url="https://hooks.example/a", subscriptions=["nodeCreated"])
+            made = await ts.create_webhook(endpoint_url="http://127.0.0.1:9/a", subscriptions=["nodeCreated"])
             assert made.secret and made.secret.startswith("whsec-") and made.created is not None
             assert made.creator_login_name == "alice@example.com"
             assert [w.endpoint_id for w in await ts.webhooks()] == [made.endpoint_id]
             assert (await ts.webhook(made.endpoint_id)).secret is None
             up = await ts.update_webhook(made.endpoint_id, subscriptions=["nodeDeleted", "userRoleUpdated"])
             assert up.subscriptions == ["nodeDeleted", "userRoleUpdated"]
+            assert up.created == made.created and up.last_modified is not None and made.created is not None
+            assert up.last_modified > made.created
             rotated = await ts.rotate_webhook_secret(made.endpoint_id)
             assert rotated.secret and rotated.secret != made.secret
-            await ts.test_webhook(made.endpoint_id)  # 202; hooks.example does not answer, which is no error here
+            await ts.test_webhook(made.endpoint_id)  # 202, though nothing listens on port 9
             await ts.set_user_role(str(srv.svc.state.user_by_name("bob@example.com").id),  # type: ignore[union-attr]
                                    role="auditor")
             await ts.delete_webhook(made.endpoint_id)
