@@ -274,6 +274,8 @@ COMMANDS: dict[str, Handler] = {
     "webhooks.add": lambda x, a: _hooks(x).add(_str(a, "url"), _opt_strs(a, "events") or []),
     "webhooks.remove": lambda x, a: _hooks(x).remove(_str(a, "endpoint")),
     "webhooks.test": lambda x, a: _hooks(x).test(_str(a, "endpoint")),
+    "webhooks.rotate": lambda x, a: _hooks(x).rotate(_str(a, "endpoint")),
+    "webhooks.update": lambda x, a: _hooks(x).update(_str(a, "endpoint"), _opt_strs(a, "events") or []),
     "webhooks.deliveries": lambda x, a: _hooks(x).deliveries(_opt_str(a, "endpoint"), _limit(a)),
     "info": lambda x, a: _value(x.info()),
     "replicas": lambda x, a: _replicas(x),

@@ -147,7 +147,7 @@ class App:
         guard = wire.ReplayGuard(not_before=self.clock())
         self.api = Api(self.service, self.fanout, self.logins, self.lifecycle, self.admin, self.private_key,
                        self.clock, guard, self.logins.limited, self.config.proxies)
-        self.apiv2 = ApiV2(self.service, self.clock, self.config.key_expiry_s)
+        self.apiv2 = ApiV2(self.service, self.clock, self.config.key_expiry_s, self.webhooks)
         self.http = self._public_app()
         self.admin_http = Starlette(
             routes=self.api.admin_routes(),

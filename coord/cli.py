@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Tailscale event types to send (default: all): " + ", ".join(webhooks.TYPES))
     wh.add_parser("remove", parents=[common]).add_argument("endpoint", help="endpoint id")
     wh.add_parser("test", parents=[common], help="post a signed test event now").add_argument("endpoint")
+    wh.add_parser("rotate", parents=[common], help="a new signing secret, shown once").add_argument("endpoint")
+    x = wh.add_parser("update", parents=[common], help="replace an endpoint's event types")
+    x.add_argument("endpoint")
+    x.add_argument("--events", required=True, metavar="TYPE[,TYPE]")
     x = wh.add_parser("deliveries", parents=[common], help="delivery attempts, oldest first")
     x.add_argument("endpoint", nargs="?", help="endpoint id (default: all)")
     x.add_argument("-n", "--limit", type=int, default=50)
@@ -325,6 +329,8 @@ def admin_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "webhooks.add", {"url": args.url, "events": _split_tags(args.events)}
         if c == "deliveries":
             return "webhooks.deliveries", {"endpoint": args.endpoint, "limit": args.limit}
+        if c == "update":
+            return "webhooks.update", {"endpoint": args.endpoint, "events": _split_tags(args.events)}
         return f"webhooks.{c}", {"endpoint": getattr(args, "endpoint", None)}
     if g == "policy":
         if c in ("set", "diff"):
@@ -507,6 +513,9 @@ def render(command: str, result: Any) -> str:
             ("LAST", lambda r: f"{r['last']['outcome']} {r['last']['status'] or r['last']['error']}" if r["last"]
              else "-"),
         ]) if result else "no webhook endpoints"
+    if command == "webhooks.rotate":
+        return (f"{result['secret']}\n(endpoint {result['id']}: the new signing secret is shown once; the old one "
+                f"signs nothing from now on)")
     if command == "webhooks.add":
         return (f"{result['secret']}\n(endpoint {result['id']}: the signing secret is shown once; it is kept in the "
                 f"data dir's database, never in the event log)")

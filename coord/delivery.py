@@ -67,7 +67,7 @@ class Webhooks:
 
     # --- admin commands -----------------------------------------------------------------------------------
 
-    async def add(self, url: str, types: list[str]) -> dict[str, Any]:
+    async def add(self, url: str, types: list[str], actor: str = Actor.ADMIN) -> dict[str, Any]:
         """A new endpoint; its secret is returned here once. The secret is stored before the event is appended
         (an event whose secret is missing could never be delivered; a secret whose event failed is inert)."""
         core.check_url(url)
@@ -75,7 +75,7 @@ class Webhooks:
         eid, secret = secrets.token_hex(6), f"whsec-{secrets.token_hex(32)}"
         await self.tables.put_secret(eid, secret)
         try:
-            (r,) = await self.service.execute(lambda s: core.add_endpoint(s, eid, url, checked), Actor.ADMIN)
+            (r,) = await self.service.execute(lambda s: core.add_endpoint(s, eid, url, checked), actor)
         except BaseException:
             await self.tables.forget(eid)
             raise
@@ -83,15 +83,34 @@ class Webhooks:
         await self.tables.set_cursor(eid, r.seq)
         return {**self._view(eid, r.seq, {}), "secret": secret}
 
-    async def remove(self, ref: str) -> dict[str, Any]:
+    async def remove(self, ref: str, actor: str = Actor.ADMIN) -> dict[str, Any]:
         eid = core.find_endpoint(self.service.state, ref)
-        await self.service.execute(lambda s: core.remove_endpoint(s, eid), Actor.ADMIN)
+        await self.service.execute(lambda s: core.remove_endpoint(s, eid), actor)
         t = self._tasks.pop(eid, None)
         if t is not None:
             t.cancel()
             await asyncio.gather(t, return_exceptions=True)
         await self.tables.forget(eid)
         return {"removed": eid}
+
+    async def update(self, ref: str, types: list[str], actor: str = Actor.ADMIN) -> dict[str, Any]:
+        """Replace an endpoint's subscriptions; its task reads them afresh at its next step."""
+        eid = core.find_endpoint(self.service.state, ref)
+        await self.service.execute(lambda s: core.update_endpoint(s, eid, types), actor)
+        return await self.endpoint(eid)
+
+    async def rotate(self, ref: str) -> dict[str, Any]:
+        """A new signing secret, returned here once; the old one signs nothing from now on (the next attempt,
+        retries included, reads the secret afresh). No event: the log never holds a secret, nor names one."""
+        eid = core.find_endpoint(self.service.state, ref)
+        secret = f"whsec-{secrets.token_hex(32)}"
+        await self.tables.put_secret(eid, secret)
+        return {**await self.endpoint(eid), "secret": secret}
+
+    async def endpoint(self, ref: str) -> dict[str, Any]:
+        eid = core.find_endpoint(self.service.state, ref)
+        last = await self.tables.last_outcomes()
+        return self._view(eid, await self.tables.cursor(eid), last.get(eid, {}))
 
     def _view(self, eid: str, cursor: int | None, last: dict[str, Any]) -> dict[str, Any]:
         url, types = self.service.state.webhooks[eid]

@@ -392,6 +392,14 @@ class WebhookEndpointRemoved(Event):
     endpoint_id: str
 
 
+@dataclass(frozen=True)
+class WebhookEndpointUpdated(Event):
+    """An endpoint's subscriptions replaced (API v2 PATCH /webhooks/{id}); its URL and secret are unchanged."""
+
+    endpoint_id: str
+    event_types: tuple[str, ...]
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -430,6 +438,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DNSRecordsFileLoaded,
         WebhookEndpointAdded,
         WebhookEndpointRemoved,
+        WebhookEndpointUpdated,
     )
 }
 

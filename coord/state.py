@@ -455,6 +455,10 @@ def apply(state: State, event: ev.Event, ts: float) -> Change:
         case ev.WebhookEndpointRemoved(endpoint_id=eid):
             state.webhooks.pop(eid, None)
             return Change()
+        case ev.WebhookEndpointUpdated(endpoint_id=eid, event_types=types):
+            if eid in state.webhooks:
+                state.webhooks[eid] = (state.webhooks[eid][0], tuple(types))
+            return Change()
     raise ev.BadEvent(f"no fold for {type(event).__name__}")
 
 

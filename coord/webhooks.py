@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from coord import events as ev
-from coord.errors import DomainError
+from coord.errors import DomainError, NotFound
 from coord.state import State
 
 VERSION = 1
@@ -44,8 +44,9 @@ RETRY_CAP = 3600.0
 MAX_BATCH = 20
 
 # Tailscale's event types (its API's webhook subscriptions) that Shoal has events for, and those events (see
-# ``types_of``). Not yet: nodeNeedsApproval, nodeSigned, nodeNeedsSignature, userNeedsApproval, userSuspended,
-# userRestored, userApproved, userRoleUpdated, subnetIPForwardingNotEnabled, exitNodeIPForwardingNotEnabled.
+# ``types_of``). Not yet: nodeNeedsApproval (a pending registration is held in memory, coord/logins.py, and
+# logged only once approved), nodeSigned, nodeNeedsSignature, userNeedsApproval, userSuspended, userRestored,
+# userApproved, subnetIPForwardingNotEnabled, exitNodeIPForwardingNotEnabled (no such events in Shoal).
 TYPES: dict[str, str] = {
     "nodeCreated": "NodeRegistered",
     "nodeApproved": "NodeRegistered/NodeReauthenticated by an admin (a pending registration approved)",
@@ -55,6 +56,7 @@ TYPES: dict[str, str] = {
     "policyUpdate": "PolicySet",
     "userCreated": "UserCreated",
     "userDeleted": "UserDeleted",
+    "userRoleUpdated": "UserRoleSet",
 }
 TEST_TYPE = "test"
 
@@ -79,6 +81,8 @@ def types_of(r: ev.Record) -> list[str]:
             return ["userCreated"]
         case ev.UserDeleted():
             return ["userDeleted"]
+        case ev.UserRoleSet():
+            return ["userRoleUpdated"]
     return []
 
 
@@ -93,7 +97,7 @@ def deleted_names(records: Sequence[ev.Record], state: State) -> set[tuple[str, 
     for r in records:
         if isinstance(r.event, ev.NodeDeleted) and r.event.node_id not in state.nodes:
             out.add(("node", r.event.node_id))
-        if isinstance(r.event, ev.UserDeleted) and r.event.user_id not in state.users:
+        if isinstance(r.event, ev.UserDeleted | ev.UserRoleSet) and r.event.user_id not in state.users:
             out.add(("user", r.event.user_id))
     return out
 
@@ -122,7 +126,7 @@ def message(kind: str, r: ev.Record, state: State, names: Names | None = None) -
         name = e.given_name if isinstance(e, ev.NodeRegistered) else (
             n.given_name if n is not None else known.get(("node", nid), ""))
         data |= {"nodeID": str(nid), "deviceName": name}
-    if isinstance(e, ev.UserCreated | ev.UserDeleted):
+    if isinstance(e, ev.UserCreated | ev.UserDeleted | ev.UserRoleSet):
         u = state.users.get(e.user_id)
         uname = e.name if isinstance(e, ev.UserCreated) else (u.name if u else known.get(("user", e.user_id), ""))
         data |= {"userID": str(e.user_id), "user": uname}
@@ -130,13 +134,16 @@ def message(kind: str, r: ev.Record, state: State, names: Names | None = None) -
         "nodeCreated": "Node {n} created", "nodeApproved": "Node {n} approved", "nodeDeleted": "Node {n} deleted",
         "nodeKeyExpired": "Node {n} key expired", "nodeKeyExpiringInOneDay": "Node {n} key is expiring in one day",
         "policyUpdate": "Tailnet policy file updated", "userCreated": "User {u} created",
-        "userDeleted": "User {u} deleted",
+        "userDeleted": "User {u} deleted", "userRoleUpdated": "User {u} role updated to {r}",
     }[kind]
+    if isinstance(e, ev.UserRoleSet):
+        data["newRoles"] = [e.role]
     if isinstance(e, ev.NodeKeyExpiringSoon | ev.NodeExpired):
         data["expiry"] = ev.rfc3339(e.key_expiry if isinstance(e, ev.NodeKeyExpiringSoon) else e.at)
     if isinstance(e, ev.PolicySet):
         data["sha256"] = e.sha256
-    text = what.format(n=data.get("deviceName") or data.get("nodeID", ""), u=data.get("user", ""))
+    text = what.format(n=data.get("deviceName") or data.get("nodeID", ""), u=data.get("user", ""),
+                       r=getattr(e, "role", ""))
     return text, data
 
 
@@ -220,7 +227,7 @@ def check_types(types: Sequence[str]) -> tuple[str, ...]:
 def find_endpoint(state: State, ref: str) -> str:
     if ref in state.webhooks:
         return ref
-    raise DomainError(f"no webhook endpoint {ref!r}")
+    raise NotFound(f"no webhook endpoint {ref!r}")
 
 
 def add_endpoint(state: State, endpoint_id: str, url: str, types: Sequence[str]) -> list[ev.Event]:
@@ -231,6 +238,15 @@ def add_endpoint(state: State, endpoint_id: str, url: str, types: Sequence[str])
 
 def remove_endpoint(state: State, ref: str) -> list[ev.Event]:
     return [ev.WebhookEndpointRemoved(find_endpoint(state, ref))]
+
+
+def update_endpoint(state: State, ref: str, types: Sequence[str]) -> list[ev.Event]:
+    """New subscriptions for an endpoint (at least one: an empty list is refused, not read as "all")."""
+    eid = find_endpoint(state, ref)
+    if not types:
+        raise DomainError("subscriptions: at least one event type")
+    checked = check_types(types)
+    return [] if checked == state.webhooks[eid][1] else [ev.WebhookEndpointUpdated(eid, checked)]
 
 
 # --- the retry schedule -----------------------------------------------------------------------------------

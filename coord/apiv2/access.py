@@ -20,6 +20,11 @@ WRITERS: dict[str, tuple[str, ...]] = {
     "roles": ("owner", "admin"),
     "settings": ("owner", "admin"),
     "logs": (),
+    "webhooks": ("owner", "admin", "network-admin", "it-admin"),
+}
+# Areas whose readers are fewer than READERS: Tailscale lets only these roles see webhook endpoints at all.
+READERS_OF: dict[str, tuple[str, ...]] = {
+    "webhooks": ("owner", "admin", "network-admin", "it-admin"),
 }
 SCOPES: dict[str, str] = {
     "devices": "devices:core",
@@ -31,6 +36,7 @@ SCOPES: dict[str, str] = {
     "roles": "users",
     "settings": "feature_settings",
     "logs": "logs:configuration",
+    "webhooks": "webhooks",
 }
 ALL_SCOPES = frozenset(
     {"all", "all:read"} | {s for s in SCOPES.values()} | {f"{s}:read" for s in SCOPES.values()}
@@ -43,7 +49,7 @@ class Forbidden(Exception):
 
 def check(p: Principal, area: str, write: bool) -> None:
     if p.role is not None:
-        allowed = WRITERS[area] if write else READERS
+        allowed = WRITERS[area] if write else READERS_OF.get(area, READERS)
         if p.role not in allowed:
             what = "change" if write else "read"
             raise Forbidden(f"to {what} {area} you need the role {' or '.join(allowed)} (you are {p.role})")

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -25,11 +25,15 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from coord import decide, policy
 from coord import events as ev
+from coord.access import tailnet as access_tailnet
 from coord.apiv2 import access, creds, shapes
 from coord.apiv2.creds import OAuthToken, Principal
 from coord.errors import DomainError, NotFound
 from coord.service import Service
 from coord.store import Filter
+
+if TYPE_CHECKING:
+    from coord.delivery import Webhooks
 
 log = logging.getLogger("shoal.apiv2")
 
@@ -56,12 +60,16 @@ class ApiV2:
     service: Service
     clock: Callable[[], float]
     key_expiry_s: float | None
+    # Webhook endpoints: the same commands as ``shoal-server webhooks`` (None on PostgreSQL: not there yet).
+    webhooks: Webhooks | None = None
     # OAuth access tokens: hash of the token text -> client and expiry (memory only: they live an hour).
     oauth: dict[str, OAuthToken] = field(default_factory=dict)
     # The device list is a pure function of the state: its encoded body, by fields=all, with the hash of the
     # last event folded (a new event, or a reload after a failed append, changes it).
     _devices_cache: dict[bool, tuple[str, bytes, bytes]] = field(default_factory=dict)
     _device_json: dict[bool, dict[int, tuple[tuple[Any, ...], bytes]]] = field(default_factory=dict)
+    # Endpoint id -> (time added, who added it, time last changed), from the log (``_created_times``).
+    _created: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -366,15 +374,18 @@ class ApiV2:
     async def acl_preview(self, request: Request, p: Principal) -> Response:
         kind = request.query_params.get("type", "")
         who = request.query_params.get("previewFor", "")
-        if kind != "user":
-            raise shapes.BadField("type", "Shoal previews type=user only")
+        if kind not in ("user", "ipport"):
+            raise shapes.BadField("type", "expected user or ipport")
         if not who:
-            raise shapes.BadField("previewFor", "required: a user's login name")
+            raise shapes.BadField("previewFor", "required: a user's login name" if kind == "user"
+                                  else "required: IP:port (e.g. 100.64.0.1:22, [fd7a:115c:a1e0::1]:22)")
         text = (await self.body(request)).decode("utf-8", "replace")
         try:
             parsed = policy.parse(text)
         except policy.PolicyError as e:
             raise shapes.BadField("body", str(e)) from None
+        if kind == "ipport":
+            return _json({"type": kind, "previewFor": who, "matches": self._preview_ipport(parsed, who)})
         u = self.state.user_by_name(who)
         mine = {who, "*", "autogroup:member"} | ({f"autogroup:{u.role}"} if u else set())
         mine |= {g for g, members in parsed.groups.items() if who in members}
@@ -387,6 +398,29 @@ class ApiV2:
                 matches.append({"users": list(g.src), "ports": [f"{d}:{','.join(g.ip) or '*'}" for d in g.dst],
                                 "lineNumber": 0})
         return _json({"type": kind, "previewFor": who, "matches": matches})
+
+    def _preview_ipport(self, parsed: Any, who: str) -> list[dict[str, Any]]:
+        """Each rule through which something reaches IP:port, as written in the file (src, and dst with ports)."""
+        host, sep, port_text = who.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise shapes.BadField("previewFor", f"{who!r} is not IP:port (a port from 1 to 65535)")
+        try:
+            rules = policy.rules_to(parsed, host, int(port_text), access_tailnet(self.state))
+        except ValueError as e:
+            raise shapes.BadField("previewFor", str(e)) from None
+        out = []
+        for r in rules:
+            section, i = r.origin[0], r.origin[1]
+            raw = parsed.raw.get(section, [])[i] if isinstance(i, int) else {}
+            src = [str(x) for x in raw.get("src", [])]
+            if section == "grants":
+                ips = ",".join(str(x) for x in raw.get("ip", [])) or "*"
+                ports = [f"{d}:{ips}" for d in raw.get("dst", [])]
+            else:
+                ports = [str(x) for x in raw.get("dst", [])]
+            out.append({"users": src, "ports": ports, "lineNumber": 0})
+        return out
 
     # --- DNS ----------------------------------------------------------------------------------------------
 
@@ -494,6 +528,7 @@ class ApiV2:
         except ValueError as e:
             raise shapes.BadField("start/end", str(e)) from None
         wanted = set(q.getlist("event"))
+        actors, targets = q.getlist("actor"), [t.casefold() for t in q.getlist("target") if t]
         logs = []
         async for r in self.service.store.read(Filter(since_time=since, until_time=until)):
             if r.event.type in shapes.NOT_CONFIG:
@@ -501,10 +536,130 @@ class ApiV2:
             entry = shapes.audit_entry(r)
             if wanted and r.event.type not in wanted and entry["action"] not in wanted:
                 continue
+            if actors and not any(self._actor_is(r.actor, a) for a in actors):
+                continue
+            if targets and not self._target_is(entry["target"], targets):
+                continue
             logs.append(entry)
             if len(logs) >= 10_000:
                 break
         return _json({"version": "1.1", "tailnetId": "-", "logs": logs})
+
+    # --- webhooks -----------------------------------------------------------------------------------------
+
+    def _hooks(self) -> Webhooks:
+        if self.webhooks is None:
+            raise DomainError("webhooks are not available on PostgreSQL yet (docs/ha.md)")
+        return self.webhooks
+
+    def _webhook(self, view: dict[str, Any]) -> dict[str, Any]:
+        return shapes.webhook(view, self._created.get(view["id"]))
+
+    async def _created_times(self) -> None:
+        """When each endpoint was added, by whom, and last changed (its Added and Updated events in the log)."""
+        seen: dict[str, tuple[str, str, str]] = {}
+        async for r in self.service.store.read(Filter(types=("WebhookEndpointAdded", "WebhookEndpointUpdated"))):
+            e = r.event
+            if isinstance(e, ev.WebhookEndpointAdded) and e.endpoint_id in self.state.webhooks:
+                seen[e.endpoint_id] = (r.time, self._login_of(r.actor), r.time)
+            elif isinstance(e, ev.WebhookEndpointUpdated) and e.endpoint_id in seen:
+                at, by, _ = seen[e.endpoint_id]
+                seen[e.endpoint_id] = (at, by, r.time)
+        self._created = seen
+
+    def _login_of(self, actor: str) -> str:
+        if actor.startswith("api:"):
+            c = self.state.credentials.get(actor.removeprefix("api:"))
+            u = self.state.users.get(c["user_id"]) if c else None
+            if u is not None:
+                return str(u.name)
+        return actor
+
+    async def webhooks_list(self, request: Request, p: Principal) -> Response:
+        hooks = await self._hooks().endpoints()
+        await self._created_times()
+        return _json({"webhooks": [self._webhook(v) for v in hooks]})
+
+    async def webhook_create(self, request: Request, p: Principal) -> Response:
+        body = await self.obj(request)
+        url = shapes.get_str(body, "endpointUrl", limit=2048)
+        provider = shapes.get_str(body, "providerType", default="", limit=32)
+        if provider not in ("", "generic"):
+            raise shapes.BadField("providerType", "Shoal sends Tailscale's own format only: omit it or use ''")
+        subs = shapes.get_strs(body, "subscriptions")
+        if not subs:
+            raise shapes.BadField("subscriptions", "at least one event type")
+        try:
+            made = await self._hooks().add(url, subs, actor=p.actor)
+        except NotFound:
+            raise
+        except DomainError as e:
+            field_name = "endpointUrl" if e.message.startswith("url") else "subscriptions"
+            raise shapes.BadField(field_name, e.message) from None
+        await self._created_times()
+        return _json(self._webhook(made) | {"secret": made["secret"]})
+
+    def _eid(self, request: Request) -> str:
+        return str(request.path_params["endpoint"])
+
+    async def webhook_get(self, request: Request, p: Principal) -> Response:
+        v = await self._hooks().endpoint(self._eid(request))
+        await self._created_times()
+        return _json(self._webhook(v))
+
+    async def webhook_patch(self, request: Request, p: Principal) -> Response:
+        hooks, eid = self._hooks(), self._eid(request)
+        await hooks.endpoint(eid)  # 404 before looking at the body
+        subs = shapes.get_strs(await self.obj(request), "subscriptions")
+        try:
+            v = await hooks.update(eid, subs, actor=p.actor)
+        except NotFound:
+            raise
+        except DomainError as e:
+            raise shapes.BadField("subscriptions", e.message) from None
+        await self._created_times()
+        return _json(self._webhook(v))
+
+    async def webhook_delete(self, request: Request, p: Principal) -> Response:
+        await self._hooks().remove(self._eid(request), actor=p.actor)
+        return _json({})
+
+    async def webhook_test(self, request: Request, p: Principal) -> Response:
+        # Tailscale queues the test event and answers 202; Shoal posts it before answering (the outcome is in
+        # the log line and in `shoal-server webhooks test`), and still answers 202 whatever the endpoint said.
+        out = await self._hooks().test(self._eid(request))
+        if not out["ok"]:
+            log.info("webhook %s test: %s", out["id"], out["error"] or out["status"])
+        return Response(b"", status_code=202)
+
+    async def webhook_rotate(self, request: Request, p: Principal) -> Response:
+        v = await self._hooks().rotate(self._eid(request))
+        await self._created_times()
+        return _json(self._webhook(v) | {"secret": v["secret"]})
+
+    def _actor_names(self, actor: str) -> list[str]:
+        """What an actor filter may match: the log's actor, its id part, and for a credential its user's login."""
+        kind, _, ident = actor.partition(":")
+        login = self._login_of(actor) if kind == "api" else ""
+        return _names(actor, ident, login)
+
+    def _actor_is(self, actor: str, want: str) -> bool:
+        """Tailscale's ``actor``: an id (exact), or ``~part`` of a login or display name."""
+        names = self._actor_names(actor)
+        if want.startswith("~"):
+            part = want[1:].casefold()
+            return bool(part) and any(part in n for n in names)
+        return want.casefold() in names
+
+    def _target_is(self, target: dict[str, Any], wants: list[str]) -> bool:
+        """Tailscale's ``target``: any part of the target's id or name (a node's or user's current name)."""
+        tid, name = str(target["id"]), ""
+        if target["type"] == "NODE" and tid.isdigit() and int(tid) in self.state.nodes:
+            name = self.state.nodes[int(tid)].given_name
+        elif target["type"] == "USER" and tid.isdigit() and int(tid) in self.state.users:
+            name = self.state.users[int(tid)].name
+        names = _names(tid, name, str(target["property"]))
+        return any(w in n for w in wants for n in names)
 
     # --- the table ----------------------------------------------------------------------------------------
 
@@ -512,6 +667,7 @@ class ApiV2:
         g = self.guard
         t = "/tailnet/{tailnet}"
         d = "/device/{device}"
+        w = "/webhooks/{endpoint}"
         return [Mount("/api/v2", routes=[
             Route("/oauth/token", self.oauth_token, methods=["POST"]),
             Route(f"{t}/devices", g("devices", False, self.devices), methods=["GET"]),
@@ -546,7 +702,18 @@ class ApiV2:
             Route(f"{t}/settings", g("settings", False, self.settings), methods=["GET"]),
             Route(f"{t}/settings", g("settings", True, self.settings), methods=["PATCH"]),
             Route(f"{t}/logging/configuration", g("logs", False, self.audit), methods=["GET"]),
+            Route(f"{t}/webhooks", g("webhooks", False, self.webhooks_list), methods=["GET"]),
+            Route(f"{t}/webhooks", g("webhooks", True, self.webhook_create), methods=["POST"]),
+            Route(w, g("webhooks", False, self.webhook_get), methods=["GET"]),
+            Route(w, g("webhooks", True, self.webhook_patch), methods=["PATCH"]),
+            Route(w, g("webhooks", True, self.webhook_delete), methods=["DELETE"]),
+            Route(f"{w}/test", g("webhooks", True, self.webhook_test), methods=["POST"]),
+            Route(f"{w}/rotate", g("webhooks", True, self.webhook_rotate), methods=["POST"]),
         ])]
+
+
+def _names(*texts: str) -> list[str]:
+    return [t.casefold() for t in texts if t]
 
 
 def policy_time(text: str) -> str:

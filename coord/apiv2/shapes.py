@@ -228,3 +228,11 @@ def audit_entry(r: ev.Record) -> dict[str, Any]:
         "eventTime": r.time,
         "shoal": {"seq": r.seq, "type": r.event.type, "hash": r.hash},
     }
+
+
+def webhook(view: dict[str, Any], created: tuple[str, str, str] | None) -> dict[str, Any]:
+    """Tailscale's webhook object, from ``Webhooks``'s view of an endpoint; the secret is added only by the two
+    calls that make one (create, rotate)."""
+    at, by, changed = created or ("", "", "")
+    return {"endpointId": view["id"], "endpointUrl": view["url"], "providerType": "",
+            "creatorLoginName": by, "created": at, "lastModified": changed, "subscriptions": list(view["events"])}

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .approve import exit_node_approved, route_approved, tag_allowed
-from .check import check, render_check, run_tests, tailnet_state
+from .check import check, render_check, rules_to, run_tests, tailnet_state
 from .compile import FILTER_ALLOW_ALL, PolicyEngine, PolicyNode
 from .diff import diff_engines, diff_policies, render_diff
 from .hujson import PolicyError
@@ -39,6 +39,7 @@ __all__ = [
     "render_check",
     "render_diff",
     "route_approved",
+    "rules_to",
     "run_tests",
     "tag_allowed",
     "tailnet_state",

@@ -43,8 +43,8 @@ from typing import Any
 from . import ssh
 from .compile import PolicyNode, node_nets, parse_net
 from .hujson import PolicyError
-from .match import Subject, Verdict, all_of, any_of, rule_allows
-from .model import INTERNET, TAILNET_RANGES, IPNet, Policy, Test
+from .match import Subject, Verdict, all_of, any_of, match_sel, proto_ok, rule_allows, same_owner
+from .model import INTERNET, TAILNET_RANGES, IPNet, Policy, Rule, Test
 from .parse import ip_net, parse, parse_proto, split_alias_ports
 
 ANY_TAG = "tag:<a tag named nowhere>"
@@ -201,6 +201,31 @@ def _user(policy: Policy, login: str, tn: _Tailnet) -> Subject:
         member=login not in tn.shared and login not in tn.outsiders,
         nets=nets or None,
     )
+
+
+def rules_to(policy: Policy, address: str, port: int, tailnet: Mapping[str, Any] | None = None) -> list[Rule]:
+    """The rules that let some source reach ``address:port`` (API v2 ``acl/preview?type=ipport``), with the
+    matcher `tests` use: the address is the node that has it in ``tailnet`` (its user, tags, groups, roles), or
+    a bare address. ``autogroup:self`` counts for a user's (untagged) device. Raises ValueError on a bad address."""
+    net = ip_net(address.strip())
+    if net is None or net.num_addresses != 1:
+        raise ValueError(f"{address!r} is not an IP address")
+    dst = subjects(policy, address.strip(), _Tailnet(tailnet if tailnet is not None else {}))[0]
+    out = []
+    for rule in policy.rules:
+        if not proto_ok(rule, None):
+            continue
+        for d in rule.dst:
+            if not any(a <= port <= b for a, b in d.ports):
+                continue
+            if d.sel.kind == "autogroup" and d.sel.name == "self":
+                hit = same_owner(dst, dst).value is True and dst.user is not None
+            else:
+                hit = match_sel(d.sel, dst, dst=True).value is True
+            if hit:
+                out.append(rule)
+                break
+    return out
 
 
 def evaluate(policy: Policy, src: Subject, dst: Subject, port: int, proto: int | None) -> Verdict:
