@@ -176,8 +176,10 @@ class ExitRouteApplier:
 
     async def set(self, cfg: ExitConfig) -> None:
         """Reads and closes the gap while an exit node is chosen (the interface's `default dev` route goes
-        with a restarted engine, so it is checked each time); nothing while it stays off."""
-        if not cfg.on and (self.applied is None or not self.applied.on):
+        with a restarted engine, so it is checked each time); nothing while it stays off. The first call always
+        reads: rules and routes left by an agent that crashed with an exit node in use go, once the exit node is
+        cleared in the prefs, at the next start."""
+        if not cfg.on and self.applied is not None and not self.applied.on:
             self.applied = cfg
             return
         self.iface = cfg.iface
