@@ -268,3 +268,28 @@ def test_exit_node_leftovers_from_a_crash_go_at_start_when_cleared(tmp_path: Pat
         "ip -4 rule del priority 5270 table 52\n" \
         "ip -6 route del unreachable default metric 4096 table 52\n" in first
     assert "table 52" not in second and "rule show" not in second  # converged: off stays off without reading
+
+
+def test_exit_node_rp_filter_keeps_replies_to_marked_traffic_as_a_transcript(tmp_path: Path) -> None:
+    """Strict rp_filter: the bypass bit is saved in the connection's mark and restored on replies, and
+    src_valid_mark lets the reverse lookup use it; made once when the exit node is chosen, gone when cleared."""
+    t, _ = run_client(tmp_path)
+    first, rest = t.split("--- the exit node goes offline\n")
+    assert "".join(f"{c}\n" for c in ON) + (
+        "sysctl -w net.ipv4.conf.all.src_valid_mark=1\n"
+        "nft -f -\n"
+        "    table inet shoal_exit {}\n"
+        "    delete table inet shoal_exit\n"
+        "    table inet shoal_exit {\n"
+        "    \tchain output {\n"
+        "    \t\ttype filter hook output priority mangle; policy accept;\n"
+        "    \t\tmeta mark & 0xff0000 == 0x80000 ct mark set ct mark | 0x80000\n"
+        "    \t}\n"
+        "    \tchain prerouting {\n"
+        "    \t\ttype filter hook prerouting priority mangle; policy accept;\n"
+        "    \t\tct mark & 0xff0000 == 0x80000 meta mark set meta mark | 0x80000\n"
+        "    \t}\n"
+        "    }\n") in first
+    assert "shoal_exit" not in rest.split("--- the user clears it\n")[0]  # made once, kept while offline
+    cleared = rest.split("--- the user clears it\n")[1]
+    assert cleared.count("nft delete table inet shoal_exit\n") == 1
