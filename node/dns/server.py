@@ -23,8 +23,8 @@ from collections.abc import Iterable
 
 from dnslib import DNSRecord
 
-from node.dns.answer import Answerer, Forward, Reply, fit_udp, key, question_bytes, servfail
 from node import sockmark
+from node.dns.answer import Answerer, Forward, Reply, fit_udp, key, question_bytes, servfail
 from node.dns.table import Upstream
 
 log = logging.getLogger("shoald.dns")
@@ -150,7 +150,10 @@ async def forward(fwd: Forward, pool: Upstreams, timeout: float = TIMEOUT, tcp_f
     each = timeout / max(len(ups), 1)
     for up in ups:
         try:
-            data = await ask_tcp(up, fwd.packet, each, pool.fwmark) if tcp_first else await pool.ask(up, fwd.packet, each)
+            if tcp_first:
+                data = await ask_tcp(up, fwd.packet, each, pool.fwmark)
+            else:
+                data = await pool.ask(up, fwd.packet, each)
             if not tcp_first and data[2] & 0x02:  # TC: the full answer over TCP
                 data = await ask_tcp(up, fwd.packet, each, pool.fwmark)
             q = question_bytes(fwd.packet)
