@@ -70,6 +70,9 @@ class PolicyVisibility:
     def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
         return self.engine.cap_grants(node_id)
 
+    def exit_allowed(self, viewer: int, exit_id: int) -> bool:
+        return self.engine.exit_allowed(viewer, exit_id)
+
     def observe(self, records: list[ev.Record]) -> Change:
         affected: set[int] = set()
         for r in records:

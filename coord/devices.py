@@ -96,6 +96,10 @@ class DeviceVisibility:
     def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
         return [] if self._via(node_id) is not None else self.inner.cap_grants(node_id)
 
+    def exit_allowed(self, viewer: int, exit_id: int) -> bool:
+        # A hub's devices send through the hub, whose own permission is what its netmap reflects.
+        return self.inner.exit_allowed(viewer, exit_id)
+
     def widen(self, change: Change) -> Change:
         """A device whose peers or filter may have changed changes its hub's filter."""
         for nid in list(change.visibility):

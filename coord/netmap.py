@@ -32,6 +32,8 @@ class Visibility(Protocol):
 
     def cap_grants(self, node_id: int) -> list[dict[str, Any]]: ...
 
+    def exit_allowed(self, viewer: int, exit_id: int) -> bool: ...
+
 
 @dataclass
 class AllowAll:
@@ -54,6 +56,9 @@ class AllowAll:
     def cap_grants(self, node_id: int) -> list[dict[str, Any]]:
         return []
 
+    def exit_allowed(self, viewer: int, exit_id: int) -> bool:
+        return True
+
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
@@ -69,13 +74,15 @@ class Settings:
     server_host: str = ""
 
 
-def node_record(n: Node, domain: str, devices: Iterable[Node] = ()) -> dict[str, Any]:
+def node_record(n: Node, domain: str, devices: Iterable[Node] = (), exit_routes: bool = True) -> dict[str, Any]:
+    """``exit_routes=False``: the record as a viewer the policy does not let use this exit node sees it (no
+    0.0.0.0/0 or ::/0 in AllowedIPs; Hostinfo still says what the node offers)."""
     addrs = [f"{n.ipv4}/32", f"{n.ipv6}/128"]
     # A subnet route reaches peers only from its elected primary; approved exit routes from every exit node (a
     # client picks one). Either way only approved, advertised routes (see State). A hub carries the addresses of
     # its plain-WireGuard devices (coord/devices.py).
     allowed = addrs + [a for d in devices for a in (f"{d.ipv4}/32", f"{d.ipv6}/128")] + list(n.primary_routes)
-    if n.exit_node:
+    if n.exit_node and exit_routes:
         allowed += list(EXIT_ROUTES)
     return {
         "ID": n.id,
@@ -116,6 +123,8 @@ class Builder:
     state: State
     settings: Settings
     _peer_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    # An exit node's record without the exit routes, for viewers the policy does not let use it (encoded once too).
+    _peer_cache_noexit: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     # Patches and the ControlTime text are the same for every viewer of a change: encode them once, not per viewer.
     _patch_cache: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     _time_cache: tuple[float, bytes] = (0.0, b"")
@@ -132,16 +141,25 @@ class Builder:
         self._settings_json = None
         self._dns_json = (-1, b"")
 
-    def peer_json(self, n: Node) -> bytes:
-        hit = self._peer_cache.get(n.id)
+    def peer_json(self, n: Node, exit_routes: bool = True) -> bytes:
+        cache = self._peer_cache if exit_routes or not n.exit_node else self._peer_cache_noexit
+        hit = cache.get(n.id)
         if hit is not None and hit[0] == n.version:
             return hit[1]
-        data = _dumps(node_record(n, self.domain, devices_of(self.state, n.id)))
-        self._peer_cache[n.id] = (n.version, data)
+        data = _dumps(node_record(n, self.domain, devices_of(self.state, n.id), exit_routes))
+        cache[n.id] = (n.version, data)
         return data
+
+    @staticmethod
+    def _tag(vis: Visibility, viewer: int, p: Node) -> tuple[bool, int]:
+        """(exit routes shown, what ``sent`` records for p): its version, doubled, plus one for the record without
+        exit routes; so a policy change that grants or takes the exit node resends the record."""
+        shown = not p.exit_node or vis.exit_allowed(viewer, p.id)
+        return shown, p.version * 2 + (0 if shown else 1)
 
     def forget(self, node_id: int) -> None:
         self._peer_cache.pop(node_id, None)
+        self._peer_cache_noexit.pop(node_id, None)
         self._patch_cache.pop(node_id, None)
 
     def patch_json(self, n: Node) -> bytes:
@@ -201,10 +219,11 @@ class Builder:
         ids = sorted(peers)
         derp, dns = self._settings()
         filt = vis.filter(node_id) if me.active else []
+        tags = {i: self._tag(vis, node_id, peers[i]) for i in ids}
         body = b"".join(
             [
                 b'{"Node":', _dumps(self.self_record(me)),
-                b',"Peers":[', b",".join(self.peer_json(peers[i]) for i in ids), b"]",
+                b',"Peers":[', b",".join(self.peer_json(peers[i], tags[i][0]) for i in ids), b"]",
                 b',"DERPMap":', derp,
                 b',"DNSConfig":', dns,
                 b',"PacketFilter":', _dumps(filt),
@@ -215,12 +234,12 @@ class Builder:
                 b"}",
             ]
         )
-        return body, {i: peers[i].version for i in ids}
+        return body, {i: tags[i][1] for i in ids}
 
     def delta(
         self, vis: Visibility, node_id: int, change: Change, sent: dict[int, int], now: float
     ) -> bytes | None:
-        """A delta MapResponse against ``sent`` (peer id -> version), which is updated in place.
+        """A delta MapResponse against ``sent`` (peer id -> ``_tag``), which is updated in place.
 
         Returns None when nothing this node sees has changed.
         """
@@ -250,21 +269,22 @@ class Builder:
                     removed.append(pid)
                 continue
             had = sent.get(pid)
-            if had == p.version:
+            shown, tag = self._tag(vis, node_id, p)
+            if had == tag:
                 continue
             # A patch carries only the patch fields, but p.version may already count a change that is folded and
             # not yet flushed. So a patched copy is recorded as ~version (never a real version), and only a
             # change naming the peer in ``peers`` replaces it with the whole record.
-            if had == ~p.version and pid not in change.peers:
+            if had == ~tag and pid not in change.peers:
                 continue
             # After a policy or visibility change the viewer may not have seen this peer for a while (a record
             # change made while it was hidden was never pushed to it): only the whole record is safe then.
             if had is not None and pid in change.patches and pid not in change.peers and current is None:
                 patches.append(self.patch_json(p))
-                sent[pid] = ~p.version
+                sent[pid] = ~tag
             else:
-                changed.append(self.peer_json(p))
-                sent[pid] = p.version
+                changed.append(self.peer_json(p, shown))
+                sent[pid] = tag
         if node_id in change.self_nodes:
             parts.append(b'"Node":' + _dumps(self.self_record(me)))
         if changed:

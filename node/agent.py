@@ -157,7 +157,7 @@ class Agent:
         self.ssh = ssh_server.SshServer(self.cfg.state_dir / "ssh_host_ed25519_key", self.cfg.ssh_port)
         self._url_index = 0  # which of the login server and its replicas (prefs.control_urls) the loop talks to
         self.dns = MagicDNS(self.cfg.dns, self.cfg.resolv_conf, self.cfg.state_dir / "resolv.conf.shoal",
-                            port=self.cfg.dns_port, iface=self.cfg.iface)
+                            port=self.cfg.dns_port, iface=self.cfg.iface, fwmark=self.cfg.fwmark)
 
     @property
     def backend(self) -> State:

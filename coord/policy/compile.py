@@ -269,6 +269,26 @@ class PolicyEngine:
             cached = self._filters[node_id] = self._compute_filter(node_id)
         return cached
 
+    def exit_allowed(self, viewer: int, exit_id: int) -> bool:
+        """May ``viewer`` send internet traffic through exit node ``exit_id``? Allow-all: yes. Else a rule whose
+        sources select the viewer must have ``autogroup:internet`` (through this node, if it names ``via``) or
+        ``*`` as a destination: the same rules that put the internet in the exit node's packet filter."""
+        if self.allow_all:
+            return True
+        v = self.nodes.get(viewer)
+        e = self.nodes.get(exit_id)
+        if v is None or e is None or not e.node.exit_node:
+            return False
+        for i in v.src_rules:
+            if exit_id not in self.dst_nodes[i]:
+                continue
+            rule = self.rules[i]
+            via_ok = not rule.via or any(self._via_match(x, e) for x in rule.via)
+            for d in rule.dst:
+                if d.sel.kind == "all" or (d.sel.kind == "autogroup" and d.sel.name == "internet" and via_ok):
+                    return True
+        return False
+
     def ssh_policy(self, node_id: int) -> dict[str, Any] | None:
         """The node's SSHPolicy (coord/policy/ssh.py), or None when no ssh rule concerns it. Computed on demand:
         it depends on every node a rule's sources select, so any node change drops every cached one."""

@@ -33,8 +33,9 @@ log = logging.getLogger("shoald.dns")
 class MagicDNS:
     def __init__(self, enabled: bool, resolv_conf: Path | None, backup: Path, port: int = 53,
                  addrs: tuple[str, ...] = QUAD100, timeout: float = TIMEOUT, iface: str = "",
-                 resolved_bus: str | None = None) -> None:
+                 resolved_bus: str | None = None, fwmark: int = 0) -> None:
         self.enabled = enabled
+        self.fwmark = fwmark  # on the forwarder's upstream sockets (node/sockmark.py)
         self.port = port
         self.addrs = addrs
         self.timeout = timeout
@@ -68,7 +69,7 @@ class MagicDNS:
         if table != self.answerer.table:
             self.answerer.set_table(table)
         if self.server is None:
-            self.server = DNSServer(self.answerer, self.addrs, self.port, self.timeout)
+            self.server = DNSServer(self.answerer, self.addrs, self.port, self.timeout, self.fwmark)
             await self.server.start()
         if self.server.errors:
             errors.append("; ".join(f"listen {k}: {v}" for k, v in self.server.errors.items()))

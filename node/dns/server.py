@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 from dnslib import DNSRecord
 
+from node import sockmark
 from node.dns.answer import Answerer, Forward, Reply, fit_udp, key, question_bytes, servfail
 from node.dns.table import Upstream
 
@@ -58,7 +59,8 @@ class Upstreams:
     """One UDP socket per address family for every forwarded query: answers are matched by (upstream, id),
     ids are random and unique among the queries in flight, and an answer from anyone else is ignored."""
 
-    def __init__(self) -> None:
+    def __init__(self, fwmark: int = 0) -> None:
+        self.fwmark = fwmark  # the exit-node bypass (node/sockmark.py): upstreams are the host's, never the tunnel's
         self.socks: dict[int, socket.socket] = {}
         self.pending: dict[tuple[str, int, int], asyncio.Future[bytes]] = {}
 
@@ -66,6 +68,11 @@ class Upstreams:
         sock = self.socks.get(fam)
         if sock is None:
             sock = socket.socket(fam, socket.SOCK_DGRAM)
+            try:
+                sockmark.mark(sock, self.fwmark)
+            except OSError:
+                sock.close()
+                raise
             sock.setblocking(False)
             sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
             asyncio.get_running_loop().add_reader(sock.fileno(), self._ready, sock)
@@ -117,9 +124,10 @@ def _expire(fut: asyncio.Future[bytes]) -> None:
         fut.set_exception(TimeoutError("no answer"))
 
 
-async def ask_tcp(up: Upstream, query: bytes, timeout: float) -> bytes:
+async def ask_tcp(up: Upstream, query: bytes, timeout: float, fwmark: int = 0) -> bytes:
     async def go() -> bytes:
-        reader, writer = await asyncio.open_connection(*up)
+        sock = await sockmark.connect_tcp(up[0], up[1], fwmark)
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(struct.pack("!H", len(query)) + query)
             await writer.drain()
@@ -142,9 +150,12 @@ async def forward(fwd: Forward, pool: Upstreams, timeout: float = TIMEOUT, tcp_f
     each = timeout / max(len(ups), 1)
     for up in ups:
         try:
-            data = await ask_tcp(up, fwd.packet, each) if tcp_first else await pool.ask(up, fwd.packet, each)
+            if tcp_first:
+                data = await ask_tcp(up, fwd.packet, each, pool.fwmark)
+            else:
+                data = await pool.ask(up, fwd.packet, each)
             if not tcp_first and data[2] & 0x02:  # TC: the full answer over TCP
-                data = await ask_tcp(up, fwd.packet, each)
+                data = await ask_tcp(up, fwd.packet, each, pool.fwmark)
             q = question_bytes(fwd.packet)
             if q is None or question_bytes(data) is None:
                 _check_question(data, fwd.query)
@@ -166,7 +177,8 @@ def _check_question(data: bytes, query: DNSRecord) -> None:
 
 
 class DNSServer:
-    def __init__(self, answerer: Answerer, addrs: Iterable[str], port: int = 53, timeout: float = TIMEOUT) -> None:
+    def __init__(self, answerer: Answerer, addrs: Iterable[str], port: int = 53, timeout: float = TIMEOUT,
+                 fwmark: int = 0) -> None:
         self.answerer = answerer
         self.addrs = tuple(addrs)
         self.port = port
@@ -177,7 +189,7 @@ class DNSServer:
         self.bound: list[tuple[str, int]] = []  # (address, port) of each UDP socket (port 0 in tests)
         self.errors: dict[str, str] = {}
         self._udp: list[socket.socket] = []
-        self.pool = Upstreams()
+        self.pool = Upstreams(fwmark)
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 

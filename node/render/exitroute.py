@@ -16,6 +16,15 @@ to the main table. When the chosen exit node is offline or gone from the netmap 
 no peer for 0.0.0.0/0 and drops the packets, so nothing leaves through the local gateway until the user
 clears the exit node (`shoal up --exit-node=`), which removes rules and table.
 
+Strict reverse-path filtering (rp_filter=1) would drop the replies to the agent's marked traffic: a reply from
+the control server arrives on the LAN interface, but without the mark the reverse lookup goes through rule 5270
+to table 52 and says the source lives behind the tailnet interface. So, as wg-quick and Tailscale do, while an
+exit node is chosen a small nftables table `inet shoal_exit` copies the bypass bit from an outgoing packet into
+its connection's mark and back onto the packets of the reply direction, and `net.ipv4.conf.all.src_valid_mark=1`
+makes the reverse lookup honour it (rule 5210: the main table, the right interface). The table goes with the exit
+node; src_valid_mark stays (it only makes the kernel use marks it would otherwise ignore). IPv6 has no rp_filter
+sysctl.
+
 Current state is read from `ip -j [-6] rule show` and `ip -j [-6] route show table 52`; we own the rules at
 the four priorities above and every route in table 52. `render` returns only the commands that close the gap.
 """
@@ -37,6 +46,32 @@ TABLE = "52"
 PRIORITIES = (5210, 5230, 5250, 5270)
 UNREACHABLE_METRIC = 4096
 FAMILIES = ("-4", "-6")
+
+
+RP_TABLE = "shoal_exit"
+SRC_VALID_MARK = ["sysctl", "-w", "net.ipv4.conf.all.src_valid_mark=1"]
+
+
+def rp_script(mark: int = BYPASS_MARK) -> str:
+    """The connmark save/restore table, replaced whole (idempotent)."""
+    m, k = f"{mark:#x}", f"{MARK_MASK:#x}"
+    return (
+        f"table inet {RP_TABLE} {{}}\n"
+        f"delete table inet {RP_TABLE}\n"
+        f"table inet {RP_TABLE} {{\n"
+        "\tchain output {\n"
+        "\t\ttype filter hook output priority mangle; policy accept;\n"
+        f"\t\tmeta mark & {k} == {m} ct mark set ct mark | {m}\n"
+        "\t}\n"
+        "\tchain prerouting {\n"
+        "\t\ttype filter hook prerouting priority mangle; policy accept;\n"
+        f"\t\tct mark & {k} == {m} meta mark set meta mark | {m}\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+RP_DELETE = ["nft", "delete", "table", "inet", RP_TABLE]
 
 
 class ExitRouteError(LocalError, ValueError):
@@ -162,6 +197,7 @@ class ExitRouteApplier:
         # What we last put in place; off at start. The prefs that turned it on are saved, so an agent restarted
         # after a crash turns it on again, and clearing the exit node later removes what is there.
         self.applied: ExitConfig | None = None
+        self.rp = False  # the shoal_exit table is in place (made once per turning on)
 
     async def read(self) -> ExitState:
         rules: set[tuple[str, str]] = set()
@@ -176,15 +212,25 @@ class ExitRouteApplier:
 
     async def set(self, cfg: ExitConfig) -> None:
         """Reads and closes the gap while an exit node is chosen (the interface's `default dev` route goes
-        with a restarted engine, so it is checked each time); nothing while it stays off."""
-        if not cfg.on and (self.applied is None or not self.applied.on):
+        with a restarted engine, so it is checked each time); nothing while it stays off. The first call always
+        reads: rules and routes left by an agent that crashed with an exit node in use go, once the exit node is
+        cleared in the prefs, at the next start."""
+        if not cfg.on and self.applied is not None and not self.applied.on:
             self.applied = cfg
             return
         self.iface = cfg.iface
         # on (or turning off) until it is all gone: a failure half-way is retried, and `clear` cleans up
         self.applied = cfg if cfg.on else self.applied
-        for argv in render(cfg, await self.read()):
+        cur = await self.read()
+        for argv in render(cfg, cur):
             await self.runner.run(argv)
+        if cfg.on and not self.rp:
+            await self.runner.run(SRC_VALID_MARK, check=False)
+            await self.runner.run(["nft", "-f", "-"], input=rp_script(cfg.mark).encode())
+            self.rp = True
+        elif not cfg.on and (self.rp or cur.rules or cur.routes):
+            await self.runner.run(RP_DELETE, check=False)  # absent when it was never made
+            self.rp = False
         self.applied = cfg
 
     async def clear(self) -> None:
@@ -193,3 +239,5 @@ class ExitRouteApplier:
             return
         for argv in render(ExitConfig(self.iface), await self.read()):
             await self.runner.run(argv, check=False)
+        await self.runner.run(RP_DELETE, check=False)
+        self.rp = False

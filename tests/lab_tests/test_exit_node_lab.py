@@ -5,7 +5,8 @@ Topology: alice's client c and an agentless LAN host l behind a NAT router ("hom
 alice's exit node e and bob's node x on the internet; behind the internet namespace a host "ih" on
 198.51.100.0/24 (a documentation range standing for the internet) that tells each TCP client the source
 address it came from. The policy lets alice use exit nodes (autogroup:internet) and reach her own nodes; bob
-may reach alice's nodes on TCP 22 only (so e is his peer) but not the internet through them.
+may reach alice's nodes on TCP 22 only (so e is his peer) but not the internet through them. The client runs
+with strict reverse-path filtering (rp_filter=1): replies to the agent's marked traffic must still get in.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
     e_addr = lab.nodes["e"].addr
     lab.sysctl(lab.ns("e"), "net.ipv4.ip_forward", "1")
     lab.sysctl(lab.ns("e"), "net.ipv6.conf.all.forwarding", "1")
+    lab.sysctl(lab.ns("c"), "net.ipv4.conf.all.rp_filter", "1")
     # the client's own gateway counts every packet it forwards to the internet host
     lab.nft(lab.ns("home"), f"""table inet {lab.prefix}leak {{
   counter tohost {{}}
@@ -174,11 +176,18 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
     assert any("wireguard" in line and f"fwmark:{MARK}" in line for line in socks["udp"]), socks["udp"]
     assert socks["raw"], socks  # the raw sender's mark is not shown by ss: counted on the wire below
 
-    # bob's node sees e (the policy lets him reach alice's port 22) but may not use it as an exit node
+    # the src_valid_mark and connmark restore that let replies in under rp_filter=1
+    assert lab.exec("c", ["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"]).stdout.strip() == "1"
+    assert "ct mark set" in lab.exec("c", ["nft", "list", "table", "inet", "shoal_exit"]).stdout
+
+    # bob's node sees e (the policy lets him reach alice's port 22) but not as an exit node: the server sends
+    # him no default routes for it, so his traffic stops at his own node and never reaches e
+    assert json.loads(tn.shoal("x", "exit-node", "list", "--json").stdout)["ExitNodes"] == []
     tn.up("x", tn.auth_key(BOB), "--exit-node", "e")
     before = dropped(tn, "e")
     assert ask(tn, "x") == "TimeoutError"
-    assert dropped(tn, "e") > before
+    assert "not an exit node in the network map" in tn.shoal("x", "status").stdout
+    assert dropped(tn, "e") == before
 
     # without --exit-node-allow-lan-access the LAN goes into the tunnel too; with it, it is reached directly
     assert not tn.ping("c", lan_host, wait=1)
@@ -219,3 +228,4 @@ def test_exit_node_lab_internet_through_the_exit_node_no_leak_and_lan_access(tai
     assert not any("exit" in h for h in st["Health"]), st["Health"]
     tn.wait_for("c goes out directly", lambda: ask(tn, "c") == router_wan, timeout=15, step=0.2)
     assert "lookup 52" not in lab.exec("c", ["ip", "rule", "show"]).stdout
+    assert lab.exec("c", ["nft", "list", "table", "inet", "shoal_exit"], check=False).returncode != 0

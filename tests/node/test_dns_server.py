@@ -13,6 +13,7 @@ from typing import cast
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from coord import wire
+from node import sockmark
 from node.dns.answer import Answerer
 from node.dns.server import DNSServer
 from node.dns.table import Table
@@ -159,5 +160,43 @@ async def _tcp_retry() -> None:
         assert r.header.tc and not r.rr  # 40 records do not fit 512 bytes: the client must ask over TCP
     finally:
         await srv.close()
+        t.close()
+        tcp.close()
+
+
+def test_exit_node_dns_forwarder_upstream_queries_carry_the_bypass_mark() -> None:
+    """The forwarder's upstreams are the host's resolvers: with an exit node their queries must leave outside the
+    tunnel, so its UDP socket carries the bypass mark (read back from the kernel), and the TCP retry after a
+    truncated answer still gets its answer through a marked connection."""
+    asyncio.run(_marked_upstreams())
+
+
+async def _marked_upstreams() -> None:
+    up = Upstream(truncate=True)
+    t, uport, tcp = await start_upstream(up)
+    base = make_server(uport)
+    srv = DNSServer(base.answerer, ["127.0.0.1"], port=0, timeout=1.0, fwmark=sockmark.BYPASS_MARK)
+    await srv.start()
+    try:
+        r = await tcp_query(srv.bound[0][1], "big.example.org")  # UDP, truncated: a marked TCP connection
+        assert len(r.rr) == 40
+        r = await udp_query(srv.bound[0][1], "big.example.org")  # marked UDP, then the TCP retry
+        assert r.header.tc and up.seen == 2  # each asked over UDP first, truncated, then over TCP
+        (sock,) = srv.pool.socks.values()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == sockmark.BYPASS_MARK
+    finally:
+        await srv.close()
+        t.close()
+        tcp.close()
+    # and without a mark (unit tests, no exit-node support) nothing is set
+    t, uport, tcp = await start_upstream(Upstream())
+    plain = make_server(uport)
+    await plain.start()
+    try:
+        await udp_query(plain.bound[0][1], "www.example.org")
+        (sock,) = plain.pool.socks.values()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+    finally:
+        await plain.close()
         t.close()
         tcp.close()

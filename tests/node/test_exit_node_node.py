@@ -242,3 +242,54 @@ def test_ha_failover_route_health_withholds_what_the_router_cannot_serve() -> No
     with pytest.raises(login.UpRefused, match="--route-probe"):
         login.up_prefs(Prefs(), "http://192.0.2.1:8080", None, None, routing=login.RouteFlags(route_probe="lan"))
     assert cli.build_parser().parse_args(["up", "--route-probe", "198.51.100.10"]).route_probe == "198.51.100.10"
+
+
+def test_exit_node_leftovers_from_a_crash_go_at_start_when_cleared(tmp_path: Path) -> None:
+    """An agent killed with an exit node in use leaves table 52 and its rules; started again with the exit node
+    cleared in the prefs, its first netmap removes them (the applier reads on its first set, even when off)."""
+    h = Harness(tmp_path)
+    h.runner.respond("ip -j -4 rule show", json.dumps([
+        {"priority": 5210, "src": "all", "fwmark": "0x80000", "fwmask": "0xff0000", "table": "main"},
+        {"priority": 5270, "src": "all", "table": "52"}]))
+    h.runner.respond("ip -j -6 route show table 52", json.dumps([
+        {"type": "unreachable", "dst": "default", "dev": "lo", "metric": 4096, "flags": []}]))
+
+    async def go() -> None:
+        a = await h.start()
+        assert a.prefs.exit_node == ""
+        await h.netmap([exit_peer(2, LO)], ALLOW_ALL)
+        h.mark("second netmap")
+        await h.netmap([exit_peer(2, LO), exit_peer(3, HI)], ALLOW_ALL)
+        await a.stop()
+
+    asyncio.run(go())
+    first, second = h.runner.transcript.split("--- second netmap\n")
+    assert "ip -4 rule del priority 5210 fwmark 0x80000/0xff0000 table main\n" \
+        "ip -4 rule del priority 5270 table 52\n" \
+        "ip -6 route del unreachable default metric 4096 table 52\n" in first
+    assert "table 52" not in second and "rule show" not in second  # converged: off stays off without reading
+
+
+def test_exit_node_rp_filter_keeps_replies_to_marked_traffic_as_a_transcript(tmp_path: Path) -> None:
+    """Strict rp_filter: the bypass bit is saved in the connection's mark and restored on replies, and
+    src_valid_mark lets the reverse lookup use it; made once when the exit node is chosen, gone when cleared."""
+    t, _ = run_client(tmp_path)
+    first, rest = t.split("--- the exit node goes offline\n")
+    assert "".join(f"{c}\n" for c in ON) + (
+        "sysctl -w net.ipv4.conf.all.src_valid_mark=1\n"
+        "nft -f -\n"
+        "    table inet shoal_exit {}\n"
+        "    delete table inet shoal_exit\n"
+        "    table inet shoal_exit {\n"
+        "    \tchain output {\n"
+        "    \t\ttype filter hook output priority mangle; policy accept;\n"
+        "    \t\tmeta mark & 0xff0000 == 0x80000 ct mark set ct mark | 0x80000\n"
+        "    \t}\n"
+        "    \tchain prerouting {\n"
+        "    \t\ttype filter hook prerouting priority mangle; policy accept;\n"
+        "    \t\tct mark & 0xff0000 == 0x80000 meta mark set meta mark | 0x80000\n"
+        "    \t}\n"
+        "    }\n") in first
+    assert "shoal_exit" not in rest.split("--- the user clears it\n")[0]  # made once, kept while offline
+    cleared = rest.split("--- the user clears it\n")[1]
+    assert cleared.count("nft delete table inet shoal_exit\n") == 1

@@ -12,7 +12,7 @@ import pytest
 from node import cli, compile, login
 from node.render import nft
 from node.state import Prefs
-from tests.node.test_agent import ALLOW_ALL, HI, LO, ROUTES, Harness, peer
+from tests.node.test_agent import ALLOW_ALL, EXIT_READ, HI, LO, ROUTES, Harness, peer
 
 LAN = "198.51.100.0/24"
 
@@ -53,7 +53,7 @@ def test_subnet_router_client_installs_routes_only_with_accept_routes(tmp_path: 
     assert first.endswith(
         ROUTES.replace("ip route add 100.64.0.0/10 dev shoal0\n",
                        "ip route add 100.64.0.0/10 dev shoal0\nip route add 198.51.100.0/24 dev shoal0\n") +
-        "wg add 00000000 allowed=100.64.0.2/32,198.51.100.0/24,fd7a:115c:a1e0::2/128\n"
+        EXIT_READ + "wg add 00000000 allowed=100.64.0.2/32,198.51.100.0/24,fd7a:115c:a1e0::2/128\n"
         "wg add ffffffff endpoint=192.0.2.13:41641 keepalive=25 allowed=100.64.0.3/32,fd7a:115c:a1e0::3/128\n")
     # the route follows the primary: withdrawn from the interface and from the peer's AllowedIPs
     assert "ip route del 198.51.100.0/24 dev shoal0\n" in second
