@@ -365,6 +365,19 @@ class Agent:
         queries = self.dns.status(self.prefs.accept_dns).get("Queries", 0)
         return node_metrics.families(doc, int(queries or 0), filt, self.clock())
 
+    async def filter_counters(self) -> dict[str, Any]:
+        """``GET /filter`` (`shoal status --filter`): the nft counters of our table, read now."""
+        r = None
+        if self.prefs.want_running and self.reconciler is not None:
+            r = await self.runner.run(["nft", "-j", "list", "counters", "table", "inet", compile.FILTER_TABLE],
+                                      check=False)
+        if r is None or r.rc != 0:
+            return {"InPlace": False, "AllowAll": False, "Rules": [], "Drops": {}}
+        counts = node_metrics.parse_rule_counters(r.out, compile.FILTER_TABLE)
+        return {"InPlace": True, "AllowAll": compile.is_allow_all(self.netmap.packet_filter or ()),
+                "Rules": [{"Rule": i, "Packets": p, "Bytes": b} for i, (p, b) in sorted(counts["rules"].items())],
+                "Drops": {k.capitalize(): {"Packets": p, "Bytes": b} for k, (p, b) in sorted(counts["drops"].items())}}
+
     async def exit_nodes(self) -> dict[str, Any]:
         """`shoal exit-node list|suggest`: the peers the server marked as exit nodes for us (approved; the
         policy's autogroup:internet decides who may send through them), the one chosen, a suggestion."""

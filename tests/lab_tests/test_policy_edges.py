@@ -92,6 +92,13 @@ def test_policy_narrowed_cuts_established_udp_flow(tailnet: Tailnet, tmp_path: P
         tn.wait_for("the UDP flow arrives", lambda: log.exists() and len(arrivals(log)) >= 10, timeout=10)
         ct = lab.exec("b", ["conntrack", "-L", "-p", "udp", "--dport", "7000"], check=False).stdout
         assert "ASSURED" in ct or "src=" in ct, ct  # tracked, with replies seen
+        # per-rule counters: rule 0 (UDP 7000) and rule 1 (TCP 80) each let their flow's first packet in
+        filt = json.loads(tn.shoal("b", "status", "--filter", "--json").stdout)
+        print(f"b's filter counters: {filt}")
+        counted = {r["Rule"]: r["Packets"] for r in filt["Rules"]}
+        assert filt["InPlace"] and not filt["AllowAll"] and counted[0] >= 1 and counted[1] >= 1, filt
+        text = tn.shoal("b", "status", "--filter").stdout
+        assert text.splitlines()[0].split() == ["rule", "packets", "bytes"], text
         set_policy(tn, tmp_path / "narrow.hujson")
         changed = time.time()
         tn.wait_for("b's narrowed filter", lambda: "dport 7000" not in table(tn, "b"), timeout=5, step=0.02)

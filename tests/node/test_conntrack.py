@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (conntrack lines quoted verbatim)
 """node/render/conntrack.py: which tracked flows a narrowed filter cuts, and the commands that cut them."""
 
 from __future__ import annotations
