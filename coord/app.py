@@ -336,7 +336,7 @@ async def create_app(
     private.ensure_dir(config.data_path)
     private_key = load_or_create_key(config.data_path / "server.key")
     settings = Settings(config.base_domain, derp_map(config), dns.reverse_zones(config.prefix_v4, config.prefix_v6),
-                        urlsplit(config.server_url).hostname or "")
+                        urlsplit(config.server_url).hostname or "", config.keep_established_on_policy_change)
     rules = decide.Rules(Pool.parse(config.prefix_v4, config.prefix_v6), config.key_expiry_s)
     checkpoint_key = logfiles.load_or_create_signing_key(config.data_path / "checkpoint.key")
     store: Store

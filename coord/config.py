@@ -30,6 +30,8 @@ Every key, with its default::
     postgres          = ""                        # libpq URL: store the log in PostgreSQL, shared by several
                                                   # replicas (docs/ha.md); "" = SQLite in data_dir
     replica_name      = ""                        # this replica in `shoal-server replicas` ("" = server_url)
+    keep_established_on_policy_change = false     # true: a narrowed policy leaves flows it no longer allows open
+                                                  # (false: nodes cut them from conntrack, docs/policy.md)
     [oidc]                                        # sign-in with an OpenID Connect provider; see coord/auth/config.py
     [dns]                                         # MagicDNS (docs/dns.md, coord/dns.py)
     magic_dns          = true
@@ -132,6 +134,7 @@ class Config:
     trusted_proxies: str = ""
     postgres: str = ""
     replica_name: str = ""
+    keep_established_on_policy_change: bool = False
     # The [oidc] table as given (parsed, secret read, by `oidc_config`): sorted (key, value) pairs.
     oidc: tuple[tuple[str, Any], ...] = ()
     # The [dns] table as given (validated by `dns_settings`): sorted (key, value) pairs.

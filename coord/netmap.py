@@ -72,6 +72,8 @@ class Settings:
     reverse_zones: tuple[str, ...] = dns.reverse_zones("100.64.0.0/10", "fd7a:115c:a1e0::/48")
     # The server URL's host: a base domain set at run time must not contain it (dns.base_domain).
     server_host: str = ""
+    # Sent as KeepEstablished: whether nodes keep the flows a narrowed filter no longer allows.
+    keep_established: bool = False
 
 
 def node_record(n: Node, domain: str, devices: Iterable[Node] = (), exit_routes: bool = True) -> dict[str, Any]:
@@ -230,6 +232,7 @@ class Builder:
                 b',"SSHPolicy":', _dumps(self.ssh_json(vis, me)),
                 b',"CapGrants":', _dumps(vis.cap_grants(node_id) if me.active else []),
                 b',"Domain":', _dumps(self.domain),
+                b',"KeepEstablished":', _dumps(self.settings.keep_established),
                 b',"ControlTime":', self.control_time(now),
                 b"}",
             ]

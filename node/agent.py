@@ -27,7 +27,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from node.login import Answer, Login, State
 from node.magicsock import MagicSock, parse_endpoint
 from node.paths import PathKind
 from node.reconcile import Desired, Reconciler
-from node.render import nft
+from node.render import conntrack, nft
 from node.run import Runner, SubprocessRunner
 from node.ssh import server as ssh_server
 from node.state import Prefs, StateDir
@@ -138,6 +138,7 @@ class Agent:
         self.magicsock: MagicSock | None = None
         self.engine: Engine | None = None
         self.reconciler: Reconciler | None = None
+        self._cut_after: str | None = None  # the filter script whose refused flows were last cut
         self.initiator = Initiator(b"")  # its key is ours once the keys are loaded
         self._push_task: asyncio.Task[None] | None = None
         self._pushed_home = 0
@@ -363,6 +364,19 @@ class Agent:
                 filt = node_metrics.parse_nft_counters(r.out, compile.FILTER_TABLE)
         queries = self.dns.status(self.prefs.accept_dns).get("Queries", 0)
         return node_metrics.families(doc, int(queries or 0), filt, self.clock())
+
+    async def filter_counters(self) -> dict[str, Any]:
+        """``GET /filter`` (`shoal status --filter`): the nft counters of our table, read now."""
+        r = None
+        if self.prefs.want_running and self.reconciler is not None:
+            r = await self.runner.run(["nft", "-j", "list", "counters", "table", "inet", compile.FILTER_TABLE],
+                                      check=False)
+        if r is None or r.rc != 0:
+            return {"InPlace": False, "AllowAll": False, "Rules": [], "Drops": {}}
+        counts = node_metrics.parse_rule_counters(r.out, compile.FILTER_TABLE)
+        return {"InPlace": True, "AllowAll": compile.is_allow_all(self.netmap.packet_filter or ()),
+                "Rules": [{"Rule": i, "Packets": p, "Bytes": b} for i, (p, b) in sorted(counts["rules"].items())],
+                "Drops": {k.capitalize(): {"Packets": p, "Bytes": b} for k, (p, b) in sorted(counts["drops"].items())}}
 
     async def exit_nodes(self) -> dict[str, Any]:
         """`shoal exit-node list|suggest`: the peers the server marked as exit nodes for us (approved; the
@@ -773,6 +787,7 @@ class Agent:
                                                 mark=self.cfg.fwmark or sockmark.BYPASS_MARK))
         loop = asyncio.get_running_loop()
         out = await rec.apply(want, shape=lambda cfg: initiator.shape(cfg, loop.time()))
+        await self._cut_refused(nm, script, out.errors)
         if ms is not None:
             ms.set_peers(nm.peers, active=rec.installed)  # disco with the peers our engine now accepts
         self._arm_hold(loop)
@@ -793,6 +808,23 @@ class Agent:
             if out.kept_out:
                 log.error("%d peer(s) kept out of WireGuard until their filter is in place", len(out.kept_out))
         self.os_errors, self.kept_out = errors, len(out.kept_out)
+
+    async def _cut_refused(self, nm: mapsession.NetMap, script: str | None, errors: Mapping[str, str]) -> None:
+        """After a new filter went in, the established flows it refuses lose their conntrack entries (unless
+        the server keeps them): the next packet of such a flow is new and meets the new rules."""
+        if script is None or "filter" in errors or script == self._cut_after:
+            return
+        first, self._cut_after = self._cut_after is None, script
+        rules = [r.to_json() for r in nm.packet_filter or ()]
+        if first or nm.keep_established or compile.is_allow_all(nm.packet_filter or ()):
+            return  # the first filter of this agent narrows nothing it had; allow-all refuses nothing
+        try:
+            cut = await conntrack.ConntrackCutter(self.runner).cut(rules, compile.self_addresses(nm))
+        except Exception as e:  # the filter stands; old flows may live on, and the log says so
+            log.error("cutting flows the new filter refuses: %s", e)
+            return
+        if cut:
+            log.info("cut %d established flow(s) the new filter refuses", len(cut))
 
     async def _apply_ssh(self, nm: mapsession.NetMap) -> str:
         """Shoal SSH follows the prefs and the netmap's SSHPolicy; returns what failed, or ""."""

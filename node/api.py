@@ -2,6 +2,9 @@
 
     GET  /status                    -> Status (below)
     GET  /metrics                   -> Prometheus text exposition (node/metrics.py)
+    GET  /filter                    -> {"InPlace": bool, "AllowAll": bool, "Rules": [{"Rule": index into the
+                                        PacketFilter, "Packets", "Bytes"}] (first packets each accept let in),
+                                        "Drops": {"Dropped"|"Spoofed": {"Packets", "Bytes"}}}
     POST /up      {"login_server"?: str, "auth_key"?: str, "hostname"?: str, "advertise_tags"?: [str],
                    "advertise_routes"?: [cidr], "advertise_exit_node"?: bool, "accept_routes"?: bool,
                    "snat_subnet_routes"?: bool, "exit_node"?: name|tailnet IP|"" (clears),
@@ -135,6 +138,9 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
     async def status(request: Request) -> Response:
         return JSONResponse(await agent.status())
 
+    async def filter_counters(request: Request) -> Response:
+        return JSONResponse(await agent.filter_counters())
+
     async def up(request: Request) -> Response:
         args = _up_args(await _body(request))
         return JSONResponse(await agent.up(
@@ -209,6 +215,7 @@ def create_app(agent: Agent, registry: CollectorRegistry | None = None) -> Starl
         routes=[
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/filter", filter_counters, methods=["GET"]),
             Route("/whois", whois, methods=["GET"]),
             Route("/up", up, methods=["POST"]),
             Route("/down", down, methods=["POST"]),

@@ -7,7 +7,7 @@
           [--route-probe ADDR]
     shoal down | logout
     shoal exit-node list [--json] | suggest
-    shoal status [--json]
+    shoal status [--json] [--filter]
     shoal ip [-4|-6] [PEER]
     shoal ping [-c N] [--timeout S] [--no-until-direct] PEER
     shoal netcheck [--json]
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("logout", help="log this node out of the tailnet")
     st = sub.add_parser("status", help="this node and its peers")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--filter", action="store_true", help="what each packet-filter rule let in (nft counters)")
     ip = sub.add_parser("ip", help="tailnet addresses of this node or a peer")
     fam = ip.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="v4", action="store_true", help="IPv4 only")
@@ -439,6 +440,19 @@ def render_whois(w: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_filter(f: dict[str, Any]) -> str:
+    """`shoal status --filter`: one line per rule of the node's packet filter, then the drops."""
+    if not f.get("InPlace"):
+        return "no packet filter of ours in place"
+    if f.get("AllowAll"):
+        lines = ["allow-all: every packet from the tailnet is let in (no per-rule counters)"]
+    else:
+        lines = [f"{'rule':<8}{'packets':>12}{'bytes':>14}"]
+        lines += [f"{r['Rule']:<8}{r['Packets']:>12}{r['Bytes']:>14}" for r in f.get("Rules", [])]
+    lines += [f"{k.lower():<8}{v['Packets']:>12}{v['Bytes']:>14}" for k, v in f.get("Drops", {}).items()]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api = Api(args.socket)
@@ -447,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_up(api, args)
         if args.cmd in ("down", "logout"):
             api.call("POST", f"/{args.cmd}", {})
+            return 0
+        if args.cmd == "status" and args.filter:
+            f = api.call("GET", "/filter")
+            print(json.dumps(f, indent=2) if args.json else render_filter(f))
             return 0
         if args.cmd == "status":
             st = api.call("GET", "/status")

@@ -31,6 +31,7 @@ class NetMap:
     domain: str = ""
     ssh_policy: wire.SSHPolicy | None = None  # None: none received yet (no SSH)
     cap_grants: tuple[wire.CapGrant, ...] = ()
+    keep_established: bool = False  # the server's keep_established_on_policy_change
 
     def sorted_peers(self) -> list[wire.Node]:
         return [self.peers[k] for k in sorted(self.peers)]
@@ -45,6 +46,7 @@ class NetMap:
             "Domain": self.domain,
             "SSHPolicy": None if self.ssh_policy is None else self.ssh_policy.to_json(),
             "CapGrants": [g.to_json() for g in self.cap_grants],
+            "KeepEstablished": self.keep_established,
         }
 
     @classmethod
@@ -80,4 +82,5 @@ def apply(nm: NetMap, msg: wire.MapResponse) -> NetMap:
         domain=msg.domain or nm.domain,
         ssh_policy=nm.ssh_policy if msg.ssh_policy is None else msg.ssh_policy,
         cap_grants=nm.cap_grants if msg.cap_grants is None else msg.cap_grants,
+        keep_established=nm.keep_established if msg.keep_established is None else msg.keep_established,
     )

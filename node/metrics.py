@@ -60,6 +60,29 @@ def parse_nft_counters(text: str, table: str) -> FilterCounts:
     return FilterCounts(packets, octets)
 
 
+def parse_rule_counters(text: str, table: str) -> dict[str, dict[Any, tuple[int, int]]]:
+    """``nft -j list counters`` output -> {"rules": {index: (packets, bytes)} from the `rule_N` counters,
+    "drops": {"dropped"|"spoofed": (packets, bytes)}}; anything else is ignored."""
+    out: dict[str, dict[Any, tuple[int, int]]] = {"rules": {}, "drops": {}}
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return out
+    items = doc.get("nftables", []) if isinstance(doc, dict) else []
+    for item in items if isinstance(items, list) else []:
+        c = item.get("counter") if isinstance(item, dict) else None
+        if not isinstance(c, dict) or c.get("table") != table:
+            continue
+        name, p, b = c.get("name"), c.get("packets"), c.get("bytes")
+        if not isinstance(name, str) or not isinstance(p, int) or not isinstance(b, int):
+            continue
+        if name in FILTER_COUNTERS:
+            out["drops"][name] = (p, b)
+        elif name.startswith("rule_") and name[5:].isdigit():
+            out["rules"][int(name[5:])] = (p, b)
+    return out
+
+
 def _handshake_ages(peers: Sequence[Mapping[str, Any]], now: float) -> tuple[list[float], int]:
     ages, never = [], 0
     for p in peers:

@@ -3,8 +3,9 @@
 A file checked on its own has no tailnet behind it, so a test's `src` and `dst` stand for devices we
 describe from what the file and an optional tailnet state say (see match.Subject):
 
-- a user (`alice@example.com`) is a member of the tailnet with an untagged device; its groups come from
-  `groups`; its roles (autogroup:admin, ...) and addresses only from the tailnet state;
+- a user (`alice@example.com`) is a device owned by that login; its groups come from `groups`; its roles
+  (autogroup:admin, ...), addresses and whether it is a member at all (not shared in, not an outsider) only from
+  the tailnet state: without one, a verdict that hinges on membership is a skip with that reason;
 - `group:x` is a member of that group as such: rules naming the group, `*` or autogroup:member apply,
   not the rules its individual users get through other groups or roles (Tailscale agrees: real files
   deny a group what one of its admins may reach, and test empty groups);
@@ -198,7 +199,9 @@ def _user(policy: Policy, login: str, tn: _Tailnet) -> Subject:
         user=login,
         groups=_groups(policy, login, tn),
         roles=tn.roles.get(login, frozenset()) if tn.known else None,
-        member=login not in tn.shared and login not in tn.outsiders,
+        # Without tailnet state nothing says whether the login is one of ours, shared in, or an outsider: rules
+        # that hinge on membership (autogroup:member, autogroup:shared) skip with that reason, never guess.
+        member=(login not in tn.shared and login not in tn.outsiders) if tn.known else None,
         nets=nets or None,
     )
 

@@ -21,7 +21,9 @@ LoggedOut?, Error?``.
 
 MapResponse: ``Node`` (self), ``Peers`` (full list, sorted by ID), ``PeersChanged``, ``PeersRemoved`` (IDs),
 ``PeersChangedPatch`` (``[{NodeID, Endpoints?, HomeDERP?, Online?, LastSeen?, DiscoKey?, Key?, KeyExpiry?}]``),
-``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``SSHPolicy``, ``Domain``, ``KeepAlive``, ``ControlTime``. A missing
+``DERPMap``, ``DNSConfig``, ``PacketFilter``, ``SSHPolicy``, ``Domain``, ``KeepAlive``, ``ControlTime``,
+``KeepEstablished`` (bool, a Shoal extension: true keeps the established flows a narrowed PacketFilter no longer
+allows; false, the default, has the node cut them, node/render/conntrack.py). A missing
 field means "unchanged"; a present ``Peers`` replaces the whole peer list (PeersChanged, PeersRemoved and
 PeersChangedPatch are then ignored). ``PacketFilter`` present and empty blocks all. Node/mapsession.py applies them.
 
@@ -1119,6 +1121,7 @@ class MapResponse:
     domain: str = ""
     keep_alive: bool = False
     control_time: datetime | None = None
+    keep_established: bool | None = None  # None: unchanged
     # What was left out as unreadable (see the module doc), each with its JSON path.
     problems: tuple[str, ...] = field(default=(), compare=False)
 
@@ -1150,6 +1153,8 @@ class MapResponse:
             domain=_str(d.get("Domain"), f"{w}.Domain"),
             keep_alive=_bool(d.get("KeepAlive"), f"{w}.KeepAlive"),
             control_time=_time(d.get("ControlTime"), f"{w}.ControlTime"),
+            keep_established=None if d.get("KeepEstablished") is None else _bool(
+                d["KeepEstablished"], f"{w}.KeepEstablished"),
             problems=tuple(problems),
         )
 
@@ -1179,6 +1184,8 @@ class MapResponse:
             out["Domain"] = self.domain
         if self.keep_alive:
             out["KeepAlive"] = True
+        if self.keep_established is not None:
+            out["KeepEstablished"] = self.keep_established
         if self.control_time is not None:
             out["ControlTime"] = time_text(self.control_time)
         return out
@@ -1189,7 +1196,7 @@ class MapResponse:
         return (self.node is None and self.peers is None and not self.peers_changed and not self.peers_removed
                 and not self.peers_patch and self.derp_map is None and self.dns is None
                 and self.packet_filter is None and self.ssh_policy is None and self.cap_grants is None
-                and not self.domain)
+                and not self.domain and self.keep_established is None)
 
 
 R = TypeVar("R", Node, PeerChange)
@@ -1233,6 +1240,7 @@ class NetMap:
     domain: str = ""
     ssh_policy: dict[str, Any] | None = None
     cap_grants: list[dict[str, Any]] | None = None
+    keep_established: bool = False
 
     def apply(self, msg: dict[str, Any]) -> None:
         if "Node" in msg and msg["Node"] is not None:
@@ -1259,6 +1267,8 @@ class NetMap:
                 setattr(self, attr, msg[key])
         if msg.get("Domain"):
             self.domain = msg["Domain"]
+        if msg.get("KeepEstablished") is not None:
+            self.keep_established = bool(msg["KeepEstablished"])
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -1270,5 +1280,6 @@ class NetMap:
             "Domain": self.domain,
             "SSHPolicy": self.ssh_policy,
             "CapGrants": self.cap_grants,
+            "KeepEstablished": self.keep_established,
         }
 

@@ -29,7 +29,9 @@ exists, `delete table` drops it, and the full definition follows; `nft -f` appli
         ip6 daddr fd7a:115c:a1e0::53 counter name dropped drop
         ct state established,related accept      # replies and flows opened before a policy change
         ip saddr @self4 counter name dropped drop   # our own address coming in from the tailnet: spoofed
-        ... one accept per (sources, destination, protocol, ports), with ct state new ...
+        ... one accept per (sources, destination, protocol, ports), with ct state new, each after a
+            count-only twin `... counter name rule_N` (N: the FilterRule's index; `counter rule_N {}` is
+            declared beside `dropped`): `shoal status --filter` shows what each rule let in ...
         ICMP echo to an address where any port is open to those sources (Tailscale's rule)
         counter name dropped drop
       }
@@ -208,9 +210,15 @@ def render(
     if not isinstance(rules, (list, tuple)):
         raise RenderError(f"expected a list of FilterRules, got {type(rules).__name__}")
     body: list[str] = []
+    counters: list[str] = []
     for i, rule in enumerate(rules):
-        body.extend(_rule_lines(rule, f"rule {i}", ssh_port))
-    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"], snat, ssh_port)
+        lines = _rule_lines(rule, f"rule {i}", ssh_port)
+        if lines:
+            counters.append(f"rule_{i}")
+        for line in lines:  # a count-only twin just before each accept: what this rule let in (first packets)
+            body += [line.removesuffix(" accept") + f" counter name rule_{i}", line]
+    return _table(table, iface, own_addresses, [*_uniq(body), "counter name dropped drop"], snat, ssh_port,
+                  counters)
 
 
 def render_allow_all(iface: str, own_addresses: Iterable[str] = (), table: str = TABLE, snat: bool = False,
@@ -235,7 +243,7 @@ def _check_names(table: str, iface: str) -> None:
 
 
 def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[str], snat: bool = False,
-           ssh_port: int | None = None) -> str:
+           ssh_port: int | None = None, counters: Sequence[str] = ()) -> str:
     self4: list[str] = []
     self6: list[str] = []
     for a in own_addresses:
@@ -249,6 +257,7 @@ def _table(table: str, iface: str, own_addresses: Iterable[str], verdicts: list[
         f"table inet {table} {{",
         "\tcounter dropped {}",
         "\tcounter spoofed {}",
+        *(f"\tcounter {c} {{}}" for c in counters),
     ]
     for fam, addrs in (("4", _uniq(self4)), ("6", _uniq(self6))):
         if addrs:

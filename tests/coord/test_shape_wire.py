@@ -250,3 +250,19 @@ def test_shape_one_allow_all_filter() -> None:
     assert netmap.AllowAll(State()).filter(1) is wire.FILTER_ALLOW_ALL
     assert wire.parse_filter(wire.FILTER_ALLOW_ALL) == (wire.ALLOW_ALL_RULE,)
     assert wire.ALLOW_ALL_RULE.allows_all
+
+
+def test_policy_keep_established_setting_reaches_the_node_in_full_maps() -> None:
+    from coord.config import load
+
+    assert load(env={}).keep_established_on_policy_change is False
+    assert load(env={"SHOAL_KEEP_ESTABLISHED_ON_POLICY_CHANGE": "true"}).keep_established_on_policy_change is True
+    for keep in (False, True):
+        state = _state([Node(id=1, machine_key=key("mkey", 1), node_key=key("nodekey", 1), disco_key="",
+                             user_id=1, tags=(), hostname="a", ephemeral=False, key_expiry=None, created=1e9,
+                             ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1", given_name="a")])
+        body, _ = Builder(state, Settings("shoal.internal", DERP_MAP, keep_established=keep)).full(
+            AllowAll(state), 1, NOW)
+        msg = wire.MapResponse.from_json(json.loads(body))
+        assert json.loads(body)["KeepEstablished"] is keep and msg.keep_established is keep
+        assert mapsession.apply(mapsession.NetMap(), msg).keep_established is keep

@@ -208,3 +208,34 @@ def test_pg_failover_up_remembers_every_control_url() -> None:
     from node.state import Prefs
 
     assert Prefs.from_json({"control_urls": ["http://192.0.2.2:8080"]}).control_urls == ["http://192.0.2.2:8080"]
+
+
+UDP_FLOW = ("udp      17 29 src=100.64.0.2 dst=100.64.0.1 sport=5000 dport=7000 src=100.64.0.1 dst=100.64.0.2 "
+            "sport=7000 dport=5000 [ASSURED] mark=0 use=1\n")
+
+
+def test_policy_agent_narrowed_filter_cuts_refused_flows_unless_the_server_keeps_them(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.runner.respond("conntrack -L -f ipv4 -p udp", UDP_FLOW)
+
+    async def go() -> None:
+        a = await h.start()
+        await h.netmap([peer(2, LO)], ALLOW_ALL)  # the agent's first filter: nothing to narrow
+        h.mark("narrowed to ssh from n2")
+        await h.netmap([peer(2, LO)], SSH_FROM_N2)
+        h.mark("the server keeps established flows; allow-all, then narrowed again")
+        a.netmap = mapsession.apply(a.netmap, wire.MapResponse.from_json({"KeepEstablished": True}))
+        await h.netmap([peer(2, LO)], ALLOW_ALL)
+        await h.netmap([peer(2, LO)], SSH_FROM_N2)
+        await a.stop()
+
+    asyncio.run(go())
+    lines = h.runner.transcript.split("--- ")
+    ct = [[x for x in part.splitlines() if x.startswith("conntrack")] for part in lines]
+    assert ct[0] == []
+    assert ct[1] == [
+        "conntrack -L -f ipv4 -p tcp", "conntrack -L -f ipv4 -p udp",
+        "conntrack -L -f ipv6 -p tcp", "conntrack -L -f ipv6 -p udp",
+        "conntrack -D -f ipv4 -p udp -s 100.64.0.2 -d 100.64.0.1 --sport 5000 --dport 7000",
+    ]
+    assert ct[2] == []

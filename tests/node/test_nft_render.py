@@ -53,15 +53,21 @@ def test_ssh_only_text() -> None:
         "ct state established,related accept",
         "ip saddr @self4 counter name dropped drop",
         "ip6 saddr @self6 counter name dropped drop",
+        # each accept after its count-only twin: the rule's counter (shoal status --filter)
+        "ip saddr 100.64.0.1 ip daddr 100.64.0.2 tcp dport 22 ct state new counter name rule_0",
         "ip saddr 100.64.0.1 ip daddr 100.64.0.2 tcp dport 22 ct state new accept",
+        "ip saddr 100.64.0.1 ip daddr 100.64.0.2 icmp type echo-request counter name rule_0",
         "ip saddr 100.64.0.1 ip daddr 100.64.0.2 icmp type echo-request accept",
+        "ip6 saddr fd7a:115c:a1e0::1 ip6 daddr fd7a:115c:a1e0::2 tcp dport 22 ct state new counter name rule_0",
         "ip6 saddr fd7a:115c:a1e0::1 ip6 daddr fd7a:115c:a1e0::2 tcp dport 22 ct state new accept",
+        "ip6 saddr fd7a:115c:a1e0::1 ip6 daddr fd7a:115c:a1e0::2 icmpv6 type echo-request counter name rule_0",
         "ip6 saddr fd7a:115c:a1e0::1 ip6 daddr fd7a:115c:a1e0::2 icmpv6 type echo-request accept",
         "counter name dropped drop",
         "}",
         "}",
     ]
     assert 'iifname "shoal0" jump from_tailnet' in text
+    assert "\tcounter rule_0 {}" in text.splitlines()
 
 
 def test_default_protocols_and_any() -> None:

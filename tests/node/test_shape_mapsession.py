@@ -99,7 +99,7 @@ def test_shape_saved_netmap_round_trips(tmp_path: Path) -> None:
     assert again == nm
     saved = json.loads((tmp_path / "netmap.json").read_text())
     assert saved == nm.to_json() and list(saved) == ["Node", "Peers", "DERPMap", "DNSConfig", "PacketFilter",
-                                                      "Domain", "SSHPolicy", "CapGrants"]
+                                                      "Domain", "SSHPolicy", "CapGrants", "KeepEstablished"]
     assert mapsession.NetMap.from_json(saved) == nm
 
 

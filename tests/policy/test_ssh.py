@@ -79,9 +79,18 @@ def test_ssh_compile_follows_node_changes() -> None:
 
 
 def test_ssh_tests_are_run_by_policy_check() -> None:
-    r = check(POLICY)
+    # given state (here: nobody shared in, no outsiders), bob is a member and autogroup:member's rule applies
+    r = check(POLICY, {"users": {}, "nodes": []})
     assert r["errors"] == [] and r["ssh_failed"] == [] and r["ssh_skipped"] == []
     assert (r["ssh_tests"], r["ssh_assertions"], r["ssh_passed"], r["ok"]) == (4, 10, 10, True)
+
+
+def test_ssh_tests_without_tailnet_skip_what_hinges_on_membership() -> None:
+    r = check(POLICY)  # bob gets "bob" only through autogroup:member: whether he is one is not known
+    assert r["ssh_skipped"] == [{"ssh_test": 1, "src": "bob@example.com", "dst": ["tag:server"], "user": "bob",
+                                 "expected": "accept",
+                                 "reason": "whether bob@example.com is a member of the tailnet is not known"}]
+    assert (r["ssh_passed"], r["ssh_failed"], r["ok"]) == (9, [], True)
 
 
 def test_ssh_tests_failures_say_what_the_rules_gave() -> None:
